@@ -1,0 +1,1 @@
+"""Corpus loading, tokenisation, on-disk token cache and the contiguous train/validation split."""

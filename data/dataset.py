@@ -1,0 +1,210 @@
+"""Token data for the experiment: build or load the cached token array, split it, serve batches.
+
+The split is contiguous and disjoint: the first (1 - val_fraction) of the tokens train, the rest
+validate. Training windows are drawn only from the training part and validation windows only from
+the validation part, so no validation token ever appears in a training window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from data import offline_corpus
+from data.sources import check_local_path, hub_documents, hub_reachable, local_documents
+from data.tokenizer import TextTokenizer, hub_tokenizer, train_offline_tokenizer
+from training.config import ConfigError, ExperimentConfig
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class TokenData:
+    train: torch.Tensor  # int64, 1-D
+    val: torch.Tensor  # int64, 1-D
+    vocab_size: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Which corpus and which tokenizer; its settings key the cache."""
+
+    corpus: str  # "hub", "local" or "offline"
+    tokenizer: str  # "hub" or "offline"
+    offline: bool
+
+    def key(self, config: ExperimentConfig) -> dict[str, Any]:
+        key: dict[str, Any] = {"format": CACHE_FORMAT, "corpus": self.corpus, "tokenizer": self.tokenizer,
+                               "num_documents": config.num_documents, "max_chars_per_doc": config.max_chars_per_doc,
+                               "max_tokens": config.max_tokens}
+        if self.corpus == "hub":
+            key.update(dataset=config.dataset_name, dataset_config=config.dataset_config)
+        elif self.corpus == "local":
+            stat = Path(config.data_path).stat()
+            key.update(path=str(Path(config.data_path).resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        else:
+            key.update(python=".".join(map(str, sys.version_info[:3])))
+        key.update({"tokenizer_name": config.tokenizer_name} if self.tokenizer == "hub" else {"vocab": config.offline_vocab_size})
+        return key
+
+
+def prepare_data(config: ExperimentConfig, log: Callable[[str], None] = print) -> TokenData:
+    """Tokens for the experiment, from the cache when a valid one exists, else built and cached."""
+    if config.data_path:
+        check_local_path(config.data_path)
+    corpus = "local" if config.data_path else "hub"
+    online_plan = DataPlan(corpus, "hub", offline=False)
+    offline_plan = DataPlan("local" if config.data_path else "offline", "offline", offline=True)
+    plans = [offline_plan] if config.offline else [online_plan, offline_plan]
+
+    for plan in plans:  # a valid cache needs no network, even for the Hub data
+        tokens, meta = _load_cache(config, plan, log)
+        if tokens is not None:
+            log(f"Data: {meta['corpus_description']}, {len(tokens):,} tokens from cache {meta['cache_file']}")
+            return _split(tokens, meta, config, cache_hit=True)
+
+    plan = plans[0]
+    if not plan.offline and not hub_reachable():
+        log(f"Offline: the Hugging Face Hub cannot be reached, so this run uses {_offline_words(config)}.")
+        plan = offline_plan
+    try:
+        tokens, meta = _build(config, plan)
+    except Exception as error:  # noqa: BLE001 - any Hub failure falls back to the offline corpus, said aloud
+        if plan.offline:
+            raise
+        log(f"Offline: loading from the Hub failed ({type(error).__name__}: {str(error)[:120]}), so this run uses {_offline_words(config)}.")
+        plan = offline_plan
+        tokens, meta = _build(config, plan)
+    _save_cache(config, plan, tokens, meta)
+    log(f"Data: {meta['corpus_description']}, {len(tokens):,} tokens, tokenizer {meta['tokenizer']} (cached in {meta['cache_file']})")
+    return _split(tokens, meta, config, cache_hit=False)
+
+
+def _offline_words(config: ExperimentConfig) -> str:
+    corpus = f"your file {config.data_path}" if config.data_path else offline_corpus.describe()
+    return f"{corpus} with a BPE tokenizer trained on it; results then test the pipeline, not web-text quality"
+
+
+def _build(config: ExperimentConfig, plan: DataPlan) -> tuple[np.ndarray, dict[str, Any]]:
+    if plan.corpus == "hub":
+        documents = hub_documents(config)
+        description = f"{config.dataset_name} ({config.dataset_config}), first {len(documents)} documents"
+    elif plan.corpus == "local":
+        documents = local_documents(config.data_path, config)
+        description = f"local file {config.data_path}, {len(documents)} documents"
+    else:
+        documents = offline_corpus.stdlib_documents(config.num_documents, config.max_chars_per_doc)
+        description = f"{offline_corpus.describe()}, {len(documents)} documents"
+    tokenizer = hub_tokenizer(config.tokenizer_name) if plan.tokenizer == "hub" else train_offline_tokenizer(
+        documents, config.offline_vocab_size)
+    tokens = _tokenize(documents, tokenizer, config.max_tokens)
+    meta = {"corpus_description": description, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "documents": len(documents), "offline": plan.offline}
+    return tokens, meta
+
+
+def _tokenize(documents: list[str], tokenizer: TextTokenizer, max_tokens: int) -> np.ndarray:
+    """Concatenate documents (separated by EOS when the tokenizer has one) up to max_tokens."""
+    ids: list[int] = []
+    for document in documents:
+        ids.extend(tokenizer.encode(document))
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if len(ids) >= max_tokens:
+            break
+    return np.asarray(ids[:max_tokens], dtype=np.int32)
+
+
+def _cache_paths(config: ExperimentConfig, plan: DataPlan) -> tuple[Path, Path, dict[str, Any]]:
+    key = plan.key(config)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    directory = Path(config.cache_dir)
+    return directory / f"tokens-{digest}.npy", directory / f"tokens-{digest}.json", key
+
+
+def _load_cache(config: ExperimentConfig, plan: DataPlan, log: Callable[[str], None]) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """The cached tokens when the files exist, match the settings and pass their checksum; else None."""
+    tokens_path, meta_path, key = _cache_paths(config, plan)
+    if not meta_path.exists() and not tokens_path.exists():
+        return None, {}
+    try:
+        meta = json.loads(meta_path.read_text())
+        tokens = np.load(tokens_path, allow_pickle=False)
+        problems = [
+            (meta.get("key") != key, "settings differ"),
+            (tokens.ndim != 1 or tokens.dtype != np.int32, "wrong array shape or type"),
+            (len(tokens) != meta.get("num_tokens"), "wrong length"),
+            (hashlib.sha256(tokens.tobytes()).hexdigest() != meta.get("sha256"), "checksum mismatch"),
+            (len(tokens) > 0 and (tokens.min() < 0 or tokens.max() >= meta.get("vocab_size", 0)), "token ids out of range"),
+        ]
+        reason = next((why for bad, why in problems if bad), None)
+    except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt
+        reason, meta, tokens = f"unreadable ({type(error).__name__})", {}, None
+    if reason:
+        log(f"Data cache {tokens_path} is damaged or stale ({reason}); rebuilding it.")
+        return None, {}
+    return tokens, meta
+
+
+def _save_cache(config: ExperimentConfig, plan: DataPlan, tokens: np.ndarray, meta: dict[str, Any]) -> None:
+    tokens_path, meta_path, key = _cache_paths(config, plan)
+    tokens_path.parent.mkdir(parents=True, exist_ok=True)
+    meta.update(key=key, num_tokens=int(len(tokens)), sha256=hashlib.sha256(tokens.tobytes()).hexdigest(),
+                cache_file=str(tokens_path))
+    tmp = tokens_path.with_suffix(".tmp.npy")
+    np.save(tmp, tokens, allow_pickle=False)
+    os.replace(tmp, tokens_path)
+    tmp_meta = meta_path.with_suffix(".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_meta, meta_path)
+
+
+def split_tokens(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """First (1 - val_fraction) of the tokens for training, the contiguous rest for validation."""
+    n_train = int(len(tokens) * (1 - val_fraction))
+    return tokens[:n_train], tokens[n_train:]
+
+
+def _split(tokens: np.ndarray, meta: dict[str, Any], config: ExperimentConfig, cache_hit: bool) -> TokenData:
+    train, val = split_tokens(torch.from_numpy(tokens.astype(np.int64)), config.val_fraction)
+    window = config.max_seq_len + 1
+    if len(train) < window or len(val) < window:
+        raise ConfigError(
+            f"the corpus gave {len(tokens):,} tokens: {len(train):,} train / {len(val):,} validation, fewer than one "
+            f"window of {window}; raise --max-tokens or num_documents, or lower --seq-len"
+        )
+    info = {key: meta[key] for key in ("corpus_description", "tokenizer", "vocab_size", "documents", "offline", "cache_file")}
+    info.update(total_tokens=len(tokens), train_tokens=len(train), val_tokens=len(val), cache_hit=cache_hit,
+                split=f"contiguous: first {1 - config.val_fraction:.0%} of tokens train, last {config.val_fraction:.0%} validate")
+    return TokenData(train=train, val=val, vocab_size=int(meta["vocab_size"]), info=info)
+
+
+def batch_starts(num_train_tokens: int, config: ExperimentConfig, seed: int) -> torch.Tensor:
+    """Start offsets of every training window, (max_steps, batch_size), fixed by the seed.
+
+    Both models are given this same tensor, so they see the same batches in the same order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    highest_start = num_train_tokens - (config.max_seq_len + 1)
+    return torch.randint(0, highest_start + 1, (config.max_steps, config.batch_size), generator=generator)
+
+
+def training_batch(train: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets for windows starting at `starts` (gathered on train's device)."""
+    windows = train[starts.unsqueeze(1) + torch.arange(seq_len + 1, device=starts.device)]
+    return windows[:, :-1], windows[:, 1:]
+
+
+def validation_windows(val: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All non-overlapping windows of the validation tokens: the fixed validation set."""
+    n = (len(val) - 1) // seq_len
+    return val[: n * seq_len].view(n, seq_len), val[1 : n * seq_len + 1].view(n, seq_len)

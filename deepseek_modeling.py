@@ -1,0 +1,112 @@
+"""DeepSeek-V3 Multi-head Latent Attention (MLA), eager and FlashAttention-2 variants.
+
+Parameter names are DeepSeek-V3's checkpoint names (q_a_proj, q_a_layernorm, q_b_proj,
+kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), so weights interchange with that format.
+Per head, the query and key are [nope part | rope part]: the nope part of the key comes from the
+compressed latent through kv_b_proj, the rope part is one decoupled rotary key shared by all heads,
+rotated in DeepSeek's interleaved pair layout. Both classes hold the same weights; they differ only
+in the kernel that computes softmax(q k^T / sqrt(d_nope + d_rope)) v.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.attention_ops import (
+    eager_causal_attention,
+    flash_attn_causal_attention,
+    flash_attn_installed,
+    half_precision_cuda,
+    sdpa_causal_attention,
+)
+from models.rope import RotaryEmbedding, apply_rope_interleaved
+from training.config import ExperimentConfig
+
+NORM_EPS = 1e-6
+
+
+class DeepseekV3Attention(nn.Module):
+    """MLA with the plain-math (eager) causal attention; the reference the flash class must match."""
+
+    def __init__(self, config: ExperimentConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.n_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.softmax_scale = self.qk_head_dim ** -0.5
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.d_model, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.d_model, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = nn.RMSNorm(self.q_lora_rank, eps=NORM_EPS)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.d_model, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = nn.RMSNorm(self.kv_lora_rank, eps=NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.d_model, bias=False)
+        self.rope = RotaryEmbedding(self.qk_rope_head_dim, config.max_seq_len, config.rope_base)
+        self.backend_used: str | None = None
+
+    def kv_cache_values_per_token(self) -> int:
+        """Decoding keeps only the compressed latent and the shared rotary key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def score_dims(self) -> tuple[int, int, int]:
+        """(heads, q/k head dim, v head dim) for the analytic FLOP count."""
+        return self.num_heads, self.qk_head_dim, self.v_head_dim
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (batch, seq, d) -> q, k (batch, heads, seq, d_nope + d_rope) and v (batch, heads, seq, d_v)."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
+        kv = kv.view(batch, seq, self.num_heads, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+
+        cos, sin = self.rope(seq)
+        q_rope = apply_rope_interleaved(q_rope, cos, sin)
+        k_rope = apply_rope_interleaved(k_rope.unsqueeze(1), cos, sin)  # one rotary key shared by all heads
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.backend_used = "eager"
+        return eager_causal_attention(q, k, v, self.softmax_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        out = self.attend(*self.project_qkv(x))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim))
+
+
+class DeepseekV3FlashAttention2(DeepseekV3Attention):
+    """MLA through FlashAttention-2: flash-attn when installed (fp16/bf16 on CUDA), else causal SDPA
+    pinned to PyTorch's FlashAttention backend where it applies, else plain SDPA (e.g. on CPU)."""
+
+    def __init__(self, config: ExperimentConfig, layer_idx: int = 0) -> None:
+        super().__init__(config, layer_idx)
+        self.backend = config.attention_backend  # auto | flash-attn | sdpa | eager
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        flash_ok = half_precision_cuda(q, k, v)
+        if self.backend == "eager":
+            return super().attend(q, k, v)
+        if self.backend == "flash-attn" or (self.backend == "auto" and flash_ok and flash_attn_installed()):
+            if not flash_ok:
+                raise RuntimeError("flash-attn needs fp16/bf16 tensors on a CUDA GPU; use --attention-backend sdpa")
+            self.backend_used = "flash_attn.flash_attn_func"
+            return flash_attn_causal_attention(q, k, v, self.softmax_scale)
+        self.backend_used = "sdpa[FLASH_ATTENTION]" if flash_ok else "sdpa[auto]"
+        return sdpa_causal_attention(q, k, v, self.softmax_scale, force_flash=flash_ok)

@@ -1,0 +1,52 @@
+"""Baseline arm: standard multi-head attention (fused QKV, RoPE, causal SDPA) in the shared MoE LM."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.attention_ops import eager_causal_attention, sdpa_causal_attention
+from models.rope import RotaryEmbedding, apply_rope_half
+from models.transformer import MoELanguageModel
+from training.config import ExperimentConfig
+
+
+class MultiHeadAttention(nn.Module):
+    """Fused QKV projection, RoPE (base 10000, half-split layout), causal SDPA, output projection."""
+
+    def __init__(self, config: ExperimentConfig, layer_idx: int = 0, backend: str = "sdpa") -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.rope = RotaryEmbedding(self.head_dim, config.max_seq_len, config.rope_base)
+        self.backend = backend  # "sdpa", or "eager" for the public-style benchmark reference
+        self.backend_used: str | None = None
+
+    def kv_cache_values_per_token(self) -> int:
+        """Decoding keeps K and V for every head."""
+        return 2 * self.n_heads * self.head_dim
+
+    def score_dims(self) -> tuple[int, int, int]:
+        """(heads, q/k head dim, v head dim) for the analytic FLOP count."""
+        return self.n_heads, self.head_dim, self.head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = self.rope(seq)
+        q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
+        if self.backend == "eager":
+            out, self.backend_used = eager_causal_attention(q, k, v, self.scale), "eager"
+        else:
+            out, self.backend_used = sdpa_causal_attention(q, k, v, self.scale), "sdpa[auto]"
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class BaselineAttentionModel(MoELanguageModel):
+    """The shared MoE language model with standard multi-head attention."""
+
+    def __init__(self, config: ExperimentConfig, seed: int | None = None) -> None:
+        super().__init__(config, MultiHeadAttention, seed=seed)

@@ -1,0 +1,1 @@
+"""Shared building blocks: rotary embeddings, the MoE layer and the transformer LM."""

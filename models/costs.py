@@ -1,0 +1,49 @@
+"""Analytic cost accounting: parameters (total, active per token, attention), FLOPs, KV cache.
+
+FLOPs count the matrix products only (norms, softmax, RoPE and the router's top-k are left out):
+2 FLOPs per multiply-add per token in the forward pass, times 3 for forward plus backward. Every
+nn.Linear is applied to every token in training (MLA is run un-absorbed), experts are counted at
+top_k / num_experts, and attention scores and the value mix use the mean causal context (T + 1) / 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from models.moe import Expert
+from models.transformer import MoELanguageModel
+
+KV_CACHE_BYTES_PER_VALUE = 2  # bf16
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def cost_report(model: MoELanguageModel, seq_len: int | None = None) -> dict[str, Any]:
+    config = model.config
+    seq_len = seq_len or config.max_seq_len
+    expert_fraction = config.expert_top_k / config.num_experts
+    total = _numel(model)  # the tied head is counted once
+    expert_params = sum(_numel(m) for m in model.modules() if isinstance(m, Expert))
+    attention = model.attention_modules()
+
+    inactive_expert_params = (1 - expert_fraction) * expert_params
+    linear_macs = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) - inactive_expert_params
+    mean_context = (seq_len + 1) / 2
+    score_macs = sum(heads * (d_qk + d_v) * mean_context for heads, d_qk, d_v in (m.score_dims() for m in attention))
+    forward_flops = 2 * (linear_macs + score_macs)
+    kv_values = attention[0].kv_cache_values_per_token()
+    return {
+        "parameters_total": total,
+        "parameters_active_per_token": int(total - inactive_expert_params),
+        "parameters_attention": sum(_numel(m) for m in attention),
+        "parameters_attention_per_layer": _numel(attention[0]),
+        "training_flops_per_token": int(3 * forward_flops),
+        "attention_score_flops_per_token": int(3 * 2 * score_macs),
+        "kv_cache_bytes_per_token_per_layer_bf16": kv_values * KV_CACHE_BYTES_PER_VALUE,
+        "kv_cache_bytes_per_token_all_layers_bf16": kv_values * KV_CACHE_BYTES_PER_VALUE * config.n_layers,
+        "flops_note": "matmuls only; forward+backward = 3x forward; experts at top_k/num_experts; causal mean context",
+    }

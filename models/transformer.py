@@ -1,0 +1,88 @@
+"""The one MoE language model both arms of the experiment use; only the attention module differs.
+
+Pre-norm block: x + Attention(RMSNorm(x)), then x + MoE(RMSNorm(x)). The LM is an embedding, the
+blocks, a final RMSNorm and a head tied to the embedding. Parameters are initialised per name from
+the seed, so the parts the two models share start from identical values.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from models.moe import MixtureOfExperts
+from training.config import ConfigError, ExperimentConfig
+
+AttentionFactory = Callable[[ExperimentConfig, int], nn.Module]
+NORM_EPS = 1e-6
+INIT_STD = 0.02
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block around the attention module it is given and a shared MoE layer."""
+
+    def __init__(self, config: ExperimentConfig, attention: nn.Module) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=NORM_EPS)
+        self.attention = attention
+        self.moe_norm = nn.RMSNorm(config.d_model, eps=NORM_EPS)
+        self.moe = MixtureOfExperts(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.dropout(self.attention(self.attn_norm(x)))
+        moe_out, aux_loss = self.moe(self.moe_norm(x))
+        return x + self.dropout(moe_out), aux_loss
+
+
+class MoELanguageModel(nn.Module):
+    """Embedding -> blocks -> RMSNorm -> tied LM head; returns (logits, summed load-balancing loss)."""
+
+    def __init__(self, config: ExperimentConfig, attention_factory: AttentionFactory, seed: int | None = None) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise ConfigError("vocab_size is unset; it comes from the tokenizer (set config.vocab_size)")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config, attention_factory(config, layer)) for layer in range(config.n_layers)
+        )
+        self.norm = nn.RMSNorm(config.d_model, eps=NORM_EPS)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight
+        init_parameters(self, config.seed if seed is None else seed)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.dropout(self.embed(input_ids))
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            x, aux_loss = block(x)
+            aux_total = aux_total + aux_loss
+        return self.lm_head(self.norm(x)), aux_total
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [block.attention for block in self.blocks]
+
+    def attention_backends(self) -> list[str]:
+        """The attention kernels that really ran in the last forward passes, as the modules recorded them."""
+        return sorted({getattr(m, "backend_used", None) or "not run yet" for m in self.attention_modules()})
+
+
+def init_parameters(model: nn.Module, seed: int) -> None:
+    """Draw every parameter from a generator keyed by (seed, parameter name).
+
+    Shared parts of the two models have the same names, so they get identical values whatever
+    the attention module draws; the values do not depend on the device either.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:  # norm gains
+                param.fill_(1.0)
+                continue
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            values = torch.randn(param.shape, generator=generator) * INIT_STD
+            param.copy_(values.to(param.dtype))

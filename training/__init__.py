@@ -1,0 +1,1 @@
+"""Training loop, optimisers, results and benchmark for the attention comparison."""

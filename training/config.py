@@ -1,0 +1,160 @@
+"""The one configuration object of the experiment.
+
+Every setting lives in `ExperimentConfig`, with the experiment's values as defaults, and the
+results JSON records it whole. Field names follow the public version of the experiment so that
+its users can map settings one to one; the MLA fields are DeepSeek-V3's names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa", "eager")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    # Model (shared by both models)
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 3
+    d_ff: int = 1024
+    num_experts: int = 8
+    expert_top_k: int = 2
+    max_seq_len: int = 256
+    dropout: float = 0.1
+    router_noise_std: float = 0.1  # Gaussian noise on router logits while training (public version's value)
+    load_balancing_weight: float = 0.01
+    rope_base: float = 10000.0
+    vocab_size: int | None = None  # None: taken from the tokenizer
+
+    # DeepSeek-V3 Multi-head Latent Attention
+    q_lora_rank: int | None = 128  # None: a plain q_proj instead of the low-rank query path
+    kv_lora_rank: int = 128
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+
+    # Training (a step is one optimizer step)
+    batch_size: int = 64
+    max_steps: int = 1000
+    eval_every: int = 100
+    log_every: int = 10  # steps between progress-bar updates (the only host syncs in training)
+    muon_lr: float = 0.01
+    adamw_lr: float = 0.001
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.1
+    seed: int = 42
+    seeds: tuple[int, ...] = ()  # several seeds: both models once per seed; empty: (seed,)
+
+    # Data
+    dataset_name: str = "HuggingFaceTB/smollm-corpus"
+    dataset_config: str = "cosmopedia-v2"
+    tokenizer_name: str = "HuggingFaceTB/SmolLM-135M"
+    num_documents: int = 1000
+    max_chars_per_doc: int = 3000
+    max_tokens: int = 100_000
+    val_fraction: float = 0.1
+    data_path: str | None = None  # the user's own .txt/.jsonl/.parquet instead of the Hub corpus
+    offline: bool = False  # skip the Hub and use the built-in corpus
+    offline_vocab_size: int = 8192  # vocabulary of the BPE tokenizer trained for the offline corpus
+    cache_dir: str = "data_cache"
+
+    # Run
+    preset: str = "full"
+    device: str = "auto"
+    attention_backend: str = "auto"  # MLA model: auto | flash-attn | sdpa | eager
+    compile: bool = False
+    output_dir: str = "exp6_results"
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        return tuple(self.seeds) if self.seeds else (self.seed,)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(1, round(self.warmup_fraction * self.max_steps))
+
+    def replace(self, **changes: Any) -> "ExperimentConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["seeds"] = list(self.run_seeds)
+        return out
+
+    def validate(self) -> "ExperimentConfig":
+        """Raise ConfigError on the first impossible setting; return self when all is well."""
+        checks: list[tuple[bool, str]] = [
+            (self.d_model > 0 and self.n_heads > 0, "d_model and n_heads must be positive"),
+            (self.d_model % max(self.n_heads, 1) == 0,
+             f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; pick n_heads that divides d_model"),
+            (self.head_dim % 2 == 0, f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE"),
+            (self.n_layers > 0 and self.d_ff > 0, "n_layers and d_ff must be positive"),
+            (self.num_experts > 0, f"num_experts={self.num_experts} must be positive"),
+            (1 <= self.expert_top_k <= self.num_experts,
+             f"expert_top_k={self.expert_top_k} must be between 1 and num_experts={self.num_experts}"),
+            (self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len} must be at least 2"),
+            (0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
+            (self.router_noise_std >= 0, "router_noise_std must be >= 0"),
+            (self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be positive or None"),
+            (self.kv_lora_rank > 0, f"kv_lora_rank={self.kv_lora_rank} must be positive"),
+            (self.qk_nope_head_dim > 0,
+             f"qk_nope_head_dim={self.qk_nope_head_dim} must be positive: with 0 every head shares one rotary key"),
+            (self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+             f"qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number (RoPE rotates pairs)"),
+            (self.v_head_dim > 0, f"v_head_dim={self.v_head_dim} must be positive"),
+            (self.batch_size > 0, f"batch_size={self.batch_size} must be positive; use --batch-size N with N >= 1"),
+            (self.max_steps > 0, f"max_steps={self.max_steps} must be positive; use --steps N with N >= 1"),
+            (self.eval_every > 0, f"eval_every={self.eval_every} must be positive"),
+            (self.log_every > 0, f"log_every={self.log_every} must be positive"),
+            (self.muon_lr > 0 and self.adamw_lr > 0, "muon_lr and adamw_lr must be positive"),
+            (self.weight_decay >= 0 and self.grad_clip > 0, "weight_decay must be >= 0 and grad_clip > 0"),
+            (0.0 <= self.warmup_fraction < 1.0, f"warmup_fraction={self.warmup_fraction} must be in [0, 1)"),
+            (0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"),
+            (0.0 < self.val_fraction < 1.0, f"val_fraction={self.val_fraction} must be in (0, 1)"),
+            (self.num_documents > 0 and self.max_chars_per_doc > 0, "num_documents and max_chars_per_doc must be positive"),
+            (self.vocab_size is None or self.vocab_size > 1, "vocab_size must be > 1 or None"),
+            (self.attention_backend in ATTENTION_BACKENDS,
+             f"attention_backend={self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"),
+            (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+             f"device={self.device!r} must be auto, cpu, cuda or cuda:N"),
+            (len(set(self.run_seeds)) == len(self.run_seeds), f"seeds {list(self.run_seeds)} contain duplicates"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        needed = 2 * (self.max_seq_len + 1)
+        if self.max_tokens < needed or min(self.val_fraction, 1 - self.val_fraction) * self.max_tokens < self.max_seq_len + 1:
+            raise ConfigError(
+                f"max_tokens={self.max_tokens} is too few for one training and one validation window of "
+                f"{self.max_seq_len + 1} tokens; raise --max-tokens or lower --seq-len"
+            )
+        return self
+
+
+def cpu_preset(base: ExperimentConfig | None = None) -> ExperimentConfig:
+    """A scaled-down run that finishes in minutes on 2 CPU cores; labelled as such in the JSON."""
+    base = base or ExperimentConfig()
+    return base.replace(
+        preset="cpu",
+        d_model=128, n_heads=4, n_layers=2, d_ff=512,
+        max_seq_len=128, batch_size=16, max_steps=300, eval_every=50,
+        q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        num_documents=400, max_tokens=60_000,
+    )
+
+
+PRESETS = {"full": lambda base: base.replace(preset="full"), "cpu": cpu_preset}

@@ -1,0 +1,100 @@
+"""Loss plots: validation loss against training time, and train/validation loss against step.
+
+With several seeds each model is drawn as its mean curve with a min-max band.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.results import MODEL_NAMES
+
+LABELS = {"baseline": "Baseline (MHA)", "deepseek": "DeepSeek-V3 MLA"}
+COLORS = {"baseline": "tab:blue", "deepseek": "tab:orange"}
+VAL_TIME_PLOT = "exp6_val_loss_vs_time.png"
+LOSS_STEP_PLOT = "exp6_loss_vs_step.png"
+
+
+def _stack(runs: list[dict[str, Any]], key: str) -> np.ndarray | None:
+    """(runs, points) array of one curve field, over the points every run reached."""
+    curves = [r["curve"][key] for r in runs if r["curve"]["step"]]
+    if not curves:
+        return None
+    n = min(len(c) for c in curves)
+    return np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
+
+
+def _runs_to_draw(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = summary.get("runs", [])
+    completed = [r for r in runs if r["status"] == "completed"]
+    return completed or runs
+
+
+def _final_label(name: str, summary: dict[str, Any]) -> str:
+    loss, std = summary.get("val_loss"), summary.get("val_loss_std")
+    if loss is None:
+        return f"{LABELS[name]} (no completed run)"
+    spread = "" if std is None else f" ± {std:.3f}"
+    seeds = len(summary.get("seeds_completed", []))
+    return f"{LABELS[name]}: final val loss {loss:.3f}{spread} ({seeds} seed{'s' if seeds != 1 else ''})"
+
+
+def _band(ax, x: np.ndarray, values: np.ndarray, color: str, label: str, style: str = "-") -> None:
+    ax.plot(x, np.nanmean(values, axis=0), style, color=color, label=label, marker="o", markersize=3)
+    if len(values) > 1:
+        ax.fill_between(x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=color, alpha=0.2)
+
+
+def _save(fig, path: Path) -> None:
+    """Save next to the target, then rename, so an old plot is never left half-overwritten."""
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+
+
+def plot_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
+    """Write both PNGs and return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    preset = results["experiment"]["config"]["preset"]
+    title_suffix = f" — {preset} preset" + (", offline corpus" if results["experiment"]["data"].get("offline") else "")
+    paths = [output_dir / VAL_TIME_PLOT, output_dir / LOSS_STEP_PLOT]
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in MODEL_NAMES:
+        runs = _runs_to_draw(results[name])
+        seconds, val = _stack(runs, "training_seconds"), _stack(runs, "val_loss")
+        if seconds is not None:
+            _band(ax, np.nanmean(seconds, axis=0), val, COLORS[name], _final_label(name, results[name]))
+    ax.set(xlabel="training time (s, evaluation excluded)", ylabel="validation loss",
+           title="Validation loss vs training time" + title_suffix)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, paths[0])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in MODEL_NAMES:
+        runs = _runs_to_draw(results[name])
+        steps = _stack(runs, "step")
+        if steps is None:
+            continue
+        x = steps[0]
+        _band(ax, x, _stack(runs, "val_loss"), COLORS[name], _final_label(name, results[name]))
+        train = _stack(runs, "train_loss")
+        has_train = ~np.isnan(train).all(axis=0)
+        _band(ax, x[has_train], train[:, has_train], COLORS[name], f"{LABELS[name]}: train loss (mean since last eval)", "--")
+    ax.set(xlabel="optimizer step", ylabel="loss", title="Train and validation loss vs step" + title_suffix)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, paths[1])
+    plt.close(fig)
+    return paths

@@ -1,0 +1,176 @@
+"""Training and evaluation of one model on one seed.
+
+The hot path has no host-device synchronisation: losses are accumulated on the device and read
+back only at logging steps (every `log_every` steps), which is also where a non-finite loss is
+noticed. Training time excludes evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from data.dataset import TokenData, batch_starts, training_batch, validation_windows
+from training.config import ExperimentConfig
+from training.optim import build_optimizers, build_schedulers
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss; `step` is the first optimizer step where it did."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"non-finite training loss at step {step}")
+        self.step = step
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full float32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; works on the logits in place (a view, no extra vocab-sized copy)."""
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
+             device: torch.device) -> dict[str, float]:
+    """Token-weighted loss, next-token accuracy and perplexity over the whole fixed validation set."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, len(inputs), batch_size):
+        x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+        with autocast_for(device):
+            logits, _ = model(x)
+        loss_sum += F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum")
+        correct += (logits.argmax(dim=-1) == y).sum()
+    model.train(was_training)
+    count = targets.numel()
+    loss = loss_sum.item() / count
+    return {"val_loss": loss, "val_accuracy": correct.item() / count,
+            "val_perplexity": math.exp(loss) if loss < 700 else float("inf")}
+
+
+def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "model_name": name, "seed": seed, "status": "running", "val_loss": None, "val_accuracy": None,
+        "val_perplexity": None, "training_time_minutes": None, "parameter_count": params,
+        "parameters_millions": round(params / 1e6, 3), "tokens_per_second": None, "tokens_seen": 0,
+        "peak_gpu_memory_mb": None, "attention_backend": None, "moe_dispatch": None,
+        "curve": {"step": [], "training_seconds": [], "tokens_seen": [], "train_loss": [], "val_loss": [], "val_accuracy": []},
+    }
+
+
+def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, seed: int,
+                device: torch.device, record: dict[str, Any]) -> dict[str, Any]:
+    """Train `model` for config.max_steps optimizer steps, filling `record` as it goes.
+
+    `record` is updated in place so that a caller still holds the partial curve when this raises
+    (NonFiniteLoss, KeyboardInterrupt).
+    """
+    torch.manual_seed(seed)  # dropout and router noise: the same stream for both models
+    model.to(device).train()
+    optimizers = build_optimizers(model, config)
+    schedulers = build_schedulers(optimizers, config)
+    train_tokens = data.train.to(device)
+    starts = batch_starts(len(data.train), config, seed).to(device)
+    val_x, val_y = (t.to(device) for t in validation_windows(data.val, config.max_seq_len))
+    tokens_per_step = config.batch_size * config.max_seq_len
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    curve = record["curve"]
+
+    def add_point(step: int, seconds: float, train_loss: float | None) -> dict[str, float]:
+        metrics = evaluate(model, val_x, val_y, config.batch_size, device)
+        for key, value in (("step", step), ("training_seconds", seconds), ("tokens_seen", step * tokens_per_step),
+                           ("train_loss", train_loss), ("val_loss", metrics["val_loss"]),
+                           ("val_accuracy", metrics["val_accuracy"])):
+            curve[key].append(value)
+        record["attention_backend"] = model.attention_backends()
+        return metrics
+
+    add_point(0, 0.0, None)  # curves start at 0 s, before any update
+    loss_sum = torch.zeros((), device=device)
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    steps_in_window, training_seconds = 0, 0.0
+    progress = tqdm(total=config.max_steps, desc=f"{record['model_name']} (seed {seed})", unit="step",
+                    dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    _sync(device)
+    segment_start = time.perf_counter()
+    try:
+        for step in range(config.max_steps):
+            x, y = training_batch(train_tokens, starts[step], config.max_seq_len)
+            with autocast_for(device):
+                logits, aux_loss = model(x)
+                ce_loss = language_model_loss(logits, y)
+                loss = ce_loss + config.load_balancing_weight * aux_loss
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            for optimizer in optimizers:
+                optimizer.step()
+            for scheduler in schedulers:
+                scheduler.step()
+
+            loss_detached = ce_loss.detach().float()
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_detached),
+                                         torch.full_like(first_bad_step, step), first_bad_step)
+            loss_sum += loss_detached
+            steps_in_window += 1
+            done = step + 1
+            is_eval = done % config.eval_every == 0 or done == config.max_steps
+            if done % config.log_every == 0 or is_eval:  # the only host syncs of the loop
+                _sync(device)
+                now = time.perf_counter()
+                seconds = training_seconds + (now - segment_start)
+                if (bad := int(first_bad_step)) >= 0:
+                    raise NonFiniteLoss(bad)
+                progress.update(done - progress.n)
+                progress.set_postfix(loss=f"{loss_detached.item():.3f}", tok_s=f"{done * tokens_per_step / seconds:,.0f}")
+                if is_eval:
+                    training_seconds = seconds
+                    mean_train = (loss_sum / steps_in_window).item()
+                    add_point(done, training_seconds, mean_train)
+                    loss_sum.zero_()
+                    steps_in_window = 0
+                    record["tokens_seen"] = done * tokens_per_step
+                    record["training_time_minutes"] = training_seconds / 60
+                    _sync(device)
+                    segment_start = time.perf_counter()
+    finally:
+        progress.close()
+
+    final = {"val_loss": curve["val_loss"][-1], "val_accuracy": curve["val_accuracy"][-1]}
+    final["val_perplexity"] = math.exp(final["val_loss"]) if final["val_loss"] < 700 else float("inf")
+    record.update(final)
+    record.update(
+        status="completed",
+        training_seconds=training_seconds,
+        training_time_minutes=training_seconds / 60,
+        tokens_per_second=record["tokens_seen"] / training_seconds if training_seconds > 0 else None,
+        peak_gpu_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        moe_dispatch=sorted({block.moe.dispatch_used for block in model.blocks}),
+        validation_set=f"all {len(val_x)} non-overlapping {config.max_seq_len}-token windows of the validation split",
+    )
+    return record
