@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from data.dataset import TokenData, prepare_data, validation_windows
+from data.sources import check_local_path
 from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
 from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_installed
@@ -50,6 +51,8 @@ def preflight(config: ExperimentConfig) -> torch.device:
             raise ConfigError(f"--attention-backend flash-attn: flash-attn is not installed; run `{FLASH_ATTN_INSTALL}` or use --attention-backend auto")
         if device.type != "cuda":
             raise ConfigError("--attention-backend flash-attn needs a CUDA GPU; use --attention-backend sdpa on CPU")
+    if config.data_path:
+        check_local_path(config.data_path)
     try:
         check_writable(Path(config.output_dir))
     except OSError as error:

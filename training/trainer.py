@@ -69,6 +69,25 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
             "val_perplexity": math.exp(loss) if loss < 700 else float("inf")}
 
 
+def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
+                  inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
+    """One optimizer step; returns the detached cross-entropy on the device (no host sync)."""
+    device = inputs.device
+    with autocast_for(device):
+        logits, aux_loss = model(inputs)
+        ce_loss = language_model_loss(logits, targets)
+        loss = ce_loss + config.load_balancing_weight * aux_loss
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    for optimizer in optimizers:
+        optimizer.step()
+    for scheduler in schedulers:
+        scheduler.step()
+    return ce_loss.detach().float()
+
+
 def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
     params = sum(p.numel() for p in model.parameters())
     return {
@@ -120,20 +139,7 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
     try:
         for step in range(config.max_steps):
             x, y = training_batch(train_tokens, starts[step], config.max_seq_len)
-            with autocast_for(device):
-                logits, aux_loss = model(x)
-                ce_loss = language_model_loss(logits, y)
-                loss = ce_loss + config.load_balancing_weight * aux_loss
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            for optimizer in optimizers:
-                optimizer.step()
-            for scheduler in schedulers:
-                scheduler.step()
-
-            loss_detached = ce_loss.detach().float()
+            loss_detached = training_step(model, optimizers, schedulers, x, y, config)
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_detached),
                                          torch.full_like(first_bad_step, step), first_bad_step)
             loss_sum += loss_detached

@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny configuration that exercises every code path in seconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.config import ExperimentConfig
+
+
+def tiny_config(tmp_path, **changes) -> ExperimentConfig:
+    base = ExperimentConfig(
+        d_model=32, n_heads=2, n_layers=2, d_ff=64, num_experts=4, expert_top_k=2, max_seq_len=16,
+        q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+        batch_size=4, max_steps=6, eval_every=3, log_every=2, num_documents=60, max_tokens=3000,
+        offline=True, offline_vocab_size=300, cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"),
+        preset="test",
+    )
+    return base.replace(**changes)
+
+
+@pytest.fixture
+def config(tmp_path) -> ExperimentConfig:
+    return tiny_config(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def hermetic(monkeypatch):
+    """Tests never touch the network and always start from the same RNG state."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    torch.manual_seed(0)

@@ -1,0 +1,102 @@
+"""The command line: defaults, presets, and bad input that fails fast with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exp6_trainer import build_parser, config_from_args, main
+from training.config import ConfigError, ExperimentConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_experiment():
+    c = ExperimentConfig()
+    assert (c.d_model, c.n_heads, c.n_layers, c.d_ff, c.num_experts, c.expert_top_k) == (256, 4, 3, 1024, 8, 2)
+    assert (c.max_seq_len, c.batch_size, c.max_steps, c.eval_every) == (256, 64, 1000, 100)
+    assert (c.num_documents, c.max_tokens, c.dropout, c.weight_decay, c.grad_clip, c.muon_lr) == (1000, 100_000, 0.1, 0.1, 1.0, 0.01)
+    assert (c.load_balancing_weight, c.seed) == (0.01, 42)
+    assert (c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim) == (128, 128, 64, 32, 64)
+    c.validate()
+
+
+def test_no_arguments_runs_full_on_cuda_and_the_labelled_cpu_preset_without():
+    args = build_parser().parse_args([])
+    full, notice = config_from_args(args, cuda_available=True)
+    assert full.preset == "full" and full.max_steps == 1000 and notice is None
+    cpu, notice = config_from_args(args, cuda_available=False)
+    assert cpu.preset == "cpu" and "CPU preset" in notice and cpu.max_steps < full.max_steps
+    forced, _ = config_from_args(build_parser().parse_args(["--preset", "full", "--device", "cpu"]), cuda_available=False)
+    assert forced.preset == "full"
+
+
+def test_options_reach_the_config():
+    args = build_parser().parse_args(["--steps", "7", "--batch-size", "3", "--seeds", "1", "2", "--attention-backend",
+                                      "eager", "--output-dir", "x", "--offline", "--max-tokens", "5000"])
+    c, _ = config_from_args(args, cuda_available=False)
+    assert (c.max_steps, c.batch_size, c.run_seeds, c.attention_backend, c.output_dir, c.offline, c.max_tokens) == \
+        (7, 3, (1, 2), "eager", "x", True, 5000)
+    assert c.eval_every == 7  # never more than the number of steps
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"n_heads": 3}, "not divisible by n_heads"),
+    ({"expert_top_k": 9}, "expert_top_k=9"),
+    ({"max_steps": 0}, "max_steps=0"),
+    ({"batch_size": -1}, "batch_size=-1"),
+    ({"max_tokens": 100}, "too few"),
+    ({"qk_nope_head_dim": 0}, "shares one rotary key"),
+    ({"attention_backend": "magic"}, "attention_backend"),
+])
+def test_impossible_configs_fail_validation(change, message):
+    with pytest.raises(ConfigError, match=message):
+        ExperimentConfig(**change).validate()
+
+
+def _run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "exp6_trainer.py", "--offline", "--cache-dir", str(tmp_path / "c"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "max_steps=0"),
+    (["--batch-size", "0"], "batch_size=0"),
+    (["--attention-backend", "flash-attn"], "pip install flash-attn"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--data", "/nonexistent/corpus.txt"], "no such file"),
+])
+def test_bad_input_exits_nonzero_with_one_line_before_training(args, message, tmp_path):
+    out = tmp_path / "out"
+    result = _run_cli(*args, "--output-dir", str(out), tmp_path=tmp_path)
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and message in error_lines[0], result.stderr
+    assert not (out / "exp6_attention_comparison.json").exists()
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = main(["--offline", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(blocker / "results")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--output-dir" in err[0]
+
+
+def test_ctrl_c_exits_130(monkeypatch, tmp_path, capsys):
+    import training.experiment
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.experiment, "run_experiment", interrupted)
+    assert main(["--output-dir", str(tmp_path)]) == 130
+
+
+def test_help_names_every_option():
+    text = build_parser().format_help()
+    for option in ("--preset", "--steps", "--batch-size", "--device", "--attention-backend", "--data", "--output-dir", "--seeds"):
+        assert option in text

@@ -1,0 +1,485 @@
+"""Training-step and attention benchmark that anyone can rerun: `python -m training.benchmark`.
+
+For each model (baseline MHA, DeepSeek MLA) at the default config it times the real training step
+of training/trainer.py (forward under autocast, loss + load-balancing term, zero_grad, backward,
+gradient clipping, optimizer and scheduler steps) on random token ids, and reports the median step
+time after warm-up, tokens/s, achieved TFLOP/s from the analytic FLOP count (models/costs.py), MFU
+against a stated peak and peak memory. The same models in the public version's style (float32, the
+per-expert boolean-mask MoE loop, eager attention) are timed in the same run, so the speedup of ours
+over the public style comes from one process on one machine. Then each attention module alone,
+forward plus backward, over a range of sequence lengths.
+
+On CPU it runs small shapes (the CPU preset, batch 4, vocab 2048) so that it can be tested.
+The table is printed and the JSON is written atomically (after every row, so a run cut short
+keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import math
+import platform
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from deepseek_modeling import DeepseekV3FlashAttention2
+from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
+from exp6_flash_attention_model import FlashAttentionModel
+from models.costs import cost_report
+from models.transformer import MoELanguageModel
+from training.config import ExperimentConfig, cpu_preset
+from training.optim import build_optimizers, build_schedulers
+from training.results import write_json_atomic
+from training.trainer import autocast_for, language_model_loss
+
+DEFAULT_OUTPUT = "benchmark_results/benchmark.json"
+FULL_VOCAB_SIZE = 49152  # the SmolLM tokenizer the full experiment uses
+SMALL_VOCAB_SIZE = 2048
+SMALL_BATCH_SIZE = 4
+CUDA_SEQ_LENS = (256, 512, 1024, 2048, 4096)
+CPU_SEQ_LENS = (64, 128, 256)
+ATTENTION_TOKENS = {"cuda": 16384, "cpu": 1024}  # batch * seq per attention measurement
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in TFLOP/s. Matched by
+# substring of torch.cuda.get_device_name, first match wins, so the more specific names come first.
+DATASHEET_PEAK_TFLOPS: tuple[tuple[str, float, str], ...] = (
+    ("H100 PCIe", 756.0, "H100 PCIe, dense bf16"),
+    ("H100 NVL", 835.0, "H100 NVL, dense bf16"),
+    ("H200", 989.4, "H200 / GH200 SXM, dense bf16"),
+    ("H100", 989.4, "H100 SXM, dense bf16"),
+    ("A100", 312.0, "A100, dense bf16"),
+    ("RTX 4090", 165.2, "RTX 4090, dense bf16 with fp32 accumulate"),
+)
+
+MODELS: dict[str, Callable[..., MoELanguageModel]] = {"baseline": BaselineAttentionModel, "deepseek": FlashAttentionModel}
+ATTENTION_MODULES: dict[str, Callable[[ExperimentConfig], nn.Module]] = {
+    "MultiHeadAttention": lambda config: MultiHeadAttention(config, 0, backend="sdpa"),
+    "DeepseekV3FlashAttention2": lambda config: DeepseekV3FlashAttention2(config.replace(attention_backend="auto"), 0),
+}
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.benchmark",
+        description="Time the training step of both models (ours and in the public version's style) and each "
+                    "attention module alone; print a table and write JSON.",
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--steps", type=int, help="timed steps per model (default 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up steps (default 5 on CUDA, 1 on CPU)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", metavar="N",
+                        help="sequence lengths of the attention benchmark (default 256..4096 on CUDA, 64 128 256 on CPU)")
+    parser.add_argument("--small", action="store_true",
+                        help=f"small shapes: the CPU preset model, batch {SMALL_BATCH_SIZE}, vocab {SMALL_VOCAB_SIZE} "
+                             "(always used on CPU)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="peak TFLOP/s for MFU (default: the card's dense bf16 datasheet value, or a measured bf16 "
+                             "matmul when the card is not in the table; no MFU on CPU)")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"JSON file to write (default {DEFAULT_OUTPUT})")
+    parser.add_argument("--skip-public-style", action="store_true", help="do not time the public-style reference models")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models of the 'ours' rows")
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} was asked for but no CUDA GPU is visible; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise SystemExit(f"error: --device {name!r} must be auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def datasheet_peak_tflops(device_name: str) -> tuple[float, str] | None:
+    """(dense bf16 TFLOP/s, which entry) for a known card, else None."""
+    for key, tflops, label in DATASHEET_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops, label
+    return None
+
+
+def measure_matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float | None:
+    """Achieved TFLOP/s of a large dense bf16 matmul on CUDA (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    del a, b
+    return 2 * size**3 * repeats / seconds / 1e12
+
+
+def resolve_peak(args: argparse.Namespace, device: torch.device, device_name: str,
+                 measured: float | None) -> tuple[float | None, str]:
+    """The peak MFU is computed against, and where it comes from."""
+    if args.peak_tflops is not None:
+        if not args.peak_tflops > 0:
+            raise SystemExit("error: --peak-tflops must be positive")
+        return args.peak_tflops, "user (--peak-tflops)"
+    if device.type != "cuda":
+        return None, "none on CPU: MFU not reported (pass --peak-tflops to set one)"
+    entry = datasheet_peak_tflops(device_name)
+    if entry is not None:
+        return entry[0], f"datasheet (dense bf16): {entry[1]}"
+    if measured is not None:
+        return measured, "measured (bf16 8192x8192 matmul on this card; not in the datasheet table)"
+    return None, "unknown card: MFU not reported (pass --peak-tflops)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ----------------------------------------------------------------------------------------- model rows
+
+def make_public_style(model: MoELanguageModel) -> None:
+    """The public version's style: per-expert boolean-mask MoE loop and eager attention (float32 is the caller's)."""
+    for block in model.blocks:
+        block.moe.dispatch = "loop"
+        block.attention.backend = "eager"
+
+
+def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
+                  x: torch.Tensor, y: torch.Tensor, config: ExperimentConfig,
+                  precision: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """One optimizer step exactly as training/trainer.py's loop does it; returns the detached CE loss."""
+    with precision():
+        logits, aux_loss = model(x)
+        ce_loss = language_model_loss(logits, y)
+        loss = ce_loss + config.load_balancing_weight * aux_loss
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    for optimizer in optimizers:
+        optimizer.step()
+    for scheduler in schedulers:
+        scheduler.step()
+    return ce_loss.detach()
+
+
+def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, device: torch.device,
+                    steps: int, warmup: int, peak_tflops: float | None, compile_model: bool) -> dict[str, Any]:
+    """Median training-step time of one model variant and the numbers derived from it."""
+    public = variant == "public style"
+    torch.manual_seed(config.seed)
+    model = MODELS[model_name](config, seed=config.seed).to(device).train()
+    if public:
+        make_public_style(model)
+    runner: nn.Module = torch.compile(model) if compile_model and not public else model
+    costs = cost_report(model, seq_len=config.max_seq_len)
+    batch, seq = config.batch_size, config.max_seq_len
+    tokens_per_step = batch * seq
+
+    generator = torch.Generator().manual_seed(config.seed)
+    pool = [torch.randint(0, config.vocab_size, (batch, seq + 1), generator=generator).to(device)
+            for _ in range(min(4, steps + warmup))]
+
+    def precision() -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if public else autocast_for(device)
+
+    _reset_peak_memory(device)
+    optimizers = build_optimizers(model, config)
+    schedulers = build_schedulers(optimizers, config)
+    times: list[float] = []
+    loss = None
+    for i in range(warmup + steps):
+        tokens = pool[i % len(pool)]
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        _sync(device)
+        start = time.perf_counter()
+        loss = training_step(runner, optimizers, schedulers, x, y, config, precision)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+
+    median = statistics.median(times)
+    flops_per_token = costs["training_flops_per_token"]
+    achieved = flops_per_token * tokens_per_step / median / 1e12
+    row = {
+        "name": f"{model_name} ({'public style' if public else 'ours'})",
+        "model": model_name,
+        "variant": "public style" if public else "ours",
+        "precision": "float32" if public or device.type != "cuda" else "bf16 autocast",
+        "compiled": bool(compile_model and not public),
+        "moe_dispatch": sorted({str(block.moe.dispatch_used) for block in model.blocks}),
+        "attention_backend": model.attention_backends(),
+        "batch_size": batch,
+        "seq_len": seq,
+        "tokens_per_step": tokens_per_step,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "step_times_s": times,
+        "median_step_s": median,
+        "min_step_s": min(times),
+        "tokens_per_s": tokens_per_step / median,
+        "training_flops_per_token": flops_per_token,
+        "achieved_tflops": achieved,
+        "mfu": achieved / peak_tflops if peak_tflops else None,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "parameters_total": costs["parameters_total"],
+        "last_loss": float(loss) if loss is not None else None,
+    }
+    del runner, model, optimizers, schedulers, pool
+    _release(device)
+    return row
+
+
+# ------------------------------------------------------------------------------------- attention rows
+
+def attention_flops_per_token(module: nn.Module, seq_len: int) -> float:
+    """Forward + backward FLOPs per token of one attention module, counted as models/costs.py does."""
+    linear_macs = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    heads, d_qk, d_v = module.score_dims()
+    score_macs = heads * (d_qk + d_v) * (seq_len + 1) / 2
+    return 3 * 2 * (linear_macs + score_macs)
+
+
+def benchmark_attention(module_name: str, config: ExperimentConfig, seq_len: int, device: torch.device,
+                        steps: int, warmup: int, peak_tflops: float | None) -> dict[str, Any]:
+    """Median forward + backward time of one attention module on a (batch, seq, d_model) input."""
+    torch.manual_seed(config.seed)
+    module = ATTENTION_MODULES[module_name](config).to(device).train()
+    batch = max(1, ATTENTION_TOKENS["cuda" if device.type == "cuda" else "cpu"] // seq_len)
+    x = torch.randn(batch, seq_len, config.d_model, device=device, requires_grad=True)
+    _reset_peak_memory(device)
+    times: list[float] = []
+    for i in range(warmup + steps):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        _sync(device)
+        start = time.perf_counter()
+        with autocast_for(device):
+            out = module(x)
+        out.float().sum().backward()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    tokens = batch * seq_len
+    flops = attention_flops_per_token(module, seq_len)
+    achieved = flops * tokens / median / 1e12
+    row = {
+        "name": f"{module_name} @ {seq_len}",
+        "module": module_name,
+        "seq_len": seq_len,
+        "batch_size": batch,
+        "tokens": tokens,
+        "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+        "backend_used": module.backend_used,
+        "step_times_s": times,
+        "median_fwd_bwd_s": median,
+        "tokens_per_s": tokens / median,
+        "flops_per_token": flops,
+        "achieved_tflops": achieved,
+        "mfu": achieved / peak_tflops if peak_tflops else None,
+        "peak_memory_mb": _peak_memory_mb(device),
+    }
+    del module, x, out
+    _release(device)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _render(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(headers), "-" * (sum(widths) + 2 * (len(widths) - 1)), *(line(r) for r in rows)]
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    peak = results["peak_tflops"]
+    lines = [
+        f"Device: {results['device_name']}   torch {results['torch_version']}   shapes: {results['shapes']}",
+        f"Training step: batch {results['batch_size']} x seq {results['seq_len']} = "
+        f"{results['batch_size'] * results['seq_len']:,} tokens, vocab {results['config']['vocab_size']:,}; "
+        f"median of {results['steps']} timed steps after {results['warmup']} warm-up",
+        f"MFU peak: {_fmt(peak['value'], '.1f')} TFLOP/s ({peak['source']})",
+        "",
+    ]
+    model_rows = []
+    for r in results["rows"]:
+        if "error" in r:
+            model_rows.append([r["name"], "FAILED: " + r["error"].splitlines()[0][:60]] + [""] * 7)
+            continue
+        model_rows.append([
+            r["name"], r["precision"], ", ".join(r["moe_dispatch"]), ", ".join(r["attention_backend"]),
+            _fmt(r["median_step_s"] * 1e3, ".1f"), _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["achieved_tflops"], ".3f"),
+            _fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f"), _fmt(r["peak_memory_mb"], ",.0f"),
+        ])
+    lines += _render(["Model", "Precision", "MoE dispatch", "Attention", "Step ms", "Tokens/s", "TFLOP/s", "MFU %",
+                      "Peak MB"], model_rows)
+    for model_name, speedup in results["speedups"].items():
+        lines.append(f"Speedup, {model_name}: public style / ours median step time = {_fmt(speedup, '.2f')}x")
+    lines.append("")
+    attention_rows = []
+    for r in results["attention_rows"]:
+        if "error" in r:
+            attention_rows.append([r["module"], str(r["seq_len"]), "FAILED: " + r["error"].splitlines()[0][:60]] + [""] * 5)
+            continue
+        attention_rows.append([
+            r["module"], str(r["seq_len"]), str(r["batch_size"]), str(r["backend_used"]),
+            _fmt(r["median_fwd_bwd_s"] * 1e3, ".2f"), _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["achieved_tflops"], ".3f"),
+            _fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f"),
+        ])
+    lines += _render(["Attention (fwd+bwd)", "Seq", "Batch", "Backend", "ms", "Tokens/s", "TFLOP/s", "MFU %"],
+                     attention_rows)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+def _guarded(build: Callable[[], dict[str, Any]], stub: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement; a failure (e.g. out of memory) becomes an error row and the benchmark goes on."""
+    try:
+        return build()
+    except Exception as error:  # noqa: BLE001 - reported in the row, the table and the exit code
+        traceback.print_exc(file=sys.stderr)
+        return {**stub, "error": f"{type(error).__name__}: {error}"}
+
+
+def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
+    """Parse the arguments, run every measurement, print the table, write the JSON; return the results."""
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    device = resolve_device(args.device)
+    on_cuda = device.type == "cuda"
+    steps = args.steps if args.steps is not None else (20 if on_cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
+    seq_lens = list(args.seq_lens or (CUDA_SEQ_LENS if on_cuda else CPU_SEQ_LENS))
+    if steps < 1 or warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if any(s < 2 for s in seq_lens):
+        parser.error("--seq-lens must all be >= 2")
+
+    small = args.small or not on_cuda
+    if small:
+        config = cpu_preset(ExperimentConfig(vocab_size=SMALL_VOCAB_SIZE)).replace(batch_size=SMALL_BATCH_SIZE)
+    else:
+        config = ExperimentConfig(vocab_size=FULL_VOCAB_SIZE)
+    config = config.replace(device=str(device), compile=bool(args.compile)).validate()
+    attention_config = config.replace(max_seq_len=max(seq_lens))
+
+    device_name = _device_name(device)
+    measured = measure_matmul_tflops(device)
+    peak, peak_source = resolve_peak(args, device, device_name, measured)
+    output = Path(args.output)
+    results: dict[str, Any] = {
+        "benchmark": "training step and attention fwd+bwd timings (python -m training.benchmark)",
+        "status": "running",
+        "device": str(device),
+        "device_name": device_name,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "shapes": "small (CPU preset, batch 4, vocab 2048)" if small else "full (default config)",
+        "config": config.to_dict(),
+        "batch_size": config.batch_size,
+        "seq_len": config.max_seq_len,
+        "steps": steps,
+        "warmup": warmup,
+        "compile": bool(args.compile),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "peak_tflops": {"value": peak, "source": peak_source},
+        "measured_bf16_matmul_tflops": measured,
+        "flops_note": "analytic matmul FLOPs of models/costs.py (forward + backward = 3x forward); MFU = achieved / peak",
+        "public_style": "same model classes in float32 (no autocast), MoE dispatch 'loop' (per-expert boolean mask), "
+                        "eager attention; speedup = public-style median step time / ours",
+        "rows": [],
+        "speedups": {},
+        "attention_rows": [],
+        "attention_batch_note": f"batch = max(1, {ATTENTION_TOKENS['cuda' if on_cuda else 'cpu']} // seq); "
+                                "input (batch, seq, d_model); loss = sum of outputs",
+    }
+    print(f"Benchmark on {device_name}; shapes: {results['shapes']}; results: {output}", flush=True)
+
+    variants = ["ours"] + ([] if args.skip_public_style else ["public style"])
+    for model_name in MODELS:
+        for variant in variants:
+            name = f"{model_name} ({variant})"
+            print(f"  timing {name} ...", flush=True)
+            results["rows"].append(_guarded(
+                lambda: benchmark_model(model_name, variant, config, device, steps, warmup, peak, args.compile),
+                {"name": name, "model": model_name, "variant": variant}))
+            write_json_atomic(output, results)
+    medians = {(r["model"], r["variant"]): r.get("median_step_s") for r in results["rows"]}
+    for model_name in MODELS:
+        ours, public = medians.get((model_name, "ours")), medians.get((model_name, "public style"))
+        if not args.skip_public_style:
+            results["speedups"][model_name] = public / ours if ours and public else None
+
+    for module_name in ATTENTION_MODULES:
+        for seq_len in seq_lens:
+            print(f"  timing {module_name} at seq {seq_len} ...", flush=True)
+            results["attention_rows"].append(_guarded(
+                lambda: benchmark_attention(module_name, attention_config, seq_len, device, steps, warmup, peak),
+                {"name": f"{module_name} @ {seq_len}", "module": module_name, "seq_len": seq_len}))
+            write_json_atomic(output, results)
+
+    failed = [r["name"] for r in results["rows"] + results["attention_rows"] if "error" in r]
+    results["status"] = "completed with failures" if failed else "completed"
+    results["failed"] = failed
+    write_json_atomic(output, results)
+    print()
+    print(format_tables(results))
+    print(f"\nResults: {output}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    results = run_benchmark(argv)
+    return 1 if results["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
