@@ -28,10 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, help="tokens per training window (max_seq_len)")
     parser.add_argument("--eval-every", type=int, help="steps between validation passes")
     parser.add_argument("--max-tokens", type=int, help="tokens in the corpus (train + validation)")
+    parser.add_argument("--num-documents", type=int, help="documents read from the corpus before tokenizing")
     parser.add_argument("--seeds", type=int, nargs="+", help="train both models once per seed, e.g. --seeds 42 43 44")
     parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                         help="kernel for the MLA model: auto (flash-attn if installed, else SDPA), flash-attn, sdpa, eager")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (CUDA only; off by default "
+                        "because its speed-up has not been measured on a GPU yet)")
     parser.add_argument("--data", metavar="PATH", help="your own .txt, .jsonl or .parquet file instead of the Hub corpus")
     parser.add_argument("--offline", action="store_true", help="do not contact the Hub; use the built-in offline corpus")
     parser.add_argument("--output-dir", help="where the JSON and plots go (default exp6_results)")
@@ -52,13 +55,12 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
     config = PRESETS[preset](ExperimentConfig())
     overrides = {
         "max_steps": args.steps, "batch_size": args.batch_size, "max_seq_len": args.seq_len,
-        "eval_every": args.eval_every, "max_tokens": args.max_tokens, "device": args.device,
-        "attention_backend": args.attention_backend, "data_path": args.data, "output_dir": args.output_dir,
-        "cache_dir": args.cache_dir, "seeds": tuple(args.seeds) if args.seeds else None,
+        "eval_every": args.eval_every, "max_tokens": args.max_tokens, "num_documents": args.num_documents,
+        "device": args.device, "attention_backend": args.attention_backend, "data_path": args.data,
+        "output_dir": args.output_dir, "cache_dir": args.cache_dir, "seeds": tuple(args.seeds) if args.seeds else None,
+        "offline": args.offline or None, "compile": args.compile or None,
     }
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    if args.offline:
-        config = config.replace(offline=True)
     if args.eval_every is None and args.steps is not None:
         config = config.replace(eval_every=min(config.eval_every, config.max_steps))
     return config, notice

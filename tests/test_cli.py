@@ -68,6 +68,7 @@ def _run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     (["--attention-backend", "flash-attn"], "pip install flash-attn"),
     (["--device", "cuda"], "no CUDA GPU"),
     (["--data", "/nonexistent/corpus.txt"], "no such file"),
+    (["--compile", "--device", "cpu"], "--compile needs a CUDA GPU"),
 ])
 def test_bad_input_exits_nonzero_with_one_line_before_training(args, message, tmp_path):
     out = tmp_path / "out"

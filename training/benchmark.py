@@ -21,8 +21,8 @@ import contextlib
 import datetime as dt
 import gc
 import math
-import platform
 import os
+import platform
 import statistics
 import sys
 import time
@@ -421,6 +421,7 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
         "device_name": device_name,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "shapes": "small (CPU preset, batch 4, vocab 2048)" if small else "full (default config)",
         "config": config.to_dict(),

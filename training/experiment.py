@@ -51,6 +51,8 @@ def preflight(config: ExperimentConfig) -> torch.device:
             raise ConfigError(f"--attention-backend flash-attn: flash-attn is not installed; run `{FLASH_ATTN_INSTALL}` or use --attention-backend auto")
         if device.type != "cuda":
             raise ConfigError("--attention-backend flash-attn needs a CUDA GPU; use --attention-backend sdpa on CPU")
+    if config.compile and device.type != "cuda":
+        raise ConfigError("--compile needs a CUDA GPU (the compiled grouped-GEMM MoE is bf16-only); drop --compile on CPU")
     if config.data_path:
         check_local_path(config.data_path)
     try:

@@ -108,6 +108,9 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
     """
     torch.manual_seed(seed)  # dropout and router noise: the same stream for both models
     model.to(device).train()
+    if config.compile:  # per block, in place, so parameter names (and the Muon/AdamW split) are unchanged
+        for block in model.blocks:
+            block.compile()
     optimizers = build_optimizers(model, config)
     schedulers = build_schedulers(optimizers, config)
     train_tokens = data.train.to(device)

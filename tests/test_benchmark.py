@@ -1,0 +1,138 @@
+"""The benchmark (python -m training.benchmark) runs end to end on CPU with small shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from training import benchmark
+
+MODEL_ROWS = ("baseline (ours)", "baseline (public style)", "deepseek (ours)", "deepseek (public style)")
+SEQ_LENS = (32, 64)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two OpenMP threads on a small shared VM make step times erratic and slow; one is steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory, one_thread):
+    output = tmp_path_factory.mktemp("bench") / "out" / "benchmark.json"
+    results = benchmark.run_benchmark([
+        "--device", "cpu", "--small", "--steps", "2", "--warmup", "1",
+        "--seq-lens", *map(str, SEQ_LENS), "--output", str(output),
+    ])
+    return results, output
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_json_has_every_model_row_with_timings(cpu_run):
+    results, output = cpu_run
+    assert output.exists()
+    saved = json.loads(output.read_text())
+    assert saved["status"] == "completed" and saved["failed"] == []
+    rows = {row["name"]: row for row in saved["rows"]}
+    assert set(rows) == set(MODEL_ROWS)
+    for name, row in rows.items():
+        assert "error" not in row, row.get("error")
+        assert _positive_finite(row["median_step_s"]), name
+        assert _positive_finite(row["tokens_per_s"]), name
+        assert _positive_finite(row["achieved_tflops"]), name
+        assert row["tokens_per_step"] == 4 * 128  # --small: batch 4 x the CPU preset's 128 tokens
+        assert len(row["step_times_s"]) == 2
+        assert row["mfu"] is None and row["peak_memory_mb"] is None  # CPU: no peak, no CUDA memory
+        assert math.isfinite(row["last_loss"])
+    assert saved["config"]["vocab_size"] == 2048 and saved["config"]["preset"] == "cpu"
+    assert saved["peak_tflops"]["value"] is None and saved["peak_tflops"]["source"]
+    for key in ("device_name", "torch_version", "date_utc"):
+        assert saved[key]
+
+
+def test_public_style_rows_really_run_the_reference_paths(cpu_run):
+    rows = {row["name"]: row for row in cpu_run[0]["rows"]}
+    for model in ("baseline", "deepseek"):
+        public, ours = rows[f"{model} (public style)"], rows[f"{model} (ours)"]
+        assert public["moe_dispatch"] == ["boolean-mask loop"]
+        assert public["attention_backend"] == ["eager"]
+        assert public["precision"] == "float32"
+        assert ours["moe_dispatch"] != ["boolean-mask loop"]
+        assert "eager" not in ours["attention_backend"]
+        assert public["training_flops_per_token"] == ours["training_flops_per_token"]
+
+
+def test_speedups_present(cpu_run):
+    results, output = cpu_run
+    saved = json.loads(output.read_text())
+    assert set(saved["speedups"]) == {"baseline", "deepseek"}
+    rows = {row["name"]: row for row in saved["rows"]}
+    for model, speedup in saved["speedups"].items():
+        assert _positive_finite(speedup)
+        expected = rows[f"{model} (public style)"]["median_step_s"] / rows[f"{model} (ours)"]["median_step_s"]
+        assert speedup == pytest.approx(expected)
+
+
+def test_attention_rows(cpu_run):
+    saved = json.loads(cpu_run[1].read_text())
+    rows = saved["attention_rows"]
+    assert {(r["module"], r["seq_len"]) for r in rows} == {
+        (module, seq) for module in ("MultiHeadAttention", "DeepseekV3FlashAttention2") for seq in SEQ_LENS}
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert _positive_finite(row["median_fwd_bwd_s"]) and _positive_finite(row["tokens_per_s"])
+        assert row["backend_used"]
+        assert row["batch_size"] * row["seq_len"] == 1024  # ~1024 tokens per measurement on CPU
+
+
+def test_table_printed(tmp_path, capsys, one_thread):
+    benchmark.run_benchmark(["--device", "cpu", "--small", "--steps", "1", "--warmup", "0", "--seq-lens", "16",
+                             "--output", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    for name in MODEL_ROWS + ("MultiHeadAttention", "DeepseekV3FlashAttention2", "Speedup, baseline",
+                              "Speedup, deepseek", "Step ms", "Tokens/s", "TFLOP/s", "MFU %"):
+        assert name in out, name
+
+
+def test_format_tables_marks_failed_rows():
+    results = {
+        "device_name": "CPU", "torch_version": torch.__version__, "shapes": "small", "batch_size": 4, "seq_len": 8,
+        "config": {"vocab_size": 16}, "steps": 1, "warmup": 0, "peak_tflops": {"value": None, "source": "none"},
+        "rows": [{"name": "baseline (ours)", "model": "baseline", "variant": "ours", "error": "OutOfMemoryError: boom"}],
+        "speedups": {"baseline": None}, "attention_rows": [],
+    }
+    table = benchmark.format_tables(results)
+    assert "FAILED: OutOfMemoryError: boom" in table
+    assert "Speedup, baseline: public style / ours median step time = -x" in table
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("NVIDIA H200", 989.4), ("NVIDIA GH200 480GB", 989.4), ("NVIDIA H100 80GB HBM3", 989.4),
+    ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", 165.2),
+    ("Some Unknown GPU", None),
+])
+def test_datasheet_peaks(name, expected):
+    entry = benchmark.datasheet_peak_tflops(name)
+    assert (entry and entry[0]) == expected or (entry is None and expected is None)
+
+
+def test_peak_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    args = SimpleNamespace(peak_tflops=None)
+    assert benchmark.resolve_peak(args, cpu, "CPU", None)[0] is None
+    value, source = benchmark.resolve_peak(args, cuda, "NVIDIA H200", 700.0)
+    assert value == 989.4 and source.startswith("datasheet")
+    value, source = benchmark.resolve_peak(args, cuda, "Mystery card", 123.0)
+    assert value == 123.0 and source.startswith("measured")
+    value, source = benchmark.resolve_peak(SimpleNamespace(peak_tflops=50.0), cpu, "CPU", None)
+    assert value == 50.0 and source.startswith("user")
