@@ -44,9 +44,15 @@ class Expert(nn.Module):
         return self.down(F.silu(self.up(x)))
 
 
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert; a fixed-size scatter, unlike torch.bincount, which syncs on CUDA to size its output."""
+    flat = expert_ids.flatten()
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def load_balancing_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch Transformer loss E * sum_e f_e * P_e; equals 1 when routing is perfectly balanced."""
-    counts = torch.bincount(expert_ids.flatten(), minlength=num_experts).to(router_probs.dtype)
+    counts = expert_counts(expert_ids, num_experts).to(router_probs.dtype)
     fraction_routed = counts / expert_ids.numel()
     return num_experts * (fraction_routed * router_probs.mean(dim=0)).sum()
 
@@ -87,7 +93,7 @@ class MixtureOfExperts(nn.Module):
             return self._sorted_loop_dispatch(flat, weights, expert_ids)
         self.dispatch_used = "grouped_mm"
         order = expert_ids.flatten().argsort(stable=True)
-        offsets = torch.bincount(expert_ids.flatten(), minlength=self.num_experts).cumsum(0).to(torch.int32)
+        offsets = expert_counts(expert_ids, self.num_experts).cumsum(0).to(torch.int32)
         routed = tokens[order // self.top_k]
         w_up = torch.stack([e.up.weight for e in self.experts]).to(compute_dtype)
         w_down = torch.stack([e.down.weight for e in self.experts]).to(compute_dtype)
@@ -100,7 +106,7 @@ class MixtureOfExperts(nn.Module):
         """Fallback where grouped GEMMs are unavailable: one sort, one split (a single host sync)."""
         self.dispatch_used = "sorted split (grouped_mm unavailable for this dtype/device)"
         order = expert_ids.flatten().argsort(stable=True)
-        counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts).tolist()
+        counts = expert_counts(expert_ids, self.num_experts).tolist()
         routed = flat[order // self.top_k].split(counts)
         expert_out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, routed)])
         unsorted = expert_out[order.argsort()].view(-1, self.top_k, flat.shape[-1])

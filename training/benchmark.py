@@ -17,7 +17,6 @@ keeps what it measured).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import math
@@ -41,7 +40,7 @@ from models.transformer import MoELanguageModel
 from training.config import ExperimentConfig, cpu_preset
 from training.optim import build_optimizers, build_schedulers
 from training.results import write_json_atomic
-from training.trainer import autocast_for, language_model_loss
+from training.trainer import autocast_for, language_model_loss, training_step
 
 DEFAULT_OUTPUT = "benchmark_results/benchmark.json"
 FULL_VOCAB_SIZE = 49152  # the SmolLM tokenizer the full experiment uses
@@ -90,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "matmul when the card is not in the table; no MFU on CPU)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"JSON file to write (default {DEFAULT_OUTPUT})")
     parser.add_argument("--skip-public-style", action="store_true", help="do not time the public-style reference models")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the models of the 'ours' rows")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each block of the 'ours' models, as training does with --compile (CUDA only)")
     return parser
 
 
@@ -182,14 +182,12 @@ def make_public_style(model: MoELanguageModel) -> None:
         block.attention.backend = "eager"
 
 
-def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
-                  x: torch.Tensor, y: torch.Tensor, config: ExperimentConfig,
-                  precision: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
-    """One optimizer step exactly as training/trainer.py's loop does it; returns the detached CE loss."""
-    with precision():
-        logits, aux_loss = model(x)
-        ce_loss = language_model_loss(logits, y)
-        loss = ce_loss + config.load_balancing_weight * aux_loss
+def public_style_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
+                      inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
+    """training.trainer.training_step without autocast: the public version trains in float32."""
+    logits, aux_loss = model(inputs)
+    ce_loss = language_model_loss(logits, targets)
+    loss = ce_loss + config.load_balancing_weight * aux_loss
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -198,7 +196,7 @@ def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], sch
         optimizer.step()
     for scheduler in schedulers:
         scheduler.step()
-    return ce_loss.detach()
+    return ce_loss.detach().float()
 
 
 def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, device: torch.device,
@@ -209,29 +207,30 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
     model = MODELS[model_name](config, seed=config.seed).to(device).train()
     if public:
         make_public_style(model)
-    runner: nn.Module = torch.compile(model) if compile_model and not public else model
+    compiled = compile_model and not public
+    if compiled:  # as training/trainer.py does: per block, in place, so parameter names are unchanged
+        for block in model.blocks:
+            block.compile()
     costs = cost_report(model, seq_len=config.max_seq_len)
     batch, seq = config.batch_size, config.max_seq_len
     tokens_per_step = batch * seq
 
     generator = torch.Generator().manual_seed(config.seed)
-    pool = [torch.randint(0, config.vocab_size, (batch, seq + 1), generator=generator).to(device)
-            for _ in range(min(4, steps + warmup))]
+    windows = [torch.randint(0, config.vocab_size, (batch, seq + 1), generator=generator)
+               for _ in range(min(4, steps + warmup))]
+    pool = [(w[:, :-1].contiguous().to(device), w[:, 1:].contiguous().to(device)) for w in windows]
 
-    def precision() -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if public else autocast_for(device)
-
+    step_fn = public_style_step if public else training_step  # ours: the trainer's own step
     _reset_peak_memory(device)
     optimizers = build_optimizers(model, config)
     schedulers = build_schedulers(optimizers, config)
     times: list[float] = []
     loss = None
     for i in range(warmup + steps):
-        tokens = pool[i % len(pool)]
-        x, y = tokens[:, :-1], tokens[:, 1:]
+        x, y = pool[i % len(pool)]
         _sync(device)
         start = time.perf_counter()
-        loss = training_step(runner, optimizers, schedulers, x, y, config, precision)
+        loss = step_fn(model, optimizers, schedulers, x, y, config)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -244,7 +243,7 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
         "model": model_name,
         "variant": "public style" if public else "ours",
         "precision": "float32" if public or device.type != "cuda" else "bf16 autocast",
-        "compiled": bool(compile_model and not public),
+        "compiled": compiled,
         "moe_dispatch": sorted({str(block.moe.dispatch_used) for block in model.blocks}),
         "attention_backend": model.attention_backends(),
         "batch_size": batch,
@@ -263,7 +262,7 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
         "parameters_total": costs["parameters_total"],
         "last_loss": float(loss) if loss is not None else None,
     }
-    del runner, model, optimizers, schedulers, pool
+    del model, optimizers, schedulers, pool
     _release(device)
     return row
 
@@ -401,6 +400,8 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     if any(s < 2 for s in seq_lens):
         parser.error("--seq-lens must all be >= 2")
+    if args.compile and not on_cuda:
+        parser.error("--compile needs a CUDA GPU (the compiled grouped-GEMM MoE is bf16-only), as in training")
 
     small = args.small or not on_cuda
     if small:

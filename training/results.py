@@ -81,6 +81,15 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _cost_sentence(baseline: dict[str, Any], deepseek: dict[str, Any]) -> str:
+    """One line on what MLA buys (decoding memory) and what it costs (training compute, parameters)."""
+    kv = baseline["kv_cache_bytes_per_token_per_layer_bf16"] / deepseek["kv_cache_bytes_per_token_per_layer_bf16"]
+    flops = deepseek["training_flops_per_token"] / baseline["training_flops_per_token"] - 1
+    attn = deepseek["parameters_attention"] / baseline["parameters_attention"] - 1
+    return (f"MLA buys a {kv:.1f}x smaller KV cache per token; it costs {flops:+.1%} training FLOPs per token "
+            f"with {attn:+.1%} attention parameters.")
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The comparison table printed at the end: quality, speed and costs side by side."""
     models = [results[name] for name in MODEL_NAMES]
@@ -109,6 +118,8 @@ def format_table(results: dict[str, Any]) -> str:
     col = max(24, *(len(v) for _, values in rows for v in values))
     lines = [f"{'':{width}}  {'Baseline (MHA)':>{col}}  {'DeepSeek MLA':>{col}}", "-" * (width + 2 * col + 4)]
     lines += [f"{label:{width}}  {a:>{col}}  {b:>{col}}" for label, (a, b) in rows]
+    if all(costs):
+        lines.append(_cost_sentence(*costs))
     verdict = results.get("comparison", {}).get("verdict")
     if verdict:
         lines.append(f"Val loss, deepseek - baseline: {verdict}")

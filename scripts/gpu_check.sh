@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# One-GPU check, under 8 minutes, nothing downloaded (works without `datasets` and `flash-attn`):
+#   1. the CUDA tests          (tests/test_gpu.py)                      -> OUTDIR/gpu_tests.log
+#   2. the benchmark           (python -m training.benchmark)           -> OUTDIR/benchmark.{json,log}
+#   3. the full experiment     (python exp6_trainer.py --offline)       -> OUTDIR/exp6_results, OUTDIR/experiment.log
+# Every stage runs under `timeout`; a failed stage does not stop the later ones. The summary of exit
+# codes goes to stdout and OUTDIR/summary.txt; the script exits non-zero if any stage failed.
+#
+#   scripts/gpu_check.sh OUTDIR
+#
+# Environment: PYTHON (default: python), TESTS_TIMEOUT / BENCHMARK_TIMEOUT / EXPERIMENT_TIMEOUT
+# in seconds (defaults 90 / 150 / 210: with the 5 s kill grace each, at most 7.8 minutes in all).
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$1"
+OUTDIR="$(cd "$1" && pwd)"  # absolute, since we cd to the repo root below
+cd "$REPO_ROOT"
+
+PYTHON="${PYTHON:-python}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-90}"
+BENCHMARK_TIMEOUT="${BENCHMARK_TIMEOUT:-150}"
+EXPERIMENT_TIMEOUT="${EXPERIMENT_TIMEOUT:-210}"
+KILL_GRACE=5
+
+export PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing is downloaded
+
+SCRIPT_START=$SECONDS
+
+{
+    echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "repo: $REPO_ROOT"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo ' (with uncommitted changes)')"
+    echo
+    echo "== nvidia-smi =="
+    nvidia-smi 2>&1 || echo "nvidia-smi failed (exit $?)"
+    echo
+    echo "== python / torch =="
+    "$PYTHON" - <<'EOF' 2>&1 || echo "python version check failed"
+import importlib.metadata as md
+import platform
+
+import torch
+
+print("python", platform.python_version())
+print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| cuDNN", torch.backends.cudnn.version())
+print("cuda available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(0), "| capability", torch.cuda.get_device_capability(0))
+for package in ("transformers", "tokenizers", "datasets", "numpy", "matplotlib", "tqdm", "pytest", "flash-attn"):
+    try:
+        print(f"{package} {md.version(package)}")
+    except md.PackageNotFoundError:
+        print(f"{package} not installed")
+EOF
+} > "$OUTDIR/env.txt"
+cat "$OUTDIR/env.txt"
+
+STAGES=()
+CODES=()
+SECS=()
+
+# run_stage NAME SECONDS LOGFILE COMMAND...: runs COMMAND under timeout, output to LOGFILE (and the last
+# lines to stdout); records the exit code without stopping the script.
+run_stage() {
+    local name="$1" limit="$2" log="$3"
+    shift 3
+    echo
+    echo "== $name (timeout ${limit}s): $* =="
+    local start=$SECONDS rc=0
+    timeout -k "$KILL_GRACE" "$limit" "$@" > "$log" 2>&1 || rc=$?
+    local took=$((SECONDS - start))
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        echo "TIMED OUT after ${limit}s (exit $rc)" | tee -a "$log"
+    fi
+    tail -n 25 "$log" || true
+    echo "-- $name: exit $rc in ${took}s (log: $log)"
+    STAGES+=("$name")
+    CODES+=("$rc")
+    SECS+=("$took")
+}
+
+run_stage "gpu tests" "$TESTS_TIMEOUT" "$OUTDIR/gpu_tests.log" \
+    "$PYTHON" -m pytest tests/test_gpu.py -v -rA -p no:cacheprovider
+run_stage "benchmark" "$BENCHMARK_TIMEOUT" "$OUTDIR/benchmark.log" \
+    "$PYTHON" -m training.benchmark --output "$OUTDIR/benchmark.json"
+run_stage "experiment" "$EXPERIMENT_TIMEOUT" "$OUTDIR/experiment.log" \
+    "$PYTHON" exp6_trainer.py --offline --output-dir "$OUTDIR/exp6_results" --cache-dir "$OUTDIR/data_cache"
+
+failed=0
+{
+    echo "== summary (total $((SECONDS - SCRIPT_START))s) =="
+    for i in "${!STAGES[@]}"; do
+        status="ok"
+        if [[ ${CODES[$i]} -eq 124 || ${CODES[$i]} -eq 137 ]]; then
+            status="TIMED OUT"
+        elif [[ ${CODES[$i]} -ne 0 ]]; then
+            status="FAILED"
+        fi
+        printf '%-12s exit %-4s %5ss  %s\n' "${STAGES[$i]}" "${CODES[$i]}" "${SECS[$i]}" "$status"
+    done
+} | tee "$OUTDIR/summary.txt"
+# the pipeline above runs in a subshell, so decide from the recorded codes here
+for code in "${CODES[@]}"; do
+    [[ $code -eq 0 ]] || failed=1
+done
+exit "$failed"
