@@ -109,7 +109,7 @@ def test_same_seed_twice_gives_identical_metrics_on_cpu(config):
 class _FailingModel(FlashAttentionModel):
     """Injects a fault at the n-th training forward pass."""
 
-    fail_at_call = 4
+    fail_at_call = 5  # the untimed warm-up pass is call 1, so this is training step 3 (0-based)
     fault = "nan"
 
     def forward(self, input_ids):
@@ -129,7 +129,7 @@ def test_nan_at_a_step_fails_that_run_only_and_is_recorded(config):
     results = run_experiment(config, builders=builders, log=lines.append)
     written = _read_results(config)
     failed = written["deepseek"]["runs"][0]
-    assert failed["status"] == "failed" and failed["failed_at_step"] == 3  # 4th step, 0-based
+    assert failed["status"] == "failed" and failed["failed_at_step"] == 3
     assert "non-finite" in failed["failure"]
     assert written["baseline"]["runs"][0]["status"] == "completed"
     assert written["experiment"]["status"] == "completed"

@@ -162,7 +162,14 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
                 except NonFiniteLoss as failure:
                     record.update(status="failed", failure=str(failure), failed_at_step=failure.step)
                     log(f"{name} (seed {seed}) FAILED: {failure}; its run is marked failed and the experiment goes on.")
+                except Exception as error:  # anything else stops the experiment, but is recorded first
+                    record.update(status="failed", failure=f"{type(error).__name__}: {error}")
+                    save("failed")
+                    log(f"{name} (seed {seed}) crashed; the runs finished so far are saved in {results_path}")
+                    raise
                 del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 save("running")
     except KeyboardInterrupt:
         for name in MODEL_NAMES:

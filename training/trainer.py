@@ -88,6 +88,16 @@ def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], sch
     return ce_loss.detach().float()
 
 
+def warm_up(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """One untimed forward and backward, gradients discarded and weights untouched, so one-time
+    costs (CUDA context, kernel selection, allocator growth) are not charged to whichever model runs first."""
+    with autocast_for(inputs.device):
+        logits, aux_loss = model(inputs)
+        (language_model_loss(logits, targets) + aux_loss).backward()
+    model.zero_grad(set_to_none=True)
+    _sync(inputs.device)
+
+
 def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
     params = sum(p.numel() for p in model.parameters())
     return {
@@ -131,6 +141,8 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
         record["attention_backend"] = model.attention_backends()
         return metrics
 
+    warm_up(model, *training_batch(train_tokens, starts[0], config.max_seq_len))
+    torch.manual_seed(seed)  # the warm-up used no randomness that training sees
     add_point(0, 0.0, None)  # curves start at 0 s, before any update
     loss_sum = torch.zeros((), device=device)
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
