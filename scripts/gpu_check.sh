@@ -8,7 +8,7 @@
 #
 #   scripts/gpu_check.sh OUTDIR
 #
-# Environment: PYTHON (default: python), TESTS_TIMEOUT / BENCHMARK_TIMEOUT / EXPERIMENT_TIMEOUT
+# Environment: PYTHON (default: python3), TESTS_TIMEOUT / BENCHMARK_TIMEOUT / EXPERIMENT_TIMEOUT
 # in seconds (defaults 90 / 150 / 210: with the 5 s kill grace each, at most 7.8 minutes in all).
 set -euo pipefail
 
@@ -22,7 +22,7 @@ mkdir -p "$1"
 OUTDIR="$(cd "$1" && pwd)"  # absolute, since we cd to the repo root below
 cd "$REPO_ROOT"
 
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-90}"
 BENCHMARK_TIMEOUT="${BENCHMARK_TIMEOUT:-150}"
 EXPERIMENT_TIMEOUT="${EXPERIMENT_TIMEOUT:-210}"
@@ -77,7 +77,7 @@ run_stage() {
     timeout -k "$KILL_GRACE" "$limit" "$@" > "$log" 2>&1 || rc=$?
     local took=$((SECONDS - start))
     if [[ $rc -eq 124 || $rc -eq 137 ]]; then
-        echo "TIMED OUT after ${limit}s (exit $rc)" | tee -a "$log"
+        echo "TIMED OUT after ${limit}s (exit $rc)" >> "$log"
     fi
     tail -n 25 "$log" || true
     echo "-- $name: exit $rc in ${took}s (log: $log)"

@@ -118,7 +118,7 @@ def test_format_tables_marks_failed_rows():
 
 @pytest.mark.parametrize("name, expected", [
     ("NVIDIA H200", 989.4), ("NVIDIA GH200 480GB", 989.4), ("NVIDIA H100 80GB HBM3", 989.4),
-    ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", 165.2),
+    ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H200 NVL", 835.5), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", 165.2),
     ("Some Unknown GPU", None),
 ])
 def test_datasheet_peaks(name, expected):

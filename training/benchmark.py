@@ -40,7 +40,7 @@ from models.transformer import MoELanguageModel
 from training.config import ExperimentConfig, cpu_preset
 from training.optim import build_optimizers, build_schedulers
 from training.results import write_json_atomic
-from training.trainer import autocast_for, language_model_loss, training_step
+from training.trainer import autocast_for, training_step
 
 DEFAULT_OUTPUT = "benchmark_results/benchmark.json"
 FULL_VOCAB_SIZE = 49152  # the SmolLM tokenizer the full experiment uses
@@ -53,8 +53,9 @@ ATTENTION_TOKENS = {"cuda": 16384, "cpu": 1024}  # batch * seq per attention mea
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in TFLOP/s. Matched by
 # substring of torch.cuda.get_device_name, first match wins, so the more specific names come first.
 DATASHEET_PEAK_TFLOPS: tuple[tuple[str, float, str], ...] = (
-    ("H100 PCIe", 756.0, "H100 PCIe, dense bf16"),
-    ("H100 NVL", 835.0, "H100 NVL, dense bf16"),
+    ("H100 PCIe", 756.5, "H100 PCIe, dense bf16"),
+    ("H100 NVL", 835.5, "H100 NVL, dense bf16"),
+    ("H200 NVL", 835.5, "H200 NVL, dense bf16"),
     ("H200", 989.4, "H200 / GH200 SXM, dense bf16"),
     ("H100", 989.4, "H100 SXM, dense bf16"),
     ("A100", 312.0, "A100, dense bf16"),
@@ -185,18 +186,7 @@ def make_public_style(model: MoELanguageModel) -> None:
 def public_style_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
                       inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
     """training.trainer.training_step without autocast: the public version trains in float32."""
-    logits, aux_loss = model(inputs)
-    ce_loss = language_model_loss(logits, targets)
-    loss = ce_loss + config.load_balancing_weight * aux_loss
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    for optimizer in optimizers:
-        optimizer.step()
-    for scheduler in schedulers:
-        scheduler.step()
-    return ce_loss.detach().float()
+    return training_step(model, optimizers, schedulers, inputs, targets, config, mixed_precision=False)
 
 
 def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, device: torch.device,

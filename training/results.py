@@ -36,6 +36,9 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
             json.dump(_json_safe(payload), handle, indent=2, allow_nan=False)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -70,10 +70,14 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
 
 
 def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
-                  inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
-    """One optimizer step; returns the detached cross-entropy on the device (no host sync)."""
+                  inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig,
+                  mixed_precision: bool = True) -> torch.Tensor:
+    """One optimizer step; returns the detached cross-entropy on the device (no host sync).
+
+    mixed_precision=False trains in float32 everywhere (the public version's style, for the benchmark).
+    """
     device = inputs.device
-    with autocast_for(device):
+    with autocast_for(device) if mixed_precision else contextlib.nullcontext():
         logits, aux_loss = model(inputs)
         ce_loss = language_model_loss(logits, targets)
         loss = ce_loss + config.load_balancing_weight * aux_loss
