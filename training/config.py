@@ -153,7 +153,7 @@ def cpu_preset(base: ExperimentConfig | None = None) -> ExperimentConfig:
         d_model=128, n_heads=4, n_layers=2, d_ff=512,
         max_seq_len=128, batch_size=16, max_steps=300, eval_every=50,
         q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        num_documents=400, max_tokens=60_000,
+        num_documents=1000, max_tokens=300_000,
     )
 
 
