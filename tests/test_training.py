@@ -220,3 +220,23 @@ def test_training_step_does_not_read_tensors_back_to_the_host(config, monkeypatc
     loss = training_step(model, optimizers, schedulers, x, x, cfg)
     monkeypatch.undo()
     assert math.isfinite(loss.item())
+
+
+def test_both_models_see_the_same_batches_in_the_same_order(config):
+    seen: dict[str, list[torch.Tensor]] = {"baseline": [], "deepseek": []}
+
+    def recording(cls, name):
+        class Recording(cls):
+            def forward(self, input_ids):
+                if self.training:
+                    seen[name].append(input_ids.clone())
+                return super().forward(input_ids)
+        return Recording
+
+    builders = {"baseline": recording(BaselineAttentionModel, "baseline"),
+                "deepseek": recording(FlashAttentionModel, "deepseek")}
+    run_experiment(config, builders=builders, log=lambda _: None)
+    assert len(seen["baseline"]) == len(seen["deepseek"]) == config.max_steps + 1  # + the untimed warm-up pass
+    for a, b in zip(seen["baseline"], seen["deepseek"]):
+        assert torch.equal(a, b)
+    assert not torch.equal(seen["baseline"][1], seen["baseline"][2])  # and the batches do change
