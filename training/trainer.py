@@ -48,6 +48,11 @@ def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), without overflowing for a diverged model."""
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
              device: torch.device) -> dict[str, float]:
@@ -65,8 +70,7 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     model.train(was_training)
     count = targets.numel()
     loss = loss_sum.item() / count
-    return {"val_loss": loss, "val_accuracy": correct.item() / count,
-            "val_perplexity": math.exp(loss) if loss < 700 else float("inf")}
+    return {"val_loss": loss, "val_accuracy": correct.item() / count, "val_perplexity": perplexity(loss)}
 
 
 def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
@@ -146,7 +150,7 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
         return metrics
 
     warm_up(model, *training_batch(train_tokens, starts[0], config.max_seq_len))
-    torch.manual_seed(seed)  # the warm-up used no randomness that training sees
+    torch.manual_seed(seed)  # reseed: training's random stream must not depend on the warm-up
     add_point(0, 0.0, None)  # curves start at 0 s, before any update
     loss_sum = torch.zeros((), device=device)
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
@@ -186,11 +190,11 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
     finally:
         progress.close()
 
-    final = {"val_loss": curve["val_loss"][-1], "val_accuracy": curve["val_accuracy"][-1]}
-    final["val_perplexity"] = math.exp(final["val_loss"]) if final["val_loss"] < 700 else float("inf")
-    record.update(final)
     record.update(
         status="completed",
+        val_loss=curve["val_loss"][-1],
+        val_accuracy=curve["val_accuracy"][-1],
+        val_perplexity=perplexity(curve["val_loss"][-1]),
         training_seconds=training_seconds,
         training_time_minutes=training_seconds / 60,
         tokens_per_second=record["tokens_seen"] / training_seconds if training_seconds > 0 else None,
