@@ -61,7 +61,7 @@ def test_init_depends_on_seed_and_head_is_tied(model_config):
     assert not torch.equal(a.embed.weight, b.embed.weight)
     assert a.lm_head.weight is a.embed.weight
     again = FlashAttentionModel(model_config, seed=1)
-    for (name, p), q in zip(a.named_parameters(), again.parameters()):
+    for (name, p), q in zip(a.named_parameters(), again.parameters(), strict=True):
         assert torch.equal(p, q), name
 
 

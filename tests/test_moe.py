@@ -31,7 +31,7 @@ def test_grouped_dispatch_matches_loop_forward_and_backward(config, top_k, num_e
     ((out_g * grad).sum() + aux_g).backward()
     ((out_l * grad).sum() + aux_l).backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
-    for (name, pg), pl in zip(grouped.named_parameters(), loop.parameters()):
+    for (name, pg), pl in zip(grouped.named_parameters(), loop.parameters(), strict=True):
         if pl.grad is None:  # an expert the loop never called; the grouped path must give it zero gradient
             assert pg.grad is None or torch.count_nonzero(pg.grad) == 0, name
         else:

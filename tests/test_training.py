@@ -237,6 +237,6 @@ def test_both_models_see_the_same_batches_in_the_same_order(config):
                 "deepseek": recording(FlashAttentionModel, "deepseek")}
     run_experiment(config, builders=builders, log=lambda _: None)
     assert len(seen["baseline"]) == len(seen["deepseek"]) == config.max_steps + 1  # + the untimed warm-up pass
-    for a, b in zip(seen["baseline"], seen["deepseek"]):
+    for a, b in zip(seen["baseline"], seen["deepseek"], strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(seen["baseline"][1], seen["baseline"][2])  # and the batches do change

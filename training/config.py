@@ -8,7 +8,7 @@ its users can map settings one to one; the MLA fields are DeepSeek-V3's names.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa", "eager")
