@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (CUDA only; off by default "
                         "because its speed-up has not been measured on a GPU yet)")
     parser.add_argument("--data", metavar="PATH", help="your own .txt, .jsonl or .parquet file instead of the Hub corpus")
-    parser.add_argument("--offline", action="store_true", help="do not contact the Hub; use the built-in offline corpus")
+    parser.add_argument("--offline", action="store_true", help="do not contact the Hub: use the built-in offline corpus (or your --data file) "
+                        "with a tokenizer trained on it")
     parser.add_argument("--output-dir", help="where the JSON and plots go (default exp6_results)")
     parser.add_argument("--cache-dir", help="where tokenized data is cached (default data_cache)")
     return parser

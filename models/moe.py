@@ -57,8 +57,12 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor, nu
     return num_experts * (fraction_routed * router_probs.mean(dim=0)).sum()
 
 
+# F.grouped_mm in current PyTorch; some earlier releases expose the same op only as torch._grouped_mm.
+grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
+    if grouped_mm is None:
         return False
     return x.dtype == torch.bfloat16 if x.is_cuda else x.dtype == torch.float32
 
@@ -97,8 +101,8 @@ class MixtureOfExperts(nn.Module):
         routed = tokens[order // self.top_k]
         w_up = torch.stack([e.up.weight for e in self.experts]).to(compute_dtype)
         w_down = torch.stack([e.down.weight for e in self.experts]).to(compute_dtype)
-        hidden = F.silu(F.grouped_mm(routed, w_up.transpose(-2, -1), offs=offsets))
-        expert_out = F.grouped_mm(hidden, w_down.transpose(-2, -1), offs=offsets)
+        hidden = F.silu(grouped_mm(routed, w_up.transpose(-2, -1), offs=offsets))
+        expert_out = grouped_mm(hidden, w_down.transpose(-2, -1), offs=offsets)
         unsorted = expert_out[order.argsort()].view(-1, self.top_k, flat.shape[-1])
         return (unsorted * weights.unsqueeze(-1).to(unsorted.dtype)).sum(dim=1).to(flat.dtype)
 
