@@ -48,8 +48,10 @@ def check_local_path(path: str) -> None:
 
 
 def local_documents(path: str, config: ExperimentConfig) -> list[str]:
-    """Documents from a local file: .txt (blank-line separated), .jsonl or .parquet (a 'text' field)."""
-    check_local_path(path)
+    """Documents from a local file: .txt (blank-line separated), .jsonl or .parquet (a 'text' field).
+
+    The path was checked by check_local_path before any data work started.
+    """
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix == ".txt":

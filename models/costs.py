@@ -22,6 +22,12 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def attention_score_macs(attention: nn.Module, seq_len: int) -> float:
+    """Multiply-adds per token of q k^T and the value mix, at the mean causal context (T + 1) / 2."""
+    heads, d_qk, d_v = attention.score_dims()
+    return heads * (d_qk + d_v) * (seq_len + 1) / 2
+
+
 def cost_report(model: MoELanguageModel, seq_len: int | None = None) -> dict[str, Any]:
     config = model.config
     seq_len = seq_len or config.max_seq_len
@@ -32,8 +38,7 @@ def cost_report(model: MoELanguageModel, seq_len: int | None = None) -> dict[str
 
     inactive_expert_params = (1 - expert_fraction) * expert_params
     linear_macs = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) - inactive_expert_params
-    mean_context = (seq_len + 1) / 2
-    score_macs = sum(heads * (d_qk + d_v) * mean_context for heads, d_qk, d_v in (m.score_dims() for m in attention))
+    score_macs = sum(attention_score_macs(m, seq_len) for m in attention)
     forward_flops = 2 * (linear_macs + score_macs)
     kv_values = attention[0].kv_cache_values_per_token()
     return {

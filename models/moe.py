@@ -103,8 +103,7 @@ class MixtureOfExperts(nn.Module):
         w_down = torch.stack([e.down.weight for e in self.experts]).to(compute_dtype)
         hidden = F.silu(grouped_mm(routed, w_up.transpose(-2, -1), offs=offsets))
         expert_out = grouped_mm(hidden, w_down.transpose(-2, -1), offs=offsets)
-        unsorted = expert_out[order.argsort()].view(-1, self.top_k, flat.shape[-1])
-        return (unsorted * weights.unsqueeze(-1).to(unsorted.dtype)).sum(dim=1).to(flat.dtype)
+        return self._unsort_and_mix(expert_out, order, weights, flat)
 
     def _sorted_loop_dispatch(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Fallback where grouped GEMMs are unavailable: one sort, one split (a single host sync)."""
@@ -112,7 +111,12 @@ class MixtureOfExperts(nn.Module):
         order = expert_ids.flatten().argsort(stable=True)
         counts = expert_counts(expert_ids, self.num_experts).tolist()
         routed = flat[order // self.top_k].split(counts)
-        expert_out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, routed)])
+        expert_out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, routed, strict=True)])
+        return self._unsort_and_mix(expert_out, order, weights, flat)
+
+    def _unsort_and_mix(self, expert_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                        flat: torch.Tensor) -> torch.Tensor:
+        """Put expert outputs back in (token, slot) order and sum each token's k outputs by router weight."""
         unsorted = expert_out[order.argsort()].view(-1, self.top_k, flat.shape[-1])
         return (unsorted * weights.unsqueeze(-1).to(unsorted.dtype)).sum(dim=1).to(flat.dtype)
 

@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import gc
 import math
-import os
 import platform
 import statistics
 import sys
@@ -35,12 +34,13 @@ from torch import nn
 from deepseek_modeling import DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
 from exp6_flash_attention_model import FlashAttentionModel
-from models.costs import cost_report
+from models.costs import attention_score_macs, cost_report
 from models.transformer import MoELanguageModel
-from training.config import ExperimentConfig, cpu_preset
+from training.config import ConfigError, ExperimentConfig, cpu_preset
+from training.experiment import device_name, resolve_device as experiment_device
 from training.optim import build_optimizers, build_schedulers
 from training.results import write_json_atomic
-from training.trainer import autocast_for, training_step
+from training.trainer import autocast_for, synchronize, training_step
 
 DEFAULT_OUTPUT = "benchmark_results/benchmark.json"
 FULL_VOCAB_SIZE = 49152  # the SmolLM tokenizer the full experiment uses
@@ -96,13 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} was asked for but no CUDA GPU is visible; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise SystemExit(f"error: --device {name!r} must be auto, cpu, cuda or cuda:N")
-    return torch.device(name)
+    """The experiment's own device rules; a bad name exits with its one-line error."""
+    try:
+        return experiment_device(ExperimentConfig(device=name).validate())
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from error
 
 
 def datasheet_peak_tflops(device_name: str) -> tuple[float, str] | None:
@@ -148,15 +146,17 @@ def resolve_peak(args: argparse.Namespace, device: torch.device, device_name: st
     return None, "unknown card: MFU not reported (pass --peak-tflops)"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+def timed_runs(run: Callable[[int], None], steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall-clock seconds of run(i) for the `steps` calls after `warmup` untimed ones, GPU work included."""
+    times: list[float] = []
+    for i in range(warmup + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        run(i)
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def _release(device: torch.device) -> None:
@@ -214,16 +214,14 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
     _reset_peak_memory(device)
     optimizers = build_optimizers(model, config)
     schedulers = build_schedulers(optimizers, config)
-    times: list[float] = []
-    loss = None
-    for i in range(warmup + steps):
+    losses: list[torch.Tensor] = []
+
+    def one_step(i: int) -> None:
         x, y = pool[i % len(pool)]
-        _sync(device)
-        start = time.perf_counter()
-        loss = step_fn(model, optimizers, schedulers, x, y, config)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        losses.append(step_fn(model, optimizers, schedulers, x, y, config))
+
+    times = timed_runs(one_step, steps, warmup, device)
+    loss = losses[-1]
 
     median = statistics.median(times)
     flops_per_token = costs["training_flops_per_token"]
@@ -252,8 +250,6 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
         "parameters_total": costs["parameters_total"],
         "last_loss": float(loss) if loss is not None else None,
     }
-    del model, optimizers, schedulers, pool
-    _release(device)
     return row
 
 
@@ -262,9 +258,7 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
 def attention_flops_per_token(module: nn.Module, seq_len: int) -> float:
     """Forward + backward FLOPs per token of one attention module, counted as models/costs.py does."""
     linear_macs = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
-    heads, d_qk, d_v = module.score_dims()
-    score_macs = heads * (d_qk + d_v) * (seq_len + 1) / 2
-    return 3 * 2 * (linear_macs + score_macs)
+    return 3 * 2 * (linear_macs + attention_score_macs(module, seq_len))
 
 
 def benchmark_attention(module_name: str, config: ExperimentConfig, seq_len: int, device: torch.device,
@@ -275,18 +269,15 @@ def benchmark_attention(module_name: str, config: ExperimentConfig, seq_len: int
     batch = max(1, ATTENTION_TOKENS["cuda" if device.type == "cuda" else "cpu"] // seq_len)
     x = torch.randn(batch, seq_len, config.d_model, device=device, requires_grad=True)
     _reset_peak_memory(device)
-    times: list[float] = []
-    for i in range(warmup + steps):
+
+    def forward_backward(_: int) -> None:
         module.zero_grad(set_to_none=True)
         x.grad = None
-        _sync(device)
-        start = time.perf_counter()
         with autocast_for(device):
             out = module(x)
         out.float().sum().backward()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+
+    times = timed_runs(forward_backward, steps, warmup, device)
     median = statistics.median(times)
     tokens = batch * seq_len
     flops = attention_flops_per_token(module, seq_len)
@@ -307,8 +298,6 @@ def benchmark_attention(module_name: str, config: ExperimentConfig, seq_len: int
         "mfu": achieved / peak_tflops if peak_tflops else None,
         "peak_memory_mb": _peak_memory_mb(device),
     }
-    del module, x, out
-    _release(device)
     return row
 
 
@@ -401,15 +390,15 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     config = config.replace(device=str(device), compile=bool(args.compile)).validate()
     attention_config = config.replace(max_seq_len=max(seq_lens))
 
-    device_name = _device_name(device)
+    card = device_name(device)
     measured = measure_matmul_tflops(device)
-    peak, peak_source = resolve_peak(args, device, device_name, measured)
+    peak, peak_source = resolve_peak(args, device, card, measured)
     output = Path(args.output)
     results: dict[str, Any] = {
         "benchmark": "training step and attention fwd+bwd timings (python -m training.benchmark)",
         "status": "running",
         "device": str(device),
-        "device_name": device_name,
+        "device_name": card,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
@@ -443,6 +432,7 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
             results["rows"].append(_guarded(
                 lambda: benchmark_model(model_name, variant, config, device, steps, warmup, peak, args.compile),
                 {"name": name, "model": model_name, "variant": variant}))
+            _release(device)  # after the measurement's locals are gone, failed or not
             write_json_atomic(output, results)
     medians = {(r["model"], r["variant"]): r.get("median_step_s") for r in results["rows"]}
     for model_name in MODELS:
@@ -456,6 +446,7 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
             results["attention_rows"].append(_guarded(
                 lambda: benchmark_attention(module_name, attention_config, seq_len, device, steps, warmup, peak),
                 {"name": f"{module_name} @ {seq_len}", "module": module_name, "seq_len": seq_len}))
+            _release(device)  # after the measurement's locals are gone, failed or not
             write_json_atomic(output, results)
 
     failed = [r["name"] for r in results["rows"] + results["attention_rows"] if "error" in r]

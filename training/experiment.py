@@ -84,9 +84,10 @@ def _git_commit() -> str | None:
     return commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The card, or the CPU with its core and thread counts, for results that name their machine."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
@@ -105,7 +106,7 @@ def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.
                       f"held-out last {config.val_fraction:.0%} of tokens, evaluated every {config.eval_every} steps and at the end",
         "lr_schedule": f"linear warmup over {config.warmup_steps} steps, cosine to {config.min_lr_ratio} x base LR at step {config.max_steps}",
         "device": str(device),
-        "device_name": _device_name(device),
+        "device_name": device_name(device),
         "precision": "bf16 autocast" if device.type == "cuda" else "float32",
         "library_versions": _library_versions(),
         "git_commit": _git_commit(),

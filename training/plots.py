@@ -48,11 +48,17 @@ def _band(ax, x: np.ndarray, values: np.ndarray, color: str, label: str, style: 
         ax.fill_between(x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=color, alpha=0.2)
 
 
-def _save(fig, path: Path) -> None:
-    """Save next to the target, then rename, so an old plot is never left half-overwritten."""
+def _finish(fig, ax, path: Path) -> None:
+    """Grid, legend, then save next to the target and rename, so an old plot is never left half-overwritten."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120)
     tmp.replace(path)
+    plt.close(fig)
 
 
 def plot_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
@@ -74,11 +80,7 @@ def plot_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
             _band(ax, np.nanmean(seconds, axis=0), val, COLORS[name], _final_label(name, results[name]))
     ax.set(xlabel="training time (s, evaluation excluded)", ylabel="validation loss",
            title="Validation loss vs training time" + title_suffix)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, paths[0])
-    plt.close(fig)
+    _finish(fig, ax, paths[0])
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in MODEL_NAMES:
@@ -92,9 +94,5 @@ def plot_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
         has_train = ~np.isnan(train).all(axis=0)
         _band(ax, x[has_train], train[:, has_train], COLORS[name], f"{LABELS[name]}: train loss (mean since last eval)", "--")
     ax.set(xlabel="optimizer step", ylabel="loss", title="Train and validation loss vs step" + title_suffix)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, paths[1])
-    plt.close(fig)
+    _finish(fig, ax, paths[1])
     return paths

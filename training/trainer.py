@@ -38,7 +38,8 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work (a no-op on CPU), so host timers measure the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -73,6 +74,15 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     return {"val_loss": loss, "val_accuracy": correct.item() / count, "val_perplexity": perplexity(loss)}
 
 
+def forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig,
+                 mixed_precision: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, cross-entropy + weighted load-balancing loss) of one batch."""
+    with autocast_for(inputs.device) if mixed_precision else contextlib.nullcontext():
+        logits, aux_loss = model(inputs)
+        ce_loss = language_model_loss(logits, targets)
+        return ce_loss, ce_loss + config.load_balancing_weight * aux_loss
+
+
 def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
                   inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig,
                   mixed_precision: bool = True) -> torch.Tensor:
@@ -80,11 +90,7 @@ def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], sch
 
     mixed_precision=False trains in float32 everywhere (the public version's style, for the benchmark).
     """
-    device = inputs.device
-    with autocast_for(device) if mixed_precision else contextlib.nullcontext():
-        logits, aux_loss = model(inputs)
-        ce_loss = language_model_loss(logits, targets)
-        loss = ce_loss + config.load_balancing_weight * aux_loss
+    ce_loss, loss = forward_loss(model, inputs, targets, config, mixed_precision)
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -96,14 +102,12 @@ def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], sch
     return ce_loss.detach().float()
 
 
-def warm_up(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+def warm_up(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig) -> None:
     """One untimed forward and backward, gradients discarded and weights untouched, so one-time
     costs (CUDA context, kernel selection, allocator growth) are not charged to whichever model runs first."""
-    with autocast_for(inputs.device):
-        logits, aux_loss = model(inputs)
-        (language_model_loss(logits, targets) + aux_loss).backward()
+    forward_loss(model, inputs, targets, config)[1].backward()
     model.zero_grad(set_to_none=True)
-    _sync(inputs.device)
+    synchronize(inputs.device)
 
 
 def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
@@ -149,7 +153,7 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
         record["attention_backend"] = model.attention_backends()
         return metrics
 
-    warm_up(model, *training_batch(train_tokens, starts[0], config.max_seq_len))
+    warm_up(model, *training_batch(train_tokens, starts[0], config.max_seq_len), config)
     torch.manual_seed(seed)  # reseed: training's random stream must not depend on the warm-up
     add_point(0, 0.0, None)  # curves start at 0 s, before any update
     loss_sum = torch.zeros((), device=device)
@@ -157,7 +161,7 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
     steps_in_window, training_seconds = 0, 0.0
     progress = tqdm(total=config.max_steps, desc=f"{record['model_name']} (seed {seed})", unit="step",
                     dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    _sync(device)
+    synchronize(device)
     segment_start = time.perf_counter()
     try:
         for step in range(config.max_steps):
@@ -170,7 +174,7 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
             done = step + 1
             is_eval = done % config.eval_every == 0 or done == config.max_steps
             if done % config.log_every == 0 or is_eval:  # the only host syncs of the loop
-                _sync(device)
+                synchronize(device)
                 now = time.perf_counter()
                 seconds = training_seconds + (now - segment_start)
                 if (bad := int(first_bad_step)) >= 0:
@@ -185,7 +189,7 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
                     steps_in_window = 0
                     record["tokens_seen"] = done * tokens_per_step
                     record["training_time_minutes"] = training_seconds / 60
-                    _sync(device)
+                    synchronize(device)
                     segment_start = time.perf_counter()
     finally:
         progress.close()
