@@ -21,7 +21,7 @@ from models.attention_ops import (
     sdpa_causal_attention,
 )
 from models.rope import RotaryEmbedding, apply_rope_interleaved
-from training.config import ExperimentConfig
+from experiment_config import ExperimentConfig
 
 NORM_EPS = 1e-6
 

@@ -8,7 +8,7 @@ from torch import nn
 from models.attention_ops import eager_causal_attention, sdpa_causal_attention
 from models.rope import RotaryEmbedding, apply_rope_half
 from models.transformer import MoELanguageModel
-from training.config import ExperimentConfig
+from experiment_config import ExperimentConfig
 
 
 class MultiHeadAttention(nn.Module):

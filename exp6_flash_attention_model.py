@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from deepseek_modeling import DeepseekV3FlashAttention2
 from models.transformer import MoELanguageModel
-from training.config import ExperimentConfig
+from experiment_config import ExperimentConfig
 
 
 class FlashAttentionModel(MoELanguageModel):

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from training.config import PRESETS, ATTENTION_BACKENDS, ConfigError, ExperimentConfig
+from experiment_config import PRESETS, ATTENTION_BACKENDS, ConfigError, ExperimentConfig
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ import torch
 from data import offline_corpus
 from data.sources import check_local_path, hub_documents, hub_reachable, local_documents
 from data.tokenizer import TextTokenizer, hub_tokenizer, train_offline_tokenizer
-from training.config import ConfigError, ExperimentConfig
+from experiment_config import ConfigError, ExperimentConfig
 
 CACHE_FORMAT = 1
 

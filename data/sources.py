@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from training.config import ConfigError, ExperimentConfig
+from experiment_config import ConfigError, ExperimentConfig
 
 LOCAL_FORMATS = (".txt", ".jsonl", ".parquet")
 

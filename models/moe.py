@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import ExperimentConfig
+from experiment_config import ExperimentConfig
 
 
 class TopKRouter(nn.Module):

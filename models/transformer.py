@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from models.moe import MixtureOfExperts
-from training.config import ConfigError, ExperimentConfig
+from experiment_config import ConfigError, ExperimentConfig
 
 AttentionFactory = Callable[[ExperimentConfig, int], nn.Module]
 NORM_EPS = 1e-6

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.config import ExperimentConfig
+from experiment_config import ExperimentConfig
 
 
 def tiny_config(tmp_path, **changes) -> ExperimentConfig:

@@ -20,7 +20,7 @@ import deepseek_modeling
 from deepseek_modeling import DeepseekV3Attention, DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import MultiHeadAttention
 from models.rope import apply_rope_half
-from training.config import ExperimentConfig
+from experiment_config import ExperimentConfig
 
 ATOL, RTOL = 1e-5, 1e-4
 MUTATION_MIN_DIFF = 1e-3

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from exp6_trainer import build_parser, config_from_args, main
-from training.config import ConfigError, ExperimentConfig
+from experiment_config import ConfigError, ExperimentConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from data.dataset import batch_starts, prepare_data, split_tokens, training_batc
 from data.offline_corpus import stdlib_documents
 from data.sources import hub_documents, local_documents
 from data.tokenizer import hub_tokenizer, train_offline_tokenizer
-from training.config import ConfigError
+from experiment_config import ConfigError
 
 
 def test_split_is_contiguous_and_no_validation_token_is_in_any_training_window(config):

@@ -14,7 +14,7 @@ from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
 from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_installed, sdpa_causal_attention
 from models.moe import MixtureOfExperts
-from training.config import ExperimentConfig
+from experiment_config import ExperimentConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

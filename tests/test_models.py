@@ -9,7 +9,7 @@ from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAtten
 from exp6_flash_attention_model import FlashAttentionModel
 from deepseek_modeling import DeepseekV3FlashAttention2
 from models.transformer import MoELanguageModel, TransformerBlock
-from training.config import ConfigError
+from experiment_config import ConfigError
 
 MODELS = [BaselineAttentionModel, FlashAttentionModel]
 

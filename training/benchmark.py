@@ -36,7 +36,7 @@ from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAtten
 from exp6_flash_attention_model import FlashAttentionModel
 from models.costs import attention_score_macs, cost_report
 from models.transformer import MoELanguageModel
-from training.config import ConfigError, ExperimentConfig, cpu_preset
+from experiment_config import ConfigError, ExperimentConfig, cpu_preset
 from training.experiment import device_name, resolve_device as experiment_device
 from training.optim import build_optimizers, build_schedulers
 from training.results import write_json_atomic
@@ -422,7 +422,7 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
         "attention_batch_note": f"batch = max(1, {ATTENTION_TOKENS['cuda' if on_cuda else 'cpu']} // seq); "
                                 "input (batch, seq, d_model); loss = sum of outputs",
     }
-    print(f"Benchmark on {device_name}; shapes: {results['shapes']}; results: {output}", flush=True)
+    print(f"Benchmark on {card}; shapes: {results['shapes']}; results: {output}", flush=True)
 
     variants = ["ours"] + ([] if args.skip_public_style else ["public style"])
     for model_name in MODELS:

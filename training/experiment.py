@@ -23,7 +23,7 @@ from exp6_flash_attention_model import FlashAttentionModel
 from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_installed
 from models.costs import cost_report
 from models.transformer import MoELanguageModel
-from training.config import ConfigError, ExperimentConfig
+from experiment_config import ConfigError, ExperimentConfig
 from training.plots import plot_results
 from training.results import (MODEL_NAMES, RESULTS_FILE, check_writable, comparison, format_table,
                               summarise_model, write_json_atomic)
@@ -87,7 +87,7 @@ def _git_commit() -> str | None:
 def device_name(device: torch.device) -> str:
     """The card, or the CPU with its core and thread counts, for results that name their machine."""
     if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
+        return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from training.config import ExperimentConfig
+from experiment_config import ExperimentConfig
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

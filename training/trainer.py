@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data.dataset import TokenData, batch_starts, training_batch, validation_windows
-from training.config import ExperimentConfig
+from experiment_config import ExperimentConfig
 from training.optim import build_optimizers, build_schedulers
 
 

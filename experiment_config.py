@@ -1,4 +1,4 @@
-"""The one configuration object of the experiment.
+"""The one configuration object of the experiment, shared by every layer (models, data, training, inference).
 
 Every setting lives in `ExperimentConfig`, with the experiment's values as defaults, and the
 results JSON records it whole. Field names follow the public version of the experiment so that
