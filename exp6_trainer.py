@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from experiment_config import PRESETS, ATTENTION_BACKENDS, ConfigError, ExperimentConfig
+from experiment_config import ATTENTION_BACKENDS, MOE_DISPATCHES, PRECISIONS, PRESETS, ConfigError, ExperimentConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                         help="kernel for the MLA model: auto (flash-attn if installed, else SDPA), flash-attn, sdpa, eager")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block (CUDA only; off by default "
-                        "because its speed-up has not been measured on a GPU yet)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="auto (default): bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU rehearses the GPU's mixed precision")
+    parser.add_argument("--moe-dispatch", choices=MOE_DISPATCHES,
+                        help="how tokens reach their experts: auto (default) picks grouped_mm where it runs as one fused "
+                             "kernel (sm90+ in bf16, or CPU) and the one-sync sorted split elsewhere (e.g. RTX 4090, A100); "
+                             "loop is the public version's per-expert mask loop")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (CUDA, or CPU with --precision bf16; "
+                        "off by default because its speed-up has not been measured on a GPU yet)")
     parser.add_argument("--data", metavar="PATH", help="your own .txt, .jsonl or .parquet file instead of the Hub corpus")
     parser.add_argument("--offline", action="store_true", help="do not contact the Hub: use the built-in offline corpus (or your --data file) "
                         "with a tokenizer trained on it")
@@ -60,6 +66,7 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
         "device": args.device, "attention_backend": args.attention_backend, "data_path": args.data,
         "output_dir": args.output_dir, "cache_dir": args.cache_dir, "seeds": tuple(args.seeds) if args.seeds else None,
         "offline": args.offline or None, "compile": args.compile or None,
+        "precision": args.precision, "moe_dispatch": args.moe_dispatch,
     }
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     if args.eval_every is None and args.steps is not None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa", "eager")
+PRECISIONS = ("auto", "bf16", "fp32")
+MOE_DISPATCHES = ("auto", "grouped_mm", "sorted", "loop")
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,8 @@ class ExperimentConfig:
     preset: str = "full"
     device: str = "auto"
     attention_backend: str = "auto"  # MLA model: auto | flash-attn | sdpa | eager
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU rehearses the GPU's mixed precision
+    moe_dispatch: str = "auto"  # auto: grouped_mm where it runs fused or on CPU, else the one-sync sorted split
     compile: bool = False
     output_dir: str = "exp6_results"
 
@@ -129,6 +133,10 @@ class ExperimentConfig:
             (self.vocab_size is None or self.vocab_size > 1, "vocab_size must be > 1 or None"),
             (self.attention_backend in ATTENTION_BACKENDS,
              f"attention_backend={self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"),
+            (self.precision in PRECISIONS,
+             f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}; use --precision auto|bf16|fp32"),
+            (self.moe_dispatch in MOE_DISPATCHES,
+             f"moe_dispatch={self.moe_dispatch!r} is not one of {', '.join(MOE_DISPATCHES)}; use --moe-dispatch"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device={self.device!r} must be auto, cpu, cuda or cuda:N"),
             (len(set(self.run_seeds)) == len(self.run_seeds), f"seeds {list(self.run_seeds)} contain duplicates"),
