@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from data.sources import check_local_path, hub_documents, hub_reachable, local_d
 from data.tokenizer import TextTokenizer, hub_tokenizer, train_offline_tokenizer
 from experiment_config import ConfigError, ExperimentConfig
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: documents counts only those that contributed tokens; documents_read added
 
 
 @dataclass
@@ -49,79 +50,115 @@ class DataPlan:
         if self.corpus == "hub":
             key.update(dataset=config.dataset_name, dataset_config=config.dataset_config)
         elif self.corpus == "local":
-            stat = Path(config.data_path).stat()
-            key.update(path=str(Path(config.data_path).resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+            path = _data_path(config)
+            stat = path.stat()
+            key.update(path=str(path.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
         else:
             key.update(python=".".join(map(str, sys.version_info[:3])))
         key.update({"tokenizer_name": config.tokenizer_name} if self.tokenizer == "hub" else {"vocab": config.offline_vocab_size})
         return key
 
+    def describe(self, config: ExperimentConfig, documents: int) -> str:
+        """The corpus and how many of its documents made it into the tokens."""
+        if self.corpus == "hub":
+            return f"{config.dataset_name} ({config.dataset_config}), first {documents} documents"
+        if self.corpus == "local":
+            return f"local file {_data_path(config)}, {documents} documents"
+        return f"{offline_corpus.describe()}, {documents} documents"
+
+    def source_label(self, config: ExperimentConfig) -> str:
+        """A short name of the text for plot titles."""
+        if self.corpus == "hub":
+            return config.dataset_name
+        if self.corpus == "local":
+            return f"your file {_data_path(config).name}"
+        return "offline corpus"
+
+
+def _data_path(config: ExperimentConfig) -> Path:
+    """The --data file; only local-corpus plans ask, and those exist only when it was given."""
+    if config.data_path is None:
+        raise ValueError("a local-corpus plan needs config.data_path")
+    return Path(config.data_path)
+
 
 def prepare_data(config: ExperimentConfig, log: Callable[[str], None] = print) -> TokenData:
-    """Tokens for the experiment, from the cache when a valid one exists, else built and cached."""
+    """Tokens for the experiment, from the cache when a valid one exists, else built and cached.
+
+    The offline corpus is used only with --offline or when the Hub cannot be used, and the run
+    says so in one line; an online run never picks up an offline cache left by an earlier run.
+    """
     if config.data_path:
         check_local_path(config.data_path)
-    corpus = "local" if config.data_path else "hub"
-    online_plan = DataPlan(corpus, "hub", offline=False)
+    online_plan = DataPlan("local" if config.data_path else "hub", "hub", offline=False)
     offline_plan = DataPlan("local" if config.data_path else "offline", "offline", offline=True)
-    plans = [offline_plan] if config.offline else [online_plan, offline_plan]
+    if config.offline:
+        log(f"Offline (--offline): using {_offline_words(config)}.")
+        return _cached_or_built(config, offline_plan, log)
 
-    for plan in plans:  # a valid cache needs no network, even for the Hub data
-        tokens, meta = _load_cache(config, plan, log)
-        if tokens is not None:
-            log(f"Data: {meta['corpus_description']}, {len(tokens):,} tokens from cache {meta['cache_file']}")
-            return _split(tokens, meta, config, cache_hit=True)
-
-    plan = plans[0]
-    if not plan.offline and not hub_reachable():
+    tokens, meta = _load_cache(config, online_plan, log)  # a valid online cache needs no network
+    if tokens is not None:
+        return _token_data(tokens, meta, config, online_plan, log, cache_hit=True)
+    if not hub_reachable():
         log(f"Offline: the Hugging Face Hub cannot be reached, so this run uses {_offline_words(config)}.")
-        plan = offline_plan
+        return _cached_or_built(config, offline_plan, log)
     try:
-        tokens, meta = _build(config, plan)
+        tokens, meta = _build(config, online_plan)
+    except ConfigError:
+        raise  # the user's input is wrong: the offline corpus would not fix it
     except Exception as error:  # noqa: BLE001 - any Hub failure falls back to the offline corpus, said aloud
-        if plan.offline:
-            raise
         log(f"Offline: loading from the Hub failed ({type(error).__name__}: {str(error)[:120]}), so this run uses {_offline_words(config)}.")
-        plan = offline_plan
-        tokens, meta = _build(config, plan)
+        return _cached_or_built(config, offline_plan, log)
+    _save_cache(config, online_plan, tokens, meta)
+    return _token_data(tokens, meta, config, online_plan, log, cache_hit=False)
+
+
+def _cached_or_built(config: ExperimentConfig, plan: DataPlan, log: Callable[[str], None]) -> TokenData:
+    tokens, meta = _load_cache(config, plan, log)
+    if tokens is not None:
+        return _token_data(tokens, meta, config, plan, log, cache_hit=True)
+    tokens, meta = _build(config, plan)
     _save_cache(config, plan, tokens, meta)
-    log(f"Data: {meta['corpus_description']}, {len(tokens):,} tokens, tokenizer {meta['tokenizer']} (cached in {meta['cache_file']})")
-    return _split(tokens, meta, config, cache_hit=False)
+    return _token_data(tokens, meta, config, plan, log, cache_hit=False)
 
 
 def _offline_words(config: ExperimentConfig) -> str:
-    corpus = f"your file {config.data_path}" if config.data_path else offline_corpus.describe()
-    return f"{corpus} with a BPE tokenizer trained on it; results then test the pipeline, not web-text quality"
+    if config.data_path:
+        return f"your file {config.data_path} with a BPE tokenizer trained on it"
+    return f"{offline_corpus.describe()} with a BPE tokenizer trained on it; results then test the pipeline, not web-text quality"
 
 
 def _build(config: ExperimentConfig, plan: DataPlan) -> tuple[np.ndarray, dict[str, Any]]:
     if plan.corpus == "hub":
         documents = hub_documents(config)
-        description = f"{config.dataset_name} ({config.dataset_config}), first {len(documents)} documents"
     elif plan.corpus == "local":
-        documents = local_documents(config.data_path, config)
-        description = f"local file {config.data_path}, {len(documents)} documents"
+        documents = local_documents(str(_data_path(config)), config)
     else:
         documents = offline_corpus.stdlib_documents(config.num_documents, config.max_chars_per_doc)
-        description = f"{offline_corpus.describe()}, {len(documents)} documents"
     tokenizer = hub_tokenizer(config.tokenizer_name) if plan.tokenizer == "hub" else train_offline_tokenizer(
         documents, config.offline_vocab_size)
-    tokens = _tokenize(documents, tokenizer, config.max_tokens)
-    meta = {"corpus_description": description, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-            "documents": len(documents), "offline": plan.offline}
+    tokens, used = _tokenize(documents, tokenizer, config.max_tokens)
+    meta = {"corpus_description": plan.describe(config, used), "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "documents": used, "documents_read": len(documents), "offline": plan.offline}
     return tokens, meta
 
 
-def _tokenize(documents: list[str], tokenizer: TextTokenizer, max_tokens: int) -> np.ndarray:
-    """Concatenate documents (separated by EOS when the tokenizer has one) up to max_tokens."""
+def _tokenize(documents: list[str], tokenizer: TextTokenizer, max_tokens: int) -> tuple[np.ndarray, int]:
+    """Concatenate documents (separated by EOS when the tokenizer has one) up to max_tokens.
+
+    Also returns how many documents contributed tokens, which is what the run reports: the
+    documents read past the cut are not part of the data.
+    """
     ids: list[int] = []
+    used = 0
     for document in documents:
+        if len(ids) >= max_tokens:
+            break
         ids.extend(tokenizer.encode(document))
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-        if len(ids) >= max_tokens:
-            break
-    return np.asarray(ids[:max_tokens], dtype=np.int32)
+        used += 1
+    return np.asarray(ids[:max_tokens], dtype=np.int32), used
 
 
 def _cache_paths(config: ExperimentConfig, plan: DataPlan) -> tuple[Path, Path, dict[str, Any]]:
@@ -132,9 +169,13 @@ def _cache_paths(config: ExperimentConfig, plan: DataPlan) -> tuple[Path, Path, 
 
 
 def _load_cache(config: ExperimentConfig, plan: DataPlan, log: Callable[[str], None]) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """The cached tokens when the files exist, match the settings and pass their checksum; else None."""
+    """The cached tokens when the files exist, match the settings and pass their checksum; else None.
+
+    The metadata is written last, so without it there is no cache (at most an interrupted write).
+    Tokens and metadata from two different writes fail the checksum and are rebuilt, never trusted.
+    """
     tokens_path, meta_path, key = _cache_paths(config, plan)
-    if not meta_path.exists() and not tokens_path.exists():
+    if not meta_path.exists():
         return None, {}
     try:
         meta = json.loads(meta_path.read_text())
@@ -156,16 +197,32 @@ def _load_cache(config: ExperimentConfig, plan: DataPlan, log: Callable[[str], N
 
 
 def _save_cache(config: ExperimentConfig, plan: DataPlan, tokens: np.ndarray, meta: dict[str, Any]) -> None:
+    """Write tokens, then metadata, each through a unique temp file and an atomic rename.
+
+    Concurrent runs sharing a cache then never trip over each other's temp files, and a reader
+    sees either a whole old file or a whole new one.
+    """
     tokens_path, meta_path, key = _cache_paths(config, plan)
     tokens_path.parent.mkdir(parents=True, exist_ok=True)
     meta.update(key=key, num_tokens=int(len(tokens)), sha256=hashlib.sha256(tokens.tobytes()).hexdigest(),
                 cache_file=str(tokens_path))
-    tmp = tokens_path.with_suffix(".tmp.npy")
-    np.save(tmp, tokens, allow_pickle=False)
-    os.replace(tmp, tokens_path)
-    tmp_meta = meta_path.with_suffix(".tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_meta, meta_path)
+    _write_atomic(tokens_path, lambda file: np.save(file, tokens, allow_pickle=False))
+    _write_atomic(meta_path, lambda file: file.write(json.dumps(meta, indent=2).encode()))
+
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write to a unique temp file beside `path`, then rename it over `path`; never leave the temp behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a cache may be shared between users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def split_tokens(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,16 +231,28 @@ def split_tokens(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tenso
     return tokens[:n_train], tokens[n_train:]
 
 
-def _split(tokens: np.ndarray, meta: dict[str, Any], config: ExperimentConfig, cache_hit: bool) -> TokenData:
+def _token_data(tokens: np.ndarray, meta: dict[str, Any], config: ExperimentConfig, plan: DataPlan,
+                log: Callable[[str], None], cache_hit: bool) -> TokenData:
+    """Say what the data is (tokenizer and any shortfall included), then split it."""
+    origin = "from cache" if cache_hit else "cached in"
+    log(f"Data: {meta['corpus_description']}, {len(tokens):,} tokens, tokenizer {meta['tokenizer']} ({origin} {meta['cache_file']})")
+    shortfall = max(0, config.max_tokens - len(tokens))
+    if shortfall:
+        remedy = (f"raise --num-documents (now {config.num_documents:,}) or use a larger corpus"
+                  if meta["documents_read"] >= config.num_documents else
+                  f"all {meta['documents_read']:,} documents it holds were used: use a larger corpus")
+        log(f"Data: the corpus holds only {len(tokens):,} tokens, fewer than --max-tokens {config.max_tokens:,}; {remedy}")
     train, val = split_tokens(torch.from_numpy(tokens.astype(np.int64)), config.val_fraction)
     window = config.max_seq_len + 1
     if len(train) < window or len(val) < window:
         raise ConfigError(
             f"the corpus gave {len(tokens):,} tokens: {len(train):,} train / {len(val):,} validation, fewer than one "
-            f"window of {window}; raise --max-tokens or num_documents, or lower --seq-len"
+            f"window of {window}; raise --max-tokens or --num-documents, or lower --seq-len"
         )
-    info = {key: meta[key] for key in ("corpus_description", "tokenizer", "vocab_size", "documents", "offline", "cache_file")}
-    info.update(total_tokens=len(tokens), train_tokens=len(train), val_tokens=len(val), cache_hit=cache_hit,
+    info = {key: meta[key] for key in ("corpus_description", "tokenizer", "vocab_size", "documents", "documents_read",
+                                       "offline", "cache_file")}
+    info.update(source_label=plan.source_label(config), total_tokens=len(tokens), max_tokens_shortfall=shortfall,
+                train_tokens=len(train), val_tokens=len(val), cache_hit=cache_hit,
                 split=f"contiguous: first {1 - config.val_fraction:.0%} of tokens train, last {config.val_fraction:.0%} validate")
     return TokenData(train=train, val=val, vocab_size=int(meta["vocab_size"]), info=info)
 

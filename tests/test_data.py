@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from data import dataset as dataset_module
-from data.dataset import batch_starts, prepare_data, split_tokens, training_batch, validation_windows
+from data.dataset import (DataPlan, _load_cache, _save_cache, _tokenize, batch_starts, prepare_data, split_tokens,
+                          training_batch, validation_windows)
 from data.offline_corpus import stdlib_documents
 from data.sources import hub_documents, local_documents
-from data.tokenizer import hub_tokenizer, train_offline_tokenizer
-from experiment_config import ConfigError
+from data.tokenizer import TextTokenizer, hub_tokenizer, train_offline_tokenizer
+from experiment_config import ConfigError, ExperimentConfig
 
 
 def test_split_is_contiguous_and_no_validation_token_is_in_any_training_window(config):
@@ -62,14 +66,26 @@ def test_offline_corpus_and_tokenizer_need_no_network():
     assert ids and max(ids) < tok.vocab_size
 
 
-def test_prepare_data_offline_says_so_and_caches(config):
-    lines: list[str] = []
-    data = prepare_data(config.replace(offline=False), lines.append)  # HF_HUB_OFFLINE=1 in tests
-    assert any(line.startswith("Offline:") for line in lines)
-    assert data.info["offline"] is True and not data.info["cache_hit"]
-    assert len(data.train) + len(data.val) == config.max_tokens
-    again = prepare_data(config.replace(offline=False), lines.append)
-    assert again.info["cache_hit"] and torch.equal(again.train, data.train)
+def test_unreachable_hub_says_offline_on_build_and_on_cache_hit(config):
+    for attempt in ("build", "cache hit"):
+        lines: list[str] = []
+        data = prepare_data(config.replace(offline=False), lines.append)  # HF_HUB_OFFLINE=1 in tests
+        offline_lines = [line for line in lines if line.startswith("Offline")]
+        assert len(offline_lines) == 1 and "cannot be reached" in offline_lines[0], (attempt, lines)
+        assert lines.index(offline_lines[0]) == 0, "said before the data is used"
+        assert data.info["offline"] is True and data.info["cache_hit"] == (attempt == "cache hit")
+        assert len(data.train) + len(data.val) == config.max_tokens
+
+
+def test_offline_flag_is_said_once_and_the_data_line_names_the_tokenizer(config):
+    for attempt in ("build", "cache hit"):
+        lines: list[str] = []
+        data = prepare_data(config, lines.append)
+        assert [line for line in lines if line.startswith("Offline")] == [
+            f"Offline (--offline): using {offline_words()}."], attempt
+        data_line = next(line for line in lines if line.startswith("Data: "))
+        assert f"tokenizer {data.info['tokenizer']}" in data_line and data.info["tokenizer"].startswith("byte-level BPE")
+        assert ("from cache" if attempt == "cache hit" else "cached in") in data_line
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flip", "stale_meta"])
@@ -112,6 +128,7 @@ def test_local_text_jsonl_and_parquet_files(config, tmp_path):
         assert docs == [t[:50] for t in texts[:10]], path.suffix
     data = prepare_data(config.replace(data_path=str(jsonl), max_tokens=1500), lambda _: None)
     assert "local file" in data.info["corpus_description"]
+    assert data.info["source_label"] == "your file corpus.jsonl"
 
 
 def test_bad_local_path_fails_with_a_clear_message(config, tmp_path):
@@ -160,3 +177,159 @@ def test_hub_loading_code_on_a_local_copy(config, tmp_path, monkeypatch):
     assert data.info["offline"] is False and not any(line.startswith("Offline") for line in lines)
     assert str(repo) in data.info["corpus_description"]
     assert data.info["total_tokens"] == 4000
+
+
+def offline_words() -> str:
+    from data.offline_corpus import describe
+
+    return f"{describe()} with a BPE tokenizer trained on it; results then test the pipeline, not web-text quality"
+
+
+FAKE_DOCUMENTS = [chr(ord("a") + i % 26) * 99 for i in range(50)]  # 99 characters + EOS = 100 tokens each
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> list[str]:
+    """A reachable Hub serving FAKE_DOCUMENTS and a character tokenizer; returns the calls it received."""
+    calls: list[str] = []
+
+    def documents(config: ExperimentConfig) -> list[str]:
+        calls.append("documents")
+        return FAKE_DOCUMENTS[: config.num_documents]
+
+    def tokenizer(name: str) -> TextTokenizer:
+        calls.append("tokenizer")
+        return TextTokenizer("fake-characters", 128, lambda text: [ord(c) for c in text], 0)
+
+    monkeypatch.setattr(dataset_module, "hub_reachable", lambda: True)
+    monkeypatch.setattr(dataset_module, "hub_documents", documents)
+    monkeypatch.setattr(dataset_module, "hub_tokenizer", tokenizer)
+    return calls
+
+
+def test_a_reachable_hub_never_uses_an_offline_cache(config, fake_hub):
+    offline = prepare_data(config, lambda _: None)  # an earlier --offline run leaves its cache
+    assert offline.info["offline"] and not fake_hub
+    lines: list[str] = []
+    online = prepare_data(config.replace(offline=False), lines.append)
+    assert fake_hub == ["documents", "tokenizer"]
+    assert online.info["offline"] is False and not online.info["cache_hit"]
+    assert online.info["tokenizer"] == "fake-characters" and online.info["source_label"] == config.dataset_name
+    assert not any(line.startswith("Offline") for line in lines), lines
+
+
+def test_an_online_cache_needs_no_network(config, fake_hub, monkeypatch):
+    online = config.replace(offline=False)
+    prepare_data(online, lambda _: None)
+
+    def no_probe() -> bool:
+        raise AssertionError("a valid online cache must not probe the Hub")
+
+    monkeypatch.setattr(dataset_module, "hub_reachable", no_probe)
+    lines: list[str] = []
+    again = prepare_data(online, lines.append)
+    assert again.info["cache_hit"] and again.info["offline"] is False
+    assert len(lines) == 1 and "tokenizer fake-characters (from cache" in lines[0]
+
+
+def test_a_hub_failure_falls_back_to_the_offline_corpus_aloud(config, fake_hub, monkeypatch):
+    def broken(config: ExperimentConfig) -> list[str]:
+        raise ConnectionError("stream reset")
+
+    monkeypatch.setattr(dataset_module, "hub_documents", broken)
+    prepare_data(config, lambda _: None)  # an offline cache exists: the fallback may use it, but says so
+    lines: list[str] = []
+    data = prepare_data(config.replace(offline=False), lines.append)
+    assert data.info["offline"] is True and data.info["cache_hit"] is True
+    assert lines[0] == f"Offline: loading from the Hub failed (ConnectionError: stream reset), so this run uses {offline_words()}."
+
+
+def test_documents_counts_only_those_whose_tokens_were_used(config, fake_hub):
+    data = prepare_data(config.replace(offline=False, max_tokens=3050), lambda _: None)  # 30 whole documents + part of one
+    assert data.info["documents"] == 31 and data.info["documents_read"] == 50
+    assert data.info["corpus_description"].endswith("first 31 documents")
+    hit = prepare_data(config.replace(offline=False, max_tokens=3050), lambda _: None)
+    assert hit.info["cache_hit"] and hit.info["documents"] == 31
+
+
+@pytest.mark.parametrize("max_tokens", [1, 99, 100, 101, 250])
+def test_tokenize_counts_contributing_documents(max_tokens):
+    tokenizer = TextTokenizer("chars", 128, lambda text: [ord(c) for c in text], 0)
+    tokens, used = _tokenize(FAKE_DOCUMENTS[:5], tokenizer, max_tokens)
+    assert len(tokens) == max_tokens
+    assert used == (max_tokens + 99) // 100  # each document is 100 tokens with its EOS
+    assert int((tokens == 0).sum()) in (used, used - 1)  # an EOS per used document, bar a cut last one
+
+
+@pytest.mark.parametrize("num_documents,remedy", [(10, "raise --num-documents (now 10) or use a larger corpus"),
+                                                  (60, "all 50 documents it holds were used: use a larger corpus")])
+def test_a_shortfall_against_max_tokens_is_reported(config, fake_hub, num_documents, remedy):
+    lines: list[str] = []
+    data = prepare_data(config.replace(offline=False, num_documents=num_documents, max_tokens=6000), lines.append)
+    held = 100 * min(num_documents, 50)
+    assert data.info["total_tokens"] == held and data.info["max_tokens_shortfall"] == 6000 - held
+    assert f"Data: the corpus holds only {held:,} tokens, fewer than --max-tokens 6,000; {remedy}" in lines
+
+
+def test_no_shortfall_is_zero_and_silent(config):
+    lines: list[str] = []
+    data = prepare_data(config, lines.append)
+    assert data.info["max_tokens_shortfall"] == 0 and not any("fewer than --max-tokens" in line for line in lines)
+
+
+def test_wording_names_the_users_file_and_only_the_builtin_corpus_is_called_a_pipeline_test(config, tmp_path):
+    corpus = tmp_path / "my notes.txt"
+    corpus.write_text("\n\n".join(f"Note {i}. " + "Tomatoes need sun and water every day. " * 15 for i in range(40)))
+    lines: list[str] = []
+    mine = prepare_data(config.replace(data_path=str(corpus), offline=False), lines.append)
+    assert lines[0] == f"Offline: the Hugging Face Hub cannot be reached, so this run uses your file {corpus} with a BPE tokenizer trained on it."
+    assert not any("web-text" in line or "offline corpus" in line for line in lines), lines
+    assert mine.info["source_label"] == "your file my notes.txt"
+    builtin = prepare_data(config, lambda _: None)
+    assert builtin.info["source_label"] == "offline corpus"
+
+
+CACHE_WRITERS, CACHE_ROUNDS = 4, 60
+
+
+def _writer_tokens(writer: int) -> np.ndarray:
+    return (np.arange(4000, dtype=np.int32) * (writer + 1)) % 997  # a different array per writer
+
+
+def _hammer_cache(cache_dir: str, writer: int) -> int:
+    """Save this writer's tokens and load whatever is there, over and over; returns valid loads."""
+    config = ExperimentConfig(cache_dir=cache_dir, offline=True)
+    plan = DataPlan("offline", "offline", offline=True)
+    valid = 0
+    for _ in range(CACHE_ROUNDS):
+        _save_cache(config, plan, _writer_tokens(writer), {"vocab_size": 997, "writer": writer})
+        tokens, meta = _load_cache(config, plan, lambda _: None)
+        if tokens is not None:  # never a torn pair: the tokens are those of the writer its metadata names
+            assert np.array_equal(tokens, _writer_tokens(meta["writer"]))
+            valid += 1
+    return valid
+
+
+def test_concurrent_runs_sharing_a_cache_never_crash_or_read_a_torn_cache(tmp_path):
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(CACHE_WRITERS) as pool:  # a worker's exception re-raises here
+        valid = pool.starmap(_hammer_cache, [(str(tmp_path), writer) for writer in range(CACHE_WRITERS)])
+    assert sum(valid) > 0
+    config = ExperimentConfig(cache_dir=str(tmp_path), offline=True)
+    tokens, meta = _load_cache(config, DataPlan("offline", "offline", offline=True), lambda line: pytest.fail(line))
+    assert tokens is not None and np.array_equal(tokens, _writer_tokens(meta["writer"]))
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".npy"], "no temp file is left behind"
+    assert time.perf_counter() - started < 60
+
+
+def test_a_failed_cache_write_leaves_the_old_cache_and_no_temp_file(config, monkeypatch):
+    first = prepare_data(config, lambda _: None)
+    before = {p.name: p.read_bytes() for p in Path(config.cache_dir).iterdir()}
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        _save_cache(config, DataPlan("offline", "offline", offline=True), first.train.numpy().astype(np.int32), {})
+    assert {p.name: p.read_bytes() for p in Path(config.cache_dir).iterdir()} == before
