@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.attention import CausalSelfAttention
 from models.attention_ops import (
     eager_causal_attention,
     flash_attn_causal_attention,
@@ -26,7 +27,7 @@ from experiment_config import ExperimentConfig
 NORM_EPS = 1e-6
 
 
-class DeepseekV3Attention(nn.Module):
+class DeepseekV3Attention(CausalSelfAttention):
     """MLA with the plain-math (eager) causal attention; the reference the flash class must match."""
 
     def __init__(self, config: ExperimentConfig, layer_idx: int = 0) -> None:
@@ -52,7 +53,7 @@ class DeepseekV3Attention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.d_model, bias=False)
         self.rope = RotaryEmbedding(self.qk_rope_head_dim, config.max_seq_len, config.rope_base)
-        self.backend_used: str | None = None
+        self.backend = "eager"
 
     def kv_cache_values_per_token(self) -> int:
         """Decoding keeps only the compressed latent and the shared rotary key."""

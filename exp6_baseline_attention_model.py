@@ -5,14 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.attention_ops import eager_causal_attention, sdpa_causal_attention
+from models.attention import CausalSelfAttention
+from models.attention_ops import eager_causal_attention, half_precision_cuda, sdpa_causal_attention
 from models.rope import RotaryEmbedding, apply_rope_half
 from models.transformer import MoELanguageModel
 from experiment_config import ExperimentConfig
 
 
-class MultiHeadAttention(nn.Module):
-    """Fused QKV projection, RoPE (base 10000, half-split layout), causal SDPA, output projection."""
+class MultiHeadAttention(CausalSelfAttention):
+    """Fused QKV projection, RoPE (base 10000, half-split layout), causal SDPA, output projection.
+
+    On CUDA in bf16/fp16, SDPA is pinned to PyTorch's FlashAttention backend, the same kernel family
+    the MLA arm runs, so the two arms time the same kind of kernel.
+    """
 
     def __init__(self, config: ExperimentConfig, layer_idx: int = 0, backend: str = "sdpa") -> None:
         super().__init__()
@@ -23,7 +28,6 @@ class MultiHeadAttention(nn.Module):
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, config.max_seq_len, config.rope_base)
         self.backend = backend  # "sdpa", or "eager" for the public-style benchmark reference
-        self.backend_used: str | None = None
 
     def kv_cache_values_per_token(self) -> int:
         """Decoding keeps K and V for every head."""
@@ -41,7 +45,9 @@ class MultiHeadAttention(nn.Module):
         if self.backend == "eager":
             out, self.backend_used = eager_causal_attention(q, k, v, self.scale), "eager"
         else:
-            out, self.backend_used = sdpa_causal_attention(q, k, v, self.scale), "sdpa[auto]"
+            flash = half_precision_cuda(q, k, v)
+            out = sdpa_causal_attention(q, k, v, self.scale, force_flash=flash)
+            self.backend_used = "sdpa[FLASH_ATTENTION]" if flash else "sdpa[auto]"
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from models.attention import CausalSelfAttention
 from models.moe import Expert
 from models.transformer import MoELanguageModel
 
@@ -22,7 +23,7 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def attention_score_macs(attention: nn.Module, seq_len: int) -> float:
+def attention_score_macs(attention: CausalSelfAttention, seq_len: int) -> float:
     """Multiply-adds per token of q k^T and the value mix, at the mean causal context (T + 1) / 2."""
     heads, d_qk, d_v = attention.score_dims()
     return heads * (d_qk + d_v) * (seq_len + 1) / 2

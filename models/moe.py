@@ -1,8 +1,10 @@
 """Top-k Mixture of Experts: 8 SiLU experts, top-2 routing, Switch-style load-balancing loss.
 
 The fast path groups tokens by expert once (a stable sort) and runs all experts with two grouped
-matrix products, with no host-device synchronisation. `reference_forward` is the simple per-expert
-boolean-mask loop of the public version; a test checks that both compute the same thing.
+matrix products, with no host-device synchronisation where grouped_mm runs fused. Where it would
+not (see `plan_dispatch`) a sorted split with one host sync per layer takes its place. The
+per-expert boolean-mask loop of the public version is kept as the reference; tests check that
+every path computes the same thing.
 """
 
 from __future__ import annotations
@@ -60,11 +62,49 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor, nu
 # F.grouped_mm in current PyTorch; some earlier releases expose the same op only as torch._grouped_mm.
 grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
+# What each dispatch path is called in the results (MixtureOfExperts.dispatch_used).
+GROUPED_FUSED = "grouped_mm (fused kernel, sm90+)"
+GROUPED_PER_GROUP = "grouped_mm (per-group fallback kernel, a host sync per call)"
+GROUPED_CPU = "grouped_mm (CPU kernel)"
+SORTED_SPLIT = "sorted split (one host sync per layer)"
+MASK_LOOP = "boolean-mask loop"
 
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    if grouped_mm is None:
-        return False
-    return x.dtype == torch.bfloat16 if x.is_cuda else x.dtype == torch.float32
+
+def grouped_mm_strides_ok(dtype: torch.dtype, *dims: int) -> bool:
+    """grouped_mm needs every non-unit stride to be a multiple of 16 bytes (e.g. 8 bf16 values)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return all(dim * size % 16 == 0 for dim in dims)
+
+
+def plan_dispatch(requested: str, device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int,
+                  capability: tuple[int, int] | None) -> str:
+    """The dispatch path a MoE layer will run, given what was asked for and what the hardware does.
+
+    PyTorch's grouped_mm runs one fused kernel only on CUDA compute capability 9.x/10.x with bf16
+    operands; on other cards (A100 sm80, RTX 4090 sm89) it copies the group offsets to the host and
+    loops one matmul per group, a host sync on every call (forward and backward). There `auto` takes
+    the sorted split instead, which syncs once per layer forward. Shapes that break grouped_mm's
+    16-byte stride rule, or a dtype it lacks, fall back to the sorted split instead of crashing.
+    """
+    if requested == "loop":
+        return MASK_LOOP
+    if requested == "sorted":
+        return SORTED_SPLIT
+    usable = grouped_mm is not None and grouped_mm_strides_ok(dtype, d_model, d_ff)
+    if device.type == "cuda":
+        fused = capability is not None and capability[0] in (9, 10) and dtype == torch.bfloat16
+        usable = usable and dtype in (torch.bfloat16, torch.float16, torch.float32)
+        if usable and fused:
+            return GROUPED_FUSED
+        return GROUPED_PER_GROUP if usable and requested == "grouped_mm" else SORTED_SPLIT
+    usable = usable and dtype in (torch.bfloat16, torch.float32)
+    return GROUPED_CPU if usable else SORTED_SPLIT
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: the autocast dtype when autocast is on for x's device, else x's own."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 class MixtureOfExperts(nn.Module):
@@ -74,45 +114,64 @@ class MixtureOfExperts(nn.Module):
         super().__init__()
         self.num_experts = config.num_experts
         self.top_k = config.expert_top_k
+        self.d_model, self.d_ff = config.d_model, config.d_ff
         self.router = TopKRouter(config)
         self.experts = nn.ModuleList(Expert(config.d_model, config.d_ff) for _ in range(config.num_experts))
-        self.dispatch = "grouped"  # "grouped" (fast path) or "loop" (public-style reference)
+        self.dispatch = config.moe_dispatch  # what was asked for: auto | grouped_mm | sorted | loop
+        self.planned: dict[tuple[str, str, torch.dtype], str] = {}  # (dispatch, device, dtype) -> path; plan()
         self.dispatch_used: str | None = None  # what really ran in the last forward pass
+
+    def plan(self, device: torch.device, dtype: torch.dtype, capability: tuple[int, int] | None) -> str:
+        """Fix the path for this device and compute dtype ahead of time (no CUDA query inside forward)."""
+        path = plan_dispatch(self.dispatch, device, dtype, self.d_model, self.d_ff, capability)
+        self.planned[(self.dispatch, device.type, dtype)] = path
+        return path
+
+    def _path(self, tokens: torch.Tensor) -> str:
+        path = self.planned.get((self.dispatch, tokens.device.type, tokens.dtype))
+        if path is None:  # not planned ahead (e.g. a layer used on its own): plan now
+            capability = torch.cuda.get_device_capability(tokens.device) if tokens.is_cuda else None
+            path = self.plan(tokens.device, tokens.dtype, capability)
+        return path
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (batch, seq, d) -> (output of the same shape, load-balancing loss)."""
         flat = x.reshape(-1, x.shape[-1])
         weights, expert_ids, probs = self.router(flat)
-        if self.dispatch == "loop":
+        path = self._path(flat.to(autocast_dtype(flat)))
+        if path == MASK_LOOP:
             out = self._loop_dispatch(flat, weights, expert_ids)
+        elif path == SORTED_SPLIT:
+            out = self._sorted_split_dispatch(flat, weights, expert_ids)
         else:
             out = self._grouped_dispatch(flat, weights, expert_ids)
+        self.dispatch_used = path
         return out.view_as(x), load_balancing_loss(probs, expert_ids, self.num_experts)
 
     def _grouped_dispatch(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Sort (token, slot) pairs by expert once, run every expert as one grouped GEMM, unsort."""
-        compute_dtype = torch.get_autocast_dtype("cuda") if flat.is_cuda and torch.is_autocast_enabled("cuda") else flat.dtype
+        assert grouped_mm is not None  # plan_dispatch chose this path only where it exists
+        compute_dtype = autocast_dtype(flat)
         tokens = flat.to(compute_dtype)
-        if not _grouped_mm_supported(tokens):
-            return self._sorted_loop_dispatch(flat, weights, expert_ids)
-        self.dispatch_used = "grouped_mm"
         order = expert_ids.flatten().argsort(stable=True)
         offsets = expert_counts(expert_ids, self.num_experts).cumsum(0).to(torch.int32)
         routed = tokens[order // self.top_k]
-        w_up = torch.stack([e.up.weight for e in self.experts]).to(compute_dtype)
-        w_down = torch.stack([e.down.weight for e in self.experts]).to(compute_dtype)
+        w_up = torch.stack([expert.up.weight for expert in self._experts()]).to(compute_dtype)
+        w_down = torch.stack([expert.down.weight for expert in self._experts()]).to(compute_dtype)
         hidden = F.silu(grouped_mm(routed, w_up.transpose(-2, -1), offs=offsets))
         expert_out = grouped_mm(hidden, w_down.transpose(-2, -1), offs=offsets)
         return self._unsort_and_mix(expert_out, order, weights, flat)
 
-    def _sorted_loop_dispatch(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Fallback where grouped GEMMs are unavailable: one sort, one split (a single host sync)."""
-        self.dispatch_used = "sorted split (grouped_mm unavailable for this dtype/device)"
+    def _sorted_split_dispatch(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """One sort, one split by expert (a single host sync to read the group sizes), one matmul pair per expert."""
         order = expert_ids.flatten().argsort(stable=True)
         counts = expert_counts(expert_ids, self.num_experts).tolist()
         routed = flat[order // self.top_k].split(counts)
-        expert_out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, routed, strict=True)])
+        expert_out = torch.cat([expert(chunk) for expert, chunk in zip(self._experts(), routed, strict=True)])
         return self._unsort_and_mix(expert_out, order, weights, flat)
+
+    def _experts(self) -> list[Expert]:
+        return [expert for expert in self.experts if isinstance(expert, Expert)]
 
     def _unsort_and_mix(self, expert_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
                         flat: torch.Tensor) -> torch.Tensor:
@@ -122,9 +181,8 @@ class MixtureOfExperts(nn.Module):
 
     def _loop_dispatch(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """The public version's style: a boolean mask and a gather per expert, syncing on each."""
-        self.dispatch_used = "boolean-mask loop"
         out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
+        for e, expert in enumerate(self._experts()):
             token_idx, slot = (expert_ids == e).nonzero(as_tuple=True)
             if token_idx.numel() == 0:
                 continue

@@ -13,6 +13,9 @@ from torch import nn
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables, shape (max_seq_len, dim // 2), in float32."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, dim: int, max_seq_len: int, base: float = 10000.0) -> None:
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))

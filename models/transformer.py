@@ -13,10 +13,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.moe import MixtureOfExperts
 from experiment_config import ConfigError, ExperimentConfig
+from hardware import cuda_capability
+from models.attention import CausalSelfAttention
+from models.moe import MixtureOfExperts
 
-AttentionFactory = Callable[[ExperimentConfig, int], nn.Module]
+AttentionFactory = Callable[[ExperimentConfig, int], CausalSelfAttention]
 NORM_EPS = 1e-6
 INIT_STD = 0.02
 
@@ -24,7 +26,7 @@ INIT_STD = 0.02
 class TransformerBlock(nn.Module):
     """Pre-norm residual block around the attention module it is given and a shared MoE layer."""
 
-    def __init__(self, config: ExperimentConfig, attention: nn.Module) -> None:
+    def __init__(self, config: ExperimentConfig, attention: CausalSelfAttention) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.d_model, eps=NORM_EPS)
         self.attention = attention
@@ -59,17 +61,33 @@ class MoELanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.dropout(self.embed(input_ids))
         aux_total = x.new_zeros((), dtype=torch.float32)
-        for block in self.blocks:
+        for block in self.transformer_blocks():
             x, aux_loss = block(x)
             aux_total = aux_total + aux_loss
         return self.lm_head(self.norm(x)), aux_total
 
-    def attention_modules(self) -> list[nn.Module]:
-        return [block.attention for block in self.blocks]
+    def transformer_blocks(self) -> list[TransformerBlock]:
+        return [block for block in self.blocks if isinstance(block, TransformerBlock)]
+
+    def attention_modules(self) -> list[CausalSelfAttention]:
+        return [block.attention for block in self.transformer_blocks()]
+
+    def moe_layers(self) -> list[MixtureOfExperts]:
+        return [block.moe for block in self.transformer_blocks()]
+
+    def plan_moe_dispatch(self, device: torch.device, compute_dtype: torch.dtype) -> list[str]:
+        """Fix each MoE layer's dispatch path for this device and compute dtype before training (or
+        compiling), so the forward pass never queries the CUDA runtime. Returns the distinct paths."""
+        capability = cuda_capability(device)
+        return sorted({moe.plan(device, compute_dtype, capability) for moe in self.moe_layers()})
+
+    def moe_dispatch_used(self) -> list[str]:
+        """The MoE paths that really ran in the last forward passes."""
+        return sorted({moe.dispatch_used or "not run yet" for moe in self.moe_layers()})
 
     def attention_backends(self) -> list[str]:
         """The attention kernels that really ran in the last forward passes, as the modules recorded them."""
-        return sorted({getattr(m, "backend_used", None) or "not run yet" for m in self.attention_modules()})
+        return sorted({m.backend_used or "not run yet" for m in self.attention_modules()})
 
 
 def init_parameters(model: nn.Module, seed: int) -> None:

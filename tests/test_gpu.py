@@ -3,6 +3,7 @@ steps under autocast, and a sync-free MoE training step. Skipped as a whole with
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -13,7 +14,8 @@ from deepseek_modeling import DeepseekV3Attention, DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
 from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_installed, sdpa_causal_attention
-from models.moe import MixtureOfExperts
+from models.moe import GROUPED_FUSED, GROUPED_PER_GROUP, MASK_LOOP, SORTED_SPLIT, MixtureOfExperts
+from tests.moe_routing import force_uneven_routing
 from experiment_config import ExperimentConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -159,13 +161,16 @@ def test_flash_attn_path_calls_flash_attn_func(monkeypatch, attention_backend):
 # --------------------------------------------------------------------------------------------
 
 
+VOCAB_SIZE = 1000
+
+
 def _model_config(**changes) -> ExperimentConfig:
-    return ExperimentConfig(vocab_size=1000, n_layers=2, max_seq_len=128, **changes)
+    return ExperimentConfig(vocab_size=VOCAB_SIZE, n_layers=2, max_seq_len=128, **changes)
 
 
 def _train_step(model, config: ExperimentConfig) -> torch.Tensor:
     gen = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, config.vocab_size, (4, config.max_seq_len + 1), generator=gen).to(DEVICE)
+    tokens = torch.randint(0, VOCAB_SIZE, (4, config.max_seq_len + 1), generator=gen).to(DEVICE)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -187,12 +192,12 @@ def test_full_model_bf16_autocast_forward_backward(model_name, attention_backend
     model = cls(config).to(DEVICE)
     loss = _train_step(model, config)
     assert torch.isfinite(loss).item(), f"loss {loss.item()}"
-    assert math.log(config.vocab_size) * 0.5 < loss.item() < math.log(config.vocab_size) * 2
+    assert math.log(VOCAB_SIZE) * 0.5 < loss.item() < math.log(VOCAB_SIZE) * 2
     for name, p in model.named_parameters():
         assert p.grad is not None, f"no grad for {name}"
         assert torch.isfinite(p.grad).all().item(), f"non-finite grad for {name}"
     if model_name == "baseline":
-        expected = ["sdpa[auto]"]
+        expected = ["sdpa[FLASH_ATTENTION]"]  # pinned to the same kernel family as MLA
     elif attention_backend == "eager":
         expected = ["eager"]
     elif attention_backend == "flash-attn" or (attention_backend == "auto" and flash_attn_installed()):
@@ -203,7 +208,8 @@ def test_full_model_bf16_autocast_forward_backward(model_name, attention_backend
 
 
 # --------------------------------------------------------------------------------------------
-# (d) the MoE training step makes no host-device synchronisation
+# (d) the MoE: every dispatch path agrees with the loop in bf16; the auto path is sync-free where
+#     grouped_mm runs fused (sm90+), and says so where it cannot be (sm80/sm89)
 # --------------------------------------------------------------------------------------------
 
 
@@ -214,19 +220,52 @@ def _moe_step(moe: MixtureOfExperts, x: torch.Tensor) -> None:
     loss.backward()
 
 
-def test_moe_training_step_is_sync_free():
-    config = ExperimentConfig(vocab_size=1000)
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted"])
+def test_moe_dispatch_matches_loop_in_bf16_with_empty_experts_and_uneven_groups(dispatch):
+    config = ExperimentConfig(vocab_size=VOCAB_SIZE, router_noise_std=0.0, moe_dispatch=dispatch)
+    moe = MixtureOfExperts(config)
+    _randomize_(moe, seed=3)
+    force_uneven_routing(moe, config)
+    loop = copy.deepcopy(moe)
+    loop.dispatch = "loop"
+    moe, loop = moe.to(DEVICE).train(), loop.to(DEVICE).train()
+    x = torch.randn(4, 64, config.d_model, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    _moe_step(moe, x1)
+    _moe_step(loop, x2)
+    expected = {"grouped_mm": (GROUPED_FUSED, GROUPED_PER_GROUP), "sorted": (SORTED_SPLIT,)}[dispatch]
+    assert moe.dispatch_used in expected and loop.dispatch_used == MASK_LOOP
+    assert x1.grad is not None and x2.grad is not None
+    torch.testing.assert_close(x1.grad, x2.grad, atol=BF16_ATOL, rtol=BF16_RTOL)
+    for (name, pm), pl in zip(moe.named_parameters(), loop.parameters(), strict=True):
+        if pl.grad is None:  # an empty expert: the loop skipped it, the other path must give zeros
+            assert pm.grad is None or torch.count_nonzero(pm.grad) == 0, name
+        else:
+            assert pm.grad is not None, name
+            torch.testing.assert_close(pm.grad.float(), pl.grad.float(), atol=BF16_ATOL, rtol=BF16_RTOL, msg=name)
+    assert all(p.grad is None for p in loop.experts[0].parameters())  # expert 0 really was empty
+
+
+def test_moe_auto_dispatch_is_sync_free_on_sm90_and_the_recorded_fallback_elsewhere():
+    config = ExperimentConfig(vocab_size=VOCAB_SIZE)
     moe = MixtureOfExperts(config).to(DEVICE).train()
+    capability = torch.cuda.get_device_capability()
+    planned = moe.plan(torch.device(DEVICE), torch.bfloat16, capability)
     x = torch.randn(4, 128, config.d_model, device=DEVICE, requires_grad=True)
     _moe_step(moe, x)  # warm-up outside the check: lazy CUDA/cuBLAS initialisation is not the code under test
     moe.zero_grad(set_to_none=True)
     x.grad = None
     torch.cuda.synchronize()
-    try:
-        torch.cuda.set_sync_debug_mode("error")
+    if capability[0] in (9, 10):
+        assert planned == GROUPED_FUSED
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            _moe_step(moe, x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    else:  # sm80/sm89: grouped_mm would sync per call, so the one-sync sorted split runs, and is recorded
+        assert planned == SORTED_SPLIT
         _moe_step(moe, x)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
-    assert moe.dispatch_used == "grouped_mm", moe.dispatch_used
+    assert moe.dispatch_used == planned
     assert x.grad is not None and torch.isfinite(x.grad).all().item()

@@ -1,0 +1,85 @@
+"""Where the experiment runs: device choice, the card's name, precision, timing syncs and memory stats.
+
+Every call into the CUDA runtime (`torch.cuda.*`) that training, the benchmark and inference make
+lives here, so a CPU test can drive each CUDA branch with those calls monkeypatched, and mypy
+checks every name. Models and data never need this module; it needs only the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+
+import torch
+
+from experiment_config import ConfigError, ExperimentConfig
+
+BF16, FP32 = "bf16", "fp32"
+
+
+def resolve_device(config: ExperimentConfig) -> torch.device:
+    """config.device as a torch.device; auto means the CUDA GPU when one is visible, else the CPU."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {config.device} was asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device(config.device)
+
+
+def resolve_precision(config: ExperimentConfig, device: torch.device) -> str:
+    """bf16 or fp32; auto means bf16 autocast on CUDA and full fp32 on CPU."""
+    if config.precision == "auto":
+        return BF16 if device.type == "cuda" else FP32
+    return config.precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast on the device's own autocast (CUDA or CPU) for bf16; nothing for fp32."""
+    if precision == BF16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def precision_label(precision: str) -> str:
+    return "bf16 autocast" if precision == BF16 else "float32"
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) compute capability of a CUDA device; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major, minor
+
+
+def device_name(device: torch.device) -> str:
+    """The card with its compute capability, or the CPU with its core and thread counts."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm{major}{minor})"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work (a no-op on CPU), so host timers measure the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak GPU memory allocated by tensors since the last reset, in MiB; None on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def release_memory(device: torch.device) -> None:
+    """Return cached GPU blocks to the driver between runs, so one model's cache does not crowd the next."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
