@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# One-GPU check, under 8 minutes, nothing downloaded (works without `datasets` and `flash-attn`):
+# One-GPU check, under 9.5 minutes, nothing downloaded (works without `datasets` and `flash-attn`):
 #   1. the CUDA tests          (tests/test_gpu.py)                      -> OUTDIR/gpu_tests.log
 #   2. the benchmark           (python -m training.benchmark)           -> OUTDIR/benchmark.{json,log}
-#   3. the full experiment     (python exp6_trainer.py --offline)       -> OUTDIR/exp6_results, OUTDIR/experiment.log
+#   3. MoE dispatch, both ways (benchmark --moe-dispatch grouped_mm, then sorted; the deepseek step only)
+#                                                                       -> OUTDIR/dispatch_{grouped_mm,sorted}.{json,log}
+#   4. the full experiment     (python exp6_trainer.py --offline)       -> OUTDIR/exp6_results, OUTDIR/experiment.log
 # Every stage runs under `timeout`; a failed stage does not stop the later ones. The summary of exit
 # codes goes to stdout and OUTDIR/summary.txt; the script exits non-zero if any stage failed.
 #
 #   scripts/gpu_check.sh OUTDIR
 #
-# Environment: PYTHON (default: python3), TESTS_TIMEOUT / BENCHMARK_TIMEOUT / EXPERIMENT_TIMEOUT
-# in seconds (defaults 90 / 150 / 210: with the 5 s kill grace each, at most 7.8 minutes in all).
+# Environment: PYTHON (default: python3), TESTS_TIMEOUT / BENCHMARK_TIMEOUT / DISPATCH_TIMEOUT /
+# EXPERIMENT_TIMEOUT in seconds (defaults 90 / 150 / 45 each / 210: with the 5 s kill grace each, at
+# most 9.4 minutes in all). Stage 3 tells which MoE dispatch is faster on this card: on sm90+ grouped_mm
+# is the fused kernel; on sm80/sm89 it is PyTorch's per-group fallback, against the sorted split that
+# `--moe-dispatch auto` picks there.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -25,6 +30,7 @@ cd "$REPO_ROOT"
 PYTHON="${PYTHON:-python3}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-90}"
 BENCHMARK_TIMEOUT="${BENCHMARK_TIMEOUT:-150}"
+DISPATCH_TIMEOUT="${DISPATCH_TIMEOUT:-45}"
 EXPERIMENT_TIMEOUT="${EXPERIMENT_TIMEOUT:-210}"
 KILL_GRACE=5
 
@@ -90,6 +96,11 @@ run_stage "gpu tests" "$TESTS_TIMEOUT" "$OUTDIR/gpu_tests.log" \
     "$PYTHON" -m pytest tests/test_gpu.py -v -rA -p no:cacheprovider
 run_stage "benchmark" "$BENCHMARK_TIMEOUT" "$OUTDIR/benchmark.log" \
     "$PYTHON" -m training.benchmark --output "$OUTDIR/benchmark.json"
+for dispatch in grouped_mm sorted; do
+    run_stage "dispatch $dispatch" "$DISPATCH_TIMEOUT" "$OUTDIR/dispatch_$dispatch.log" \
+        "$PYTHON" -m training.benchmark --models deepseek --skip-public-style --moe-dispatch "$dispatch" \
+        --steps 10 --warmup 3 --seq-lens 256 --output "$OUTDIR/dispatch_$dispatch.json"
+done
 run_stage "experiment" "$EXPERIMENT_TIMEOUT" "$OUTDIR/experiment.log" \
     "$PYTHON" exp6_trainer.py --offline --output-dir "$OUTDIR/exp6_results" --cache-dir "$OUTDIR/data_cache"
 
@@ -103,7 +114,7 @@ failed=0
         elif [[ ${CODES[$i]} -ne 0 ]]; then
             status="FAILED"
         fi
-        printf '%-12s exit %-4s %5ss  %s\n' "${STAGES[$i]}" "${CODES[$i]}" "${SECS[$i]}" "$status"
+        printf '%-20s exit %-4s %5ss  %s\n' "${STAGES[$i]}" "${CODES[$i]}" "${SECS[$i]}" "$status"
     done
 } | tee "$OUTDIR/summary.txt"
 # the pipeline above runs in a subshell, so decide from the recorded codes here

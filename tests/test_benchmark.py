@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 import torch
@@ -127,12 +128,21 @@ def test_datasheet_peaks(name, expected):
 
 
 def test_peak_resolution():
+    """Datasheet first; a matmul is measured only for a card the table does not know."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    args = SimpleNamespace(peak_tflops=None)
-    assert benchmark.resolve_peak(args, cpu, "CPU", None)[0] is None
-    value, source = benchmark.resolve_peak(args, cuda, "NVIDIA H200", 700.0)
-    assert value == 989.4 and source.startswith("datasheet")
-    value, source = benchmark.resolve_peak(args, cuda, "Mystery card", 123.0)
-    assert value == 123.0 and source.startswith("measured")
-    value, source = benchmark.resolve_peak(SimpleNamespace(peak_tflops=50.0), cpu, "CPU", None)
+    args = argparse.Namespace(peak_tflops=None)
+    measured: list[str] = []
+
+    def measure(value: float) -> Callable[[], float]:
+        def run() -> float:
+            measured.append("measured")
+            return value
+        return run
+
+    assert benchmark.resolve_peak(args, cpu, "CPU", measure(1.0))[0] is None
+    value, source = benchmark.resolve_peak(args, cuda, "NVIDIA H200", measure(700.0))
+    assert value == 989.4 and source.startswith("datasheet") and measured == []
+    value, source = benchmark.resolve_peak(args, cuda, "Mystery card", measure(123.0))
+    assert value == 123.0 and source.startswith("measured") and measured == ["measured"]
+    value, source = benchmark.resolve_peak(argparse.Namespace(peak_tflops=50.0), cpu, "CPU", measure(1.0))
     assert value == 50.0 and source.startswith("user")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import statistics
 from pathlib import Path
 
 import matplotlib.image
@@ -12,18 +12,22 @@ import pytest
 import torch
 
 from data.dataset import prepare_data
-from exp6_baseline_attention_model import BaselineAttentionModel
+from deepseek_modeling import DeepseekV3FlashAttention2
+from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
 from exp6_flash_attention_model import FlashAttentionModel
-from training.experiment import MODEL_BUILDERS, run_experiment
+from experiment_config import ExperimentConfig
+from models.transformer import AttentionFactory, MoELanguageModel
+from training.experiment import MODEL_BUILDERS, ModelBuilder, run_experiment
 from training.optim import build_optimizers, build_schedulers, lr_factor, split_parameters
 from training.plots import LOSS_STEP_PLOT, VAL_TIME_PLOT
 from training.results import RESULTS_FILE
 from training.stats import paired_difference
 from training.trainer import new_run_record, train_model, training_step
+from tests.host_sync import HostSyncDetector, HostSyncError
 
 PUBLIC_KEYS = ("val_loss", "val_accuracy", "val_perplexity", "model_name", "training_time_minutes",
                "parameter_count", "parameters_millions")
-REPO = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
 
 
 def test_lr_schedule_warms_up_then_reaches_ten_percent_at_the_last_step(config):
@@ -36,24 +40,37 @@ def test_lr_schedule_warms_up_then_reaches_ten_percent_at_the_last_step(config):
     assert factors[524] == pytest.approx(0.55, abs=0.01)  # halfway through the cosine
 
 
-def test_schedulers_step_once_per_optimizer_step(config):
+def test_each_optimizer_step_uses_the_scheduled_lr_of_that_step(config):
+    """The LR applied at step s is base * lr_factor(s) for every s: a scheduler stepped twice per
+    optimizer step, or not at all, shows up mid-run (the end of the cosine alone cannot tell)."""
     cfg = config.replace(vocab_size=50, max_steps=20)
     model = FlashAttentionModel(cfg)
-    optimizers = build_optimizers(model, cfg)
+    optimizers = build_optimizers(model, cfg, CPU)
     schedulers = build_schedulers(optimizers, cfg)
     x = torch.randint(0, 50, (2, 8))
+    applied: list[tuple[float, float]] = []
     for _ in range(cfg.max_steps):
-        training_step(model, optimizers, schedulers, x, x, cfg)
-    assert optimizers[0].param_groups[0]["lr"] == pytest.approx(cfg.muon_lr * lr_factor(cfg.max_steps, cfg))
-    assert optimizers[1].param_groups[0]["lr"] == pytest.approx(cfg.adamw_lr * cfg.min_lr_ratio)
+        applied.append((optimizers[0].param_groups[0]["lr"], optimizers[1].param_groups[0]["lr"]))
+        training_step(model, optimizers, schedulers, x, x, cfg, CPU, "fp32")
+    expected = [(cfg.muon_lr * lr_factor(s, cfg), cfg.adamw_lr * lr_factor(s, cfg)) for s in range(cfg.max_steps)]
+    assert [lr for pair in applied for lr in pair] == pytest.approx([lr for pair in expected for lr in pair])
+    assert applied[-1][1] == pytest.approx(cfg.adamw_lr * cfg.min_lr_ratio)  # the last step runs at the floor
 
 
-def test_muon_gets_block_matrices_and_adamw_the_rest(config):
-    model = BaselineAttentionModel(config.replace(vocab_size=50))
+@pytest.mark.parametrize("model_cls", [BaselineAttentionModel, FlashAttentionModel])
+def test_muon_gets_exactly_the_block_matrices_and_adamw_the_rest(config, model_cls):
+    model = model_cls(config.replace(vocab_size=50))
     muon, adamw = split_parameters(model)
-    assert all(p.ndim == 2 for p in muon)
-    assert any(p is model.embed.weight for p in adamw)
-    assert not any(p is model.embed.weight for p in muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for p in muon}
+    expected = {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+    assert muon_names == expected and len(expected) > 0
+    assert any(".attention." in n for n in muon_names) and any(".experts." in n for n in muon_names)
+    assert any(".router." in n for n in muon_names)
+    adamw_names = {names[id(p)] for p in adamw}
+    assert "embed.weight" in adamw_names and "norm.weight" in adamw_names
+    assert all(p.ndim == 1 for n, p in model.named_parameters() if n in adamw_names and n != "embed.weight")
+    assert muon_names.isdisjoint(adamw_names)
     assert sum(p.numel() for p in muon + adamw) == sum(p.numel() for p in model.parameters())
 
 
@@ -98,11 +115,11 @@ def test_same_seed_twice_gives_identical_metrics_on_cpu(config):
     for _ in range(2):
         model = FlashAttentionModel(cfg, seed=5)
         record = new_run_record("deepseek", model, 5)
-        records.append(train_model(model, data, cfg, 5, torch.device("cpu"), record))
+        records.append(train_model(model, data, cfg, 5, CPU, record))
     assert records[0]["curve"]["val_loss"] == records[1]["curve"]["val_loss"]
     assert records[0]["curve"]["train_loss"] == records[1]["curve"]["train_loss"]
     model = FlashAttentionModel(cfg, seed=6)
-    other = train_model(model, data, cfg, 6, torch.device("cpu"), new_run_record("deepseek", model, 6))
+    other = train_model(model, data, cfg, 6, CPU, new_run_record("deepseek", model, 6))
     assert other["curve"]["val_loss"] != records[0]["curve"]["val_loss"]
 
 
@@ -172,16 +189,23 @@ def test_results_file_is_replaced_atomically(config, monkeypatch):
 
 
 def test_three_seeds_give_spread_and_paired_interval(config):
+    """The interval is recomputed here from the per-seed run records, independently of training.stats."""
     cfg = config.replace(seeds=(1, 2, 3), max_steps=3, eval_every=3)
     results = run_experiment(cfg, log=lambda _: None)
+    losses = {}
     for name in ("baseline", "deepseek"):
         assert [r["seed"] for r in results[name]["runs"]] == [1, 2, 3]
-        assert results[name]["val_loss_std"] is not None and results[name]["val_loss_std"] > 0
+        losses[name] = [r["val_loss"] for r in results[name]["runs"]]
+        assert results[name]["val_loss"] == pytest.approx(sum(losses[name]) / 3)
+        assert results[name]["val_loss_std"] == pytest.approx(statistics.stdev(losses[name]))
+    differences = [d - b for d, b in zip(losses["deepseek"], losses["baseline"], strict=True)]
     diff = results["comparison"]["val_loss"]
-    assert diff["seeds"] == [1, 2, 3] and len(diff["differences"]) == 3
-    low, high = diff["ci95"]
-    assert low <= diff["mean"] <= high
-    assert results["comparison"]["verdict"]
+    assert diff["seeds"] == [1, 2, 3] and diff["differences"] == pytest.approx(differences)
+    mean, half = statistics.mean(differences), 4.303 * statistics.stdev(differences) / math.sqrt(3)
+    assert diff["ci95"] == pytest.approx([mean - half, mean + half])
+    significant = not (mean - half <= 0 <= mean + half)
+    assert results["comparison"]["verdict"].startswith(
+        ("deepseek is better", "baseline is better") if significant else ("no significant difference",))
 
 
 def test_paired_interval_and_verdict():
@@ -196,45 +220,59 @@ def test_paired_interval_and_verdict():
     assert better["ci95"][1] - better["mean"] == pytest.approx(4.303 * sd / math.sqrt(3))
 
 
-def test_training_step_does_not_read_tensors_back_to_the_host(config, monkeypatch):
-    """CPU proxy for 'no host sync per step': our code calls no .item()/.tolist()/bool()/int() on tensors."""
+@pytest.mark.parametrize("model_cls", [BaselineAttentionModel, FlashAttentionModel])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_steps_need_no_host_sync(config, model_cls, precision):
+    """Outside logging steps the loop makes no host sync: no value read back, no data-dependent shape."""
     cfg = config.replace(vocab_size=50)
-    model = FlashAttentionModel(cfg)
-    optimizers, x = build_optimizers(model, cfg), torch.randint(0, 50, (2, 8))
+    model = model_cls(cfg)
+    model.plan_moe_dispatch(CPU, torch.bfloat16 if precision == "bf16" else torch.float32)
+    # the optimizers as built for CUDA (fused AdamW keeps its step count on the device; the CPU
+    # default reads it back with .item(), which is host memory there, not a sync)
+    optimizers, x = build_optimizers(model, cfg, torch.device("cuda")), torch.randint(0, 50, (2, 8))
     schedulers = build_schedulers(optimizers, cfg)
-    training_step(model, optimizers, schedulers, x, x, cfg)  # first step creates optimizer state
+    training_step(model, optimizers, schedulers, x, x, cfg, CPU, precision)  # creates the optimizer state
+    with HostSyncDetector():
+        losses = [training_step(model, optimizers, schedulers, x, x, cfg, CPU, precision) for _ in range(2)]
+    assert all(math.isfinite(loss.item()) for loss in losses)
 
-    def forbid(name):
-        original = getattr(torch.Tensor, name)
 
-        def guarded(self, *args, **kwargs):
-            caller = Path(sys._getframe(1).f_code.co_filename).resolve()
-            if REPO in caller.parents and ".venv" not in caller.parts:
-                raise AssertionError(f"host read-back {name} in {caller.name}:{sys._getframe(1).f_lineno}")
-            return original(self, *args, **kwargs)
+@pytest.mark.parametrize("dispatch,caught", [("loop", "nonzero"), ("sorted", "tolist")])
+def test_host_sync_detector_catches_syncing_moe_paths(config, dispatch, caught):
+    """The detector can fail: the public loop (nonzero per expert) and the sorted split (.tolist()) sync."""
+    cfg = config.replace(vocab_size=50, moe_dispatch=dispatch)
+    model = FlashAttentionModel(cfg)
+    x = torch.randint(0, 50, (2, 8))
+    with pytest.raises(HostSyncError, match=caught), HostSyncDetector():
+        model(x)
 
-        monkeypatch.setattr(torch.Tensor, name, guarded)
 
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy"):
-        forbid(name)
-    loss = training_step(model, optimizers, schedulers, x, x, cfg)
-    monkeypatch.undo()
-    assert math.isfinite(loss.item())
+def test_host_sync_detector_catches_bincount(config, monkeypatch):
+    """torch.bincount sizes its output from the data (a sync on CUDA); the MoE's counts must not use it."""
+    import models.moe
+
+    monkeypatch.setattr(models.moe, "expert_counts", lambda ids, n: torch.bincount(ids.flatten(), minlength=n))
+    model = FlashAttentionModel(config.replace(vocab_size=50))
+    with pytest.raises(HostSyncError, match="bincount"), HostSyncDetector():
+        model(torch.randint(0, 50, (2, 8)))
 
 
 def test_both_models_see_the_same_batches_in_the_same_order(config):
     seen: dict[str, list[torch.Tensor]] = {"baseline": [], "deepseek": []}
 
-    def recording(cls, name):
-        class Recording(cls):
-            def forward(self, input_ids):
+    def recording(name: str, attention: AttentionFactory) -> ModelBuilder:
+        class Recording(MoELanguageModel):
+            def __init__(self, config: ExperimentConfig, seed: int | None = None) -> None:
+                super().__init__(config, attention, seed=seed)
+
+            def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 if self.training:
                     seen[name].append(input_ids.clone())
                 return super().forward(input_ids)
         return Recording
 
-    builders = {"baseline": recording(BaselineAttentionModel, "baseline"),
-                "deepseek": recording(FlashAttentionModel, "deepseek")}
+    builders = {"baseline": recording("baseline", MultiHeadAttention),
+                "deepseek": recording("deepseek", DeepseekV3FlashAttention2)}
     run_experiment(config, builders=builders, log=lambda _: None)
     assert len(seen["baseline"]) == len(seen["deepseek"]) == config.max_steps + 1  # + the untimed warm-up pass
     for a, b in zip(seen["baseline"], seen["deepseek"], strict=True):

@@ -34,13 +34,15 @@ from torch import nn
 from deepseek_modeling import DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
 from exp6_flash_attention_model import FlashAttentionModel
+from models.attention import CausalSelfAttention
 from models.costs import attention_score_macs, cost_report
 from models.transformer import MoELanguageModel
-from experiment_config import ConfigError, ExperimentConfig, cpu_preset
-from training.experiment import device_name, resolve_device as experiment_device
+from experiment_config import MOE_DISPATCHES, PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
+from hardware import (FP32, autocast, device_name, peak_memory_mb, precision_label, release_memory, reset_peak_memory,
+                      resolve_device as experiment_device, resolve_precision, synchronize)
 from training.optim import build_optimizers, build_schedulers
 from training.results import write_json_atomic
-from training.trainer import autocast_for, synchronize, training_step
+from training.trainer import prepare_model, training_step
 
 DEFAULT_OUTPUT = "benchmark_results/benchmark.json"
 FULL_VOCAB_SIZE = 49152  # the SmolLM tokenizer the full experiment uses
@@ -63,7 +65,7 @@ DATASHEET_PEAK_TFLOPS: tuple[tuple[str, float, str], ...] = (
 )
 
 MODELS: dict[str, Callable[..., MoELanguageModel]] = {"baseline": BaselineAttentionModel, "deepseek": FlashAttentionModel}
-ATTENTION_MODULES: dict[str, Callable[[ExperimentConfig], nn.Module]] = {
+ATTENTION_MODULES: dict[str, Callable[[ExperimentConfig], CausalSelfAttention]] = {
     "MultiHeadAttention": lambda config: MultiHeadAttention(config, 0, backend="sdpa"),
     "DeepseekV3FlashAttention2": lambda config: DeepseekV3FlashAttention2(config.replace(attention_backend="auto"), 0),
 }
@@ -90,8 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "matmul when the card is not in the table; no MFU on CPU)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"JSON file to write (default {DEFAULT_OUTPUT})")
     parser.add_argument("--skip-public-style", action="store_true", help="do not time the public-style reference models")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                        help="which models' training steps to time (default: both)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="precision of the 'ours' models: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32; "
+                             "the public style always runs fp32")
+    parser.add_argument("--moe-dispatch", choices=MOE_DISPATCHES, default="auto",
+                        help="MoE dispatch of the 'ours' models (default auto, as in training); compare grouped_mm and "
+                             "sorted on a card without the fused grouped GEMM")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each block of the 'ours' models, as training does with --compile (CUDA only)")
+                        help="torch.compile each block of the 'ours' models, as training does with --compile "
+                             "(needs bf16: the default on CUDA, --precision bf16 on CPU)")
     return parser
 
 
@@ -119,19 +130,19 @@ def measure_matmul_tflops(device: torch.device, size: int = 8192, repeats: int =
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    torch.cuda.synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     del a, b
     return 2 * size**3 * repeats / seconds / 1e12
 
 
 def resolve_peak(args: argparse.Namespace, device: torch.device, device_name: str,
-                 measured: float | None) -> tuple[float | None, str]:
-    """The peak MFU is computed against, and where it comes from."""
+                 measure: Callable[[], float | None]) -> tuple[float | None, str]:
+    """The peak MFU is computed against, and where it comes from (a matmul is measured only for an unknown card)."""
     if args.peak_tflops is not None:
         if not args.peak_tflops > 0:
             raise SystemExit("error: --peak-tflops must be positive")
@@ -141,6 +152,7 @@ def resolve_peak(args: argparse.Namespace, device: torch.device, device_name: st
     entry = datasheet_peak_tflops(device_name)
     if entry is not None:
         return entry[0], f"datasheet (dense bf16): {entry[1]}"
+    measured = measure()
     if measured is not None:
         return measured, "measured (bf16 8192x8192 matmul on this card; not in the datasheet table)"
     return None, "unknown card: MFU not reported (pass --peak-tflops)"
@@ -161,64 +173,52 @@ def timed_runs(run: Callable[[int], None], steps: int, warmup: int, device: torc
 
 def _release(device: torch.device) -> None:
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _peak_memory_mb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    release_memory(device)
 
 
 # ----------------------------------------------------------------------------------------- model rows
 
 def make_public_style(model: MoELanguageModel) -> None:
     """The public version's style: per-expert boolean-mask MoE loop and eager attention (float32 is the caller's)."""
-    for block in model.blocks:
-        block.moe.dispatch = "loop"
-        block.attention.backend = "eager"
-
-
-def public_style_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
-                      inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
-    """training.trainer.training_step without autocast: the public version trains in float32."""
-    return training_step(model, optimizers, schedulers, inputs, targets, config, mixed_precision=False)
+    for moe in model.moe_layers():
+        moe.dispatch = "loop"
+    for attention in model.attention_modules():
+        attention.backend = "eager"
 
 
 def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, device: torch.device,
-                    steps: int, warmup: int, peak_tflops: float | None, compile_model: bool) -> dict[str, Any]:
-    """Median training-step time of one model variant and the numbers derived from it."""
+                    steps: int, warmup: int, peak_tflops: float | None) -> dict[str, Any]:
+    """Median training-step time of one model variant and the numbers derived from it.
+
+    "ours" is prepared and stepped exactly as training does (trainer.prepare_model and training_step);
+    the public style runs the same step in float32 with the reference MoE loop and eager attention.
+    """
     public = variant == "public style"
     torch.manual_seed(config.seed)
-    model = MODELS[model_name](config, seed=config.seed).to(device).train()
+    model = MODELS[model_name](config, seed=config.seed)
     if public:
+        config = config.replace(compile=False, precision=FP32, moe_dispatch="loop")
         make_public_style(model)
-    compiled = compile_model and not public
-    if compiled:  # as training/trainer.py does: per block, in place, so parameter names are unchanged
-        for block in model.blocks:
-            block.compile()
+    precision = resolve_precision(config, device)
+    prepare_model(model, config, device, precision)
     costs = cost_report(model, seq_len=config.max_seq_len)
     batch, seq = config.batch_size, config.max_seq_len
     tokens_per_step = batch * seq
 
+    assert config.vocab_size is not None  # run_benchmark always sets it
     generator = torch.Generator().manual_seed(config.seed)
     windows = [torch.randint(0, config.vocab_size, (batch, seq + 1), generator=generator)
                for _ in range(min(4, steps + warmup))]
     pool = [(w[:, :-1].contiguous().to(device), w[:, 1:].contiguous().to(device)) for w in windows]
 
-    step_fn = public_style_step if public else training_step  # ours: the trainer's own step
-    _reset_peak_memory(device)
-    optimizers = build_optimizers(model, config)
+    reset_peak_memory(device)
+    optimizers = build_optimizers(model, config, device)
     schedulers = build_schedulers(optimizers, config)
     losses: list[torch.Tensor] = []
 
     def one_step(i: int) -> None:
         x, y = pool[i % len(pool)]
-        losses.append(step_fn(model, optimizers, schedulers, x, y, config))
+        losses.append(training_step(model, optimizers, schedulers, x, y, config, device, precision))
 
     times = timed_runs(one_step, steps, warmup, device)
     loss = losses[-1]
@@ -230,9 +230,9 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
         "name": f"{model_name} ({'public style' if public else 'ours'})",
         "model": model_name,
         "variant": "public style" if public else "ours",
-        "precision": "float32" if public or device.type != "cuda" else "bf16 autocast",
-        "compiled": compiled,
-        "moe_dispatch": sorted({str(block.moe.dispatch_used) for block in model.blocks}),
+        "precision": precision_label(precision),
+        "compiled": config.compile,
+        "moe_dispatch": model.moe_dispatch_used(),
         "attention_backend": model.attention_backends(),
         "batch_size": batch,
         "seq_len": seq,
@@ -246,7 +246,7 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
         "training_flops_per_token": flops_per_token,
         "achieved_tflops": achieved,
         "mfu": achieved / peak_tflops if peak_tflops else None,
-        "peak_memory_mb": _peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device),
         "parameters_total": costs["parameters_total"],
         "last_loss": float(loss) if loss is not None else None,
     }
@@ -255,7 +255,7 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
 
 # ------------------------------------------------------------------------------------- attention rows
 
-def attention_flops_per_token(module: nn.Module, seq_len: int) -> float:
+def attention_flops_per_token(module: CausalSelfAttention, seq_len: int) -> float:
     """Forward + backward FLOPs per token of one attention module, counted as models/costs.py does."""
     linear_macs = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
     return 3 * 2 * (linear_macs + attention_score_macs(module, seq_len))
@@ -268,12 +268,13 @@ def benchmark_attention(module_name: str, config: ExperimentConfig, seq_len: int
     module = ATTENTION_MODULES[module_name](config).to(device).train()
     batch = max(1, ATTENTION_TOKENS["cuda" if device.type == "cuda" else "cpu"] // seq_len)
     x = torch.randn(batch, seq_len, config.d_model, device=device, requires_grad=True)
-    _reset_peak_memory(device)
+    precision = resolve_precision(config, device)
+    reset_peak_memory(device)
 
     def forward_backward(_: int) -> None:
         module.zero_grad(set_to_none=True)
         x.grad = None
-        with autocast_for(device):
+        with autocast(device, precision):
             out = module(x)
         out.float().sum().backward()
 
@@ -288,7 +289,7 @@ def benchmark_attention(module_name: str, config: ExperimentConfig, seq_len: int
         "seq_len": seq_len,
         "batch_size": batch,
         "tokens": tokens,
-        "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+        "precision": precision_label(precision),
         "backend_used": module.backend_used,
         "step_times_s": times,
         "median_fwd_bwd_s": median,
@@ -296,7 +297,7 @@ def benchmark_attention(module_name: str, config: ExperimentConfig, seq_len: int
         "flops_per_token": flops,
         "achieved_tflops": achieved,
         "mfu": achieved / peak_tflops if peak_tflops else None,
-        "peak_memory_mb": _peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device),
     }
     return row
 
@@ -379,20 +380,27 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     if any(s < 2 for s in seq_lens):
         parser.error("--seq-lens must all be >= 2")
-    if args.compile and not on_cuda:
-        parser.error("--compile needs a CUDA GPU (the compiled grouped-GEMM MoE is bf16-only), as in training")
-
     small = args.small or not on_cuda
     if small:
         config = cpu_preset(ExperimentConfig(vocab_size=SMALL_VOCAB_SIZE)).replace(batch_size=SMALL_BATCH_SIZE)
     else:
         config = ExperimentConfig(vocab_size=FULL_VOCAB_SIZE)
-    config = config.replace(device=str(device), compile=bool(args.compile)).validate()
+    config = config.replace(device=str(device), compile=bool(args.compile), precision=args.precision,
+                            moe_dispatch=args.moe_dispatch).validate()
+    precision = resolve_precision(config, device)
+    if args.compile and precision != "bf16":
+        parser.error("--compile needs bf16 (the grouped-GEMM MoE compiles only in bf16), as in training: "
+                     "add --precision bf16")
     attention_config = config.replace(max_seq_len=max(seq_lens))
 
     card = device_name(device)
-    measured = measure_matmul_tflops(device)
-    peak, peak_source = resolve_peak(args, device, card, measured)
+    measured: list[float | None] = []  # filled only if the card is not in the datasheet table
+
+    def measure() -> float | None:
+        measured.append(measure_matmul_tflops(device))
+        return measured[-1]
+
+    peak, peak_source = resolve_peak(args, device, card, measure)
     output = Path(args.output)
     results: dict[str, Any] = {
         "benchmark": "training step and attention fwd+bwd timings (python -m training.benchmark)",
@@ -410,9 +418,11 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
         "steps": steps,
         "warmup": warmup,
         "compile": bool(args.compile),
+        "precision": precision_label(precision),
+        "moe_dispatch_requested": config.moe_dispatch,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "peak_tflops": {"value": peak, "source": peak_source},
-        "measured_bf16_matmul_tflops": measured,
+        "measured_bf16_matmul_tflops": measured[0] if measured else None,
         "flops_note": "analytic matmul FLOPs of models/costs.py (forward + backward = 3x forward); MFU = achieved / peak",
         "public_style": "same model classes in float32 (no autocast), MoE dispatch 'loop' (per-expert boolean mask), "
                         "eager attention; speedup = public-style median step time / ours",
@@ -425,17 +435,17 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     print(f"Benchmark on {card}; shapes: {results['shapes']}; results: {output}", flush=True)
 
     variants = ["ours"] + ([] if args.skip_public_style else ["public style"])
-    for model_name in MODELS:
+    for model_name in args.models:
         for variant in variants:
             name = f"{model_name} ({variant})"
             print(f"  timing {name} ...", flush=True)
             results["rows"].append(_guarded(
-                lambda: benchmark_model(model_name, variant, config, device, steps, warmup, peak, args.compile),
+                lambda: benchmark_model(model_name, variant, config, device, steps, warmup, peak),
                 {"name": name, "model": model_name, "variant": variant}))
             _release(device)  # after the measurement's locals are gone, failed or not
             write_json_atomic(output, results)
     medians = {(r["model"], r["variant"]): r.get("median_step_s") for r in results["rows"]}
-    for model_name in MODELS:
+    for model_name in args.models:
         ours, public = medians.get((model_name, "ours")), medians.get((model_name, "public style"))
         if not args.skip_public_style:
             results["speedups"][model_name] = public / ours if ours and public else None

@@ -12,15 +12,17 @@ from experiment_config import ExperimentConfig
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(2-D weight matrices inside the blocks -> Muon, everything else -> AdamW)."""
-    muon, adamw = [], []
+    muon: list[nn.Parameter] = []
+    adamw: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         (muon if name.startswith("blocks.") and param.ndim == 2 else adamw).append(param)
     return muon, adamw
 
 
-def build_optimizers(model: nn.Module, config: ExperimentConfig) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module, config: ExperimentConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """Muon (Nesterov, momentum 0.95) and AdamW; AdamW runs its fused kernel on CUDA."""
     muon_params, adamw_params = split_parameters(model)
-    on_cuda = next(model.parameters()).is_cuda
+    on_cuda = device.type == "cuda"
     return [
         torch.optim.Muon(muon_params, lr=config.muon_lr, weight_decay=config.weight_decay, momentum=0.95,
                          nesterov=True, adjust_lr_fn="original"),

@@ -7,7 +7,6 @@ noticed. Training time excludes evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -20,6 +19,9 @@ from tqdm.auto import tqdm
 
 from data.dataset import TokenData, batch_starts, training_batch, validation_windows
 from experiment_config import ExperimentConfig
+from hardware import (BF16, autocast, peak_memory_mb, precision_label, reset_peak_memory, resolve_precision,
+                      synchronize)
+from models.transformer import MoELanguageModel
 from training.optim import build_optimizers, build_schedulers
 
 
@@ -29,19 +31,6 @@ class NonFiniteLoss(RuntimeError):
     def __init__(self, step: int) -> None:
         super().__init__(f"non-finite training loss at step {step}")
         self.step = step
-
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; full float32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work (a no-op on CPU), so host timers measure the work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -56,7 +45,7 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, precision: str) -> dict[str, float]:
     """Token-weighted loss, next-token accuracy and perplexity over the whole fixed validation set."""
     was_training = model.training
     model.eval()
@@ -64,7 +53,7 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(inputs), batch_size):
         x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
-        with autocast_for(device):
+        with autocast(device, precision):
             logits, _ = model(x)
         loss_sum += F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum")
         correct += (logits.argmax(dim=-1) == y).sum()
@@ -75,9 +64,9 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
 
 
 def forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig,
-                 mixed_precision: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, cross-entropy + weighted load-balancing loss) of one batch."""
-    with autocast_for(inputs.device) if mixed_precision else contextlib.nullcontext():
+    with autocast(device, precision):
         logits, aux_loss = model(inputs)
         ce_loss = language_model_loss(logits, targets)
         return ce_loss, ce_loss + config.load_balancing_weight * aux_loss
@@ -85,12 +74,10 @@ def forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
 
 def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
                   inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig,
-                  mixed_precision: bool = True) -> torch.Tensor:
-    """One optimizer step; returns the detached cross-entropy on the device (no host sync).
-
-    mixed_precision=False trains in float32 everywhere (the public version's style, for the benchmark).
-    """
-    ce_loss, loss = forward_loss(model, inputs, targets, config, mixed_precision)
+                  device: torch.device, precision: str) -> torch.Tensor:
+    """One optimizer step in `precision` (bf16 autocast or fp32); returns the detached cross-entropy
+    on the device (no host sync)."""
+    ce_loss, loss = forward_loss(model, inputs, targets, config, device, precision)
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -102,12 +89,14 @@ def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], sch
     return ce_loss.detach().float()
 
 
-def warm_up(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig) -> None:
+def warm_up(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig,
+            device: torch.device, precision: str) -> None:
     """One untimed forward and backward, gradients discarded and weights untouched, so one-time
-    costs (CUDA context, kernel selection, allocator growth) are not charged to whichever model runs first."""
-    forward_loss(model, inputs, targets, config)[1].backward()
+    costs (CUDA context, kernel selection, compilation, allocator growth) are not charged to whichever
+    model runs first."""
+    forward_loss(model, inputs, targets, config, device, precision)[1].backward()
     model.zero_grad(set_to_none=True)
-    synchronize(inputs.device)
+    synchronize(device)
 
 
 def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
@@ -116,12 +105,24 @@ def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
         "model_name": name, "seed": seed, "status": "running", "val_loss": None, "val_accuracy": None,
         "val_perplexity": None, "training_time_minutes": None, "parameter_count": params,
         "parameters_millions": round(params / 1e6, 3), "tokens_per_second": None, "tokens_seen": 0,
-        "peak_gpu_memory_mb": None, "attention_backend": None, "moe_dispatch": None,
+        "peak_gpu_memory_mb": None, "precision": None, "compiled": None, "attention_backend": None, "moe_dispatch": None,
         "curve": {"step": [], "training_seconds": [], "tokens_seen": [], "train_loss": [], "val_loss": [], "val_accuracy": []},
     }
 
 
-def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, seed: int,
+def prepare_model(model: MoELanguageModel, config: ExperimentConfig, device: torch.device, precision: str) -> None:
+    """Move to the device, fix each MoE layer's dispatch for the compute dtype, compile if asked.
+
+    Blocks are compiled one by one, in place, so parameter names (and the Muon/AdamW split) are unchanged.
+    """
+    model.to(device).train()
+    model.plan_moe_dispatch(device, torch.bfloat16 if precision == BF16 else torch.float32)
+    if config.compile:
+        for block in model.transformer_blocks():
+            block.compile()
+
+
+def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConfig, seed: int,
                 device: torch.device, record: dict[str, Any]) -> dict[str, Any]:
     """Train `model` for config.max_steps optimizer steps, filling `record` as it goes.
 
@@ -129,23 +130,21 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
     (NonFiniteLoss, KeyboardInterrupt).
     """
     torch.manual_seed(seed)  # dropout and router noise: the same stream for both models
-    model.to(device).train()
-    if config.compile:  # per block, in place, so parameter names (and the Muon/AdamW split) are unchanged
-        for block in model.blocks:
-            block.compile()
-    optimizers = build_optimizers(model, config)
+    precision = resolve_precision(config, device)
+    prepare_model(model, config, device, precision)
+    record.update(precision=precision_label(precision), compiled=config.compile)
+    optimizers = build_optimizers(model, config, device)
     schedulers = build_schedulers(optimizers, config)
     train_tokens = data.train.to(device)
     starts = batch_starts(len(data.train), config, seed).to(device)
     val_x, val_y = (t.to(device) for t in validation_windows(data.val, config.max_seq_len))
     tokens_per_step = config.batch_size * config.max_seq_len
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
 
     curve = record["curve"]
 
     def add_point(step: int, seconds: float, train_loss: float | None) -> dict[str, float]:
-        metrics = evaluate(model, val_x, val_y, config.batch_size, device)
+        metrics = evaluate(model, val_x, val_y, config.batch_size, device, precision)
         for key, value in (("step", step), ("training_seconds", seconds), ("tokens_seen", step * tokens_per_step),
                            ("train_loss", train_loss), ("val_loss", metrics["val_loss"]),
                            ("val_accuracy", metrics["val_accuracy"])):
@@ -153,7 +152,7 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
         record["attention_backend"] = model.attention_backends()
         return metrics
 
-    warm_up(model, *training_batch(train_tokens, starts[0], config.max_seq_len), config)
+    warm_up(model, *training_batch(train_tokens, starts[0], config.max_seq_len), config, device, precision)
     torch.manual_seed(seed)  # reseed: training's random stream must not depend on the warm-up
     add_point(0, 0.0, None)  # curves start at 0 s, before any update
     loss_sum = torch.zeros((), device=device)
@@ -166,7 +165,7 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
     try:
         for step in range(config.max_steps):
             x, y = training_batch(train_tokens, starts[step], config.max_seq_len)
-            loss_detached = training_step(model, optimizers, schedulers, x, y, config)
+            loss_detached = training_step(model, optimizers, schedulers, x, y, config, device, precision)
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_detached),
                                          torch.full_like(first_bad_step, step), first_bad_step)
             loss_sum += loss_detached
@@ -179,8 +178,12 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
                 seconds = training_seconds + (now - segment_start)
                 if (bad := int(first_bad_step)) >= 0:
                     raise NonFiniteLoss(bad)
-                progress.update(done - progress.n)
-                progress.set_postfix(loss=f"{loss_detached.item():.3f}", tok_s=f"{done * tokens_per_step / seconds:,.0f}")
+                progress.set_postfix(loss=f"{loss_detached.item():.3f}", tok_s=f"{done * tokens_per_step / seconds:,.0f}",
+                                     refresh=False)
+                if done < config.max_steps:
+                    progress.update(done - progress.n)
+                else:
+                    progress.n = done  # close() draws the final 100% line, once
                 if is_eval:
                     training_seconds = seconds
                     mean_train = (loss_sum / steps_in_window).item()
@@ -202,8 +205,8 @@ def train_model(model: nn.Module, data: TokenData, config: ExperimentConfig, see
         training_seconds=training_seconds,
         training_time_minutes=training_seconds / 60,
         tokens_per_second=record["tokens_seen"] / training_seconds if training_seconds > 0 else None,
-        peak_gpu_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        moe_dispatch=sorted({block.moe.dispatch_used for block in model.blocks}),
+        peak_gpu_memory_mb=peak_memory_mb(device),
+        moe_dispatch=model.moe_dispatch_used(),
         validation_set=f"all {len(val_x)} non-overlapping {config.max_seq_len}-token windows of the validation split",
     )
     return record

@@ -1,0 +1,84 @@
+"""Run code written for a CUDA GPU on the CPU, so every `device.type == "cuda"` branch executes here.
+
+Two parts:
+- the CUDA runtime calls the project makes (`torch.cuda.is_available`, `get_device_name`,
+  `get_device_capability`, `synchronize`, peak-memory stats, `empty_cache`) are replaced by
+  recorders that answer like a chosen card; a call to a name torch.cuda does not have fails, as it
+  would on a GPU;
+- a TorchFunctionMode rewrites every device argument that names CUDA to the CPU, so tensors and
+  modules "moved to cuda" stay on the CPU and the arithmetic really runs.
+What it cannot rehearse: CUDA kernels themselves (autocast("cuda") is entered, but CPU tensors do
+not pass through CUDA autocast, so the arithmetic stays fp32); CPU bf16 tests cover the mixed
+precision math and tests/test_gpu.py the kernels on a real GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+FAKE_PEAK_MEMORY_BYTES = 512 * 2**20
+
+
+@dataclass
+class FakeCudaCalls:
+    """What the code asked of the CUDA runtime."""
+
+    name: str
+    capability: tuple[int, int]
+    synchronize: list[Any] = field(default_factory=list)
+    reset_peak: list[Any] = field(default_factory=list)
+    peak_reads: list[Any] = field(default_factory=list)
+    empty_cache: int = 0
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(value, str) and value.startswith("cuda"):
+        return "cpu"
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
+class CudaOnCpu(TorchFunctionMode):
+    """Every torch function called with a CUDA device argument gets the CPU instead (but torch.device
+    itself still makes a CUDA device object, so `device.type == "cuda"` branches are taken)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        if func is torch.device:
+            return func(*args, **(kwargs or {}))
+        return func(*_on_cpu(args), **{k: _on_cpu(v) for k, v in (kwargs or {}).items()})
+
+
+def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, name: str = "NVIDIA GeForce RTX 4090",
+                      capability: tuple[int, int] = (8, 9)) -> FakeCudaCalls:
+    """Patch torch.cuda to answer like `name`; returns the record of the calls made."""
+    calls = FakeCudaCalls(name=name, capability=capability)
+
+    def max_memory_allocated(device: Any = None) -> int:
+        calls.peak_reads.append(device)
+        return FAKE_PEAK_MEMORY_BYTES
+
+    replacements: dict[str, Any] = {
+        "is_available": lambda: True,
+        "device_count": lambda: 1,
+        "current_device": lambda: 0,
+        "is_bf16_supported": lambda including_emulation=True: True,  # asked by torch.autocast("cuda", bfloat16)
+        "get_device_name": lambda device=None: name,
+        "get_device_capability": lambda device=None: capability,
+        "synchronize": lambda device=None: calls.synchronize.append(device),
+        "reset_peak_memory_stats": lambda device=None: calls.reset_peak.append(device),
+        "max_memory_allocated": max_memory_allocated,
+        "empty_cache": lambda: setattr(calls, "empty_cache", calls.empty_cache + 1),
+    }
+    for attribute, replacement in replacements.items():
+        assert hasattr(torch.cuda, attribute), f"torch.cuda.{attribute} does not exist"
+        monkeypatch.setattr(torch.cuda, attribute, replacement)
+    return calls

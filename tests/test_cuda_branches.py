@@ -1,0 +1,105 @@
+"""Every CUDA-only branch of the experiment, trainer and benchmark, driven on the CPU with the CUDA
+runtime calls monkeypatched (tests/fake_cuda.py). A misspelt torch.cuda call, a wrong argument or
+a branch that crashes fails here, not on a user's first GPU run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import hardware
+from experiment_config import ExperimentConfig
+from exp6_flash_attention_model import FlashAttentionModel
+from models.moe import GROUPED_FUSED, SORTED_SPLIT
+from tests.fake_cuda import FAKE_PEAK_MEMORY_BYTES, CudaOnCpu, install_fake_cuda
+from training import benchmark
+from training.experiment import run_experiment
+from training.optim import build_optimizers
+from training.results import RESULTS_FILE
+
+CUDA = torch.device("cuda")
+# PyTorch disables autocast("cuda") on a CPU-only build, with a warning; the CPU bf16 tests cover the math.
+pytestmark = pytest.mark.filterwarnings("ignore:.*CUDA is not available.*:UserWarning",
+                                        "ignore:.*autocast.*:UserWarning")
+
+
+def test_hardware_helpers_call_the_cuda_runtime(monkeypatch):
+    calls = install_fake_cuda(monkeypatch, "NVIDIA H200", (9, 0))
+    assert hardware.device_name(CUDA) == "NVIDIA H200 (sm90)"
+    assert hardware.cuda_capability(CUDA) == (9, 0)
+    hardware.synchronize(CUDA)
+    hardware.reset_peak_memory(CUDA)
+    assert hardware.peak_memory_mb(CUDA) == FAKE_PEAK_MEMORY_BYTES / 2**20
+    hardware.release_memory(CUDA)
+    assert calls.synchronize == [CUDA] and calls.reset_peak == [CUDA] and calls.empty_cache == 1
+    assert hardware.resolve_precision(hardware_config("auto"), CUDA) == "bf16"
+    assert hardware.resolve_device(hardware_config("auto")) == CUDA
+
+
+def hardware_config(precision: str) -> ExperimentConfig:
+    return ExperimentConfig(precision=precision)
+
+
+@pytest.mark.parametrize("capability,path", [((8, 9), SORTED_SPLIT), ((9, 0), GROUPED_FUSED)])
+def test_moe_plan_for_the_card(monkeypatch, config, capability, path):
+    install_fake_cuda(monkeypatch, capability=capability)
+    model = FlashAttentionModel(config.replace(vocab_size=50))
+    assert model.plan_moe_dispatch(CUDA, torch.bfloat16) == [path]
+
+
+def test_adamw_is_fused_on_cuda(config):
+    model = FlashAttentionModel(config.replace(vocab_size=50))
+    _, adamw = build_optimizers(model, config, CUDA)
+    assert adamw.defaults["fused"] is True
+    _, adamw_cpu = build_optimizers(model, config, torch.device("cpu"))
+    assert not adamw_cpu.defaults["fused"]
+
+
+@pytest.mark.parametrize("card,capability", [("NVIDIA GeForce RTX 4090", (8, 9)), ("NVIDIA H200", (9, 0))])
+def test_experiment_cuda_branches(monkeypatch, config, card, capability):
+    calls = install_fake_cuda(monkeypatch, card, capability)
+    lines: list[str] = []
+    with CudaOnCpu():
+        results = run_experiment(config.replace(device="cuda"), log=lines.append)
+    written = json.loads((Path(config.output_dir) / RESULTS_FILE).read_text())
+    header = written["experiment"]
+    major, minor = capability
+    assert header["device"] == "cuda" and header["device_name"] == f"{card} (sm{major}{minor})"
+    assert header["precision"] == "bf16 autocast" and header["status"] == "completed"
+    assert any(f"{card} (sm{major}{minor})" in line for line in lines)
+    for name in ("baseline", "deepseek"):
+        run = written[name]["runs"][0]
+        assert run["status"] == "completed" and run["peak_gpu_memory_mb"] == FAKE_PEAK_MEMORY_BYTES / 2**20
+        assert run["precision"] == "bf16 autocast"
+    assert len(calls.reset_peak) == 2 and len(calls.peak_reads) == 2  # once per model run
+    assert calls.empty_cache == 2  # GPU memory released after each model run
+    assert len(calls.synchronize) >= 2 * (config.max_steps // config.log_every)  # timing syncs at logging steps
+    assert all(device == CUDA for device in calls.synchronize)
+    assert results["comparison"]["verdict"]
+
+
+def test_benchmark_cuda_branches(monkeypatch, tmp_path):
+    calls = install_fake_cuda(monkeypatch)
+    output = tmp_path / "bench.json"
+    with CudaOnCpu():
+        results = benchmark.run_benchmark(["--device", "cuda", "--small", "--steps", "1", "--warmup", "0",
+                                           "--seq-lens", "16", "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["status"] == "completed", saved["failed"]
+    assert saved["device_name"] == "NVIDIA GeForce RTX 4090 (sm89)"
+    assert saved["peak_tflops"]["value"] == 165.2 and saved["measured_bf16_matmul_tflops"] is None
+    for row in saved["rows"] + saved["attention_rows"]:
+        assert row["peak_memory_mb"] == FAKE_PEAK_MEMORY_BYTES / 2**20 and row["mfu"] is not None and row["mfu"] > 0
+    ours = [r for r in saved["rows"] if r["variant"] == "ours"]
+    assert all(r["precision"] == "bf16 autocast" for r in ours)
+    assert calls.synchronize and calls.reset_peak and calls.empty_cache >= len(results["rows"])
+
+
+def test_benchmark_matmul_measurement_runs_its_cuda_branch(monkeypatch):
+    calls = install_fake_cuda(monkeypatch, "Mystery card", (12, 0))
+    with CudaOnCpu():
+        tflops = benchmark.measure_matmul_tflops(CUDA, size=64, repeats=2)
+    assert tflops is not None and tflops > 0 and len(calls.synchronize) == 2
