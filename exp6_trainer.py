@@ -9,13 +9,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from experiment_config import ATTENTION_BACKENDS, MOE_DISPATCHES, PRECISIONS, PRESETS, ConfigError, ExperimentConfig
 
 
+FULL_DEFAULTS = PRESETS["full"](ExperimentConfig())
+CPU_DEFAULTS = PRESETS["cpu"](ExperimentConfig())
+
+
+def _number(value: object) -> str:
+    return f"{value:,}" if isinstance(value, int) and value >= 10_000 else str(value)
+
+
+def _default(field: str) -> str:
+    """'default 1000; CPU preset 300', read from the config and the CPU preset, never written out by hand."""
+    full, cpu = getattr(FULL_DEFAULTS, field), getattr(CPU_DEFAULTS, field)
+    if full == cpu:
+        return f"default {_number(full)}, both presets"
+    return f"default {_number(full)}; CPU preset {_number(cpu)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    seeds = " ".join(str(s) for s in FULL_DEFAULTS.run_seeds)
     parser = argparse.ArgumentParser(
         description="Train the same small MoE language model twice, once with standard multi-head attention and "
                     "once with DeepSeek-V3 Multi-head Latent Attention, and compare validation loss, speed and cost.",
@@ -23,20 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="full: the experiment as published (default on CUDA); "
                         "cpu: a scaled-down run that finishes in minutes on 2 cores (default without CUDA)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per model (max_steps)")
-    parser.add_argument("--batch-size", type=int, help="sequences per optimizer step")
-    parser.add_argument("--seq-len", type=int, help="tokens per training window (max_seq_len)")
-    parser.add_argument("--eval-every", type=int, help="steps between validation passes")
-    parser.add_argument("--max-tokens", type=int, help="tokens in the corpus (train + validation)")
-    parser.add_argument("--num-documents", type=int, help="documents read from the corpus before tokenizing")
-    parser.add_argument("--seeds", type=int, nargs="+", help="train both models once per seed, e.g. --seeds 42 43 44")
-    parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps per model ({_default('max_steps')})")
+    parser.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per optimizer step ({_default('batch_size')})")
+    parser.add_argument("--seq-len", type=int, metavar="N", help=f"tokens per training window ({_default('max_seq_len')})")
+    parser.add_argument("--eval-every", type=int, metavar="N",
+                        help=f"steps between validation passes ({_default('eval_every')}; never more than --steps)")
+    parser.add_argument("--max-tokens", type=int, metavar="N",
+                        help=f"tokens in the corpus, train + validation ({_default('max_tokens')})")
+    parser.add_argument("--num-documents", type=int, metavar="N",
+                        help=f"documents read from the corpus before tokenizing ({_default('num_documents')})")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help=f"train both models once per seed, e.g. --seeds 42 43 44 (default {seeds})")
+    parser.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {FULL_DEFAULTS.device})")
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
-                        help="kernel for the MLA model: auto (flash-attn if installed, else SDPA), flash-attn, sdpa, eager")
+                        help="kernel for the MLA model: auto (flash-attn if installed, else SDPA), flash-attn, sdpa, eager "
+                             f"(default {FULL_DEFAULTS.attention_backend})")
     parser.add_argument("--precision", choices=PRECISIONS,
-                        help="auto (default): bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU rehearses the GPU's mixed precision")
+                        help=f"default {FULL_DEFAULTS.precision}; auto: bf16 autocast on CUDA, fp32 on CPU; "
+                             "bf16 on CPU rehearses the GPU's mixed precision")
     parser.add_argument("--moe-dispatch", choices=MOE_DISPATCHES,
-                        help="how tokens reach their experts: auto (default) picks grouped_mm where it runs as one fused "
+                        help=f"how tokens reach their experts (default {FULL_DEFAULTS.moe_dispatch}): auto picks grouped_mm where it runs as one fused "
                              "kernel (sm90+ in bf16, or CPU) and the one-sync sorted split elsewhere (e.g. RTX 4090, A100); "
                              "loop is the public version's per-expert mask loop")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (CUDA, or CPU with --precision bf16; "
@@ -44,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", metavar="PATH", help="your own .txt, .jsonl or .parquet file instead of the Hub corpus")
     parser.add_argument("--offline", action="store_true", help="do not contact the Hub: use the built-in offline corpus (or your --data file) "
                         "with a tokenizer trained on it")
-    parser.add_argument("--output-dir", help="where the JSON and plots go (default exp6_results)")
-    parser.add_argument("--cache-dir", help="where tokenized data is cached (default data_cache)")
+    parser.add_argument("--output-dir", help=f"where the JSON and plots go (default {FULL_DEFAULTS.output_dir}); "
+                        "one run at a time per folder")
+    parser.add_argument("--cache-dir", help=f"where tokenized data is cached (default {FULL_DEFAULTS.cache_dir})")
     return parser
 
 
@@ -77,17 +102,23 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from training.experiment import run_experiment  # after argparse, so --help is instant
+    from training.results import RESULTS_FILE, RunTerminated
 
+    saved = ""
     try:
         config, notice = config_from_args(args, torch.cuda.is_available())
+        saved = f"; any runs that finished are in {Path(config.output_dir) / RESULTS_FILE}"
         if notice:
             print(notice)
         run_experiment(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunTerminated:  # SIGTERM, turned into an exception by run_experiment: 128 + 15, as the shell reports it
+        print(f"Stopped by SIGTERM{saved}.", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("Stopped by Ctrl-C.", file=sys.stderr)
+        print(f"Stopped by Ctrl-C{saved}.", file=sys.stderr)
         return 130
     return 0
 

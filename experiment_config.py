@@ -8,6 +8,7 @@ its users can map settings one to one; the MLA fields are DeepSeek-V3's names.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +111,7 @@ class ExperimentConfig:
             (self.num_experts > 0, f"num_experts={self.num_experts} must be positive"),
             (1 <= self.expert_top_k <= self.num_experts,
              f"expert_top_k={self.expert_top_k} must be between 1 and num_experts={self.num_experts}"),
-            (self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len} must be at least 2"),
+            (self.max_seq_len >= 2, f"--seq-len {self.max_seq_len}: must be at least 2"),
             (0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
             (self.router_noise_std >= 0, "router_noise_std must be >= 0"),
             (self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be positive or None"),
@@ -120,35 +121,45 @@ class ExperimentConfig:
             (self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
              f"qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number (RoPE rotates pairs)"),
             (self.v_head_dim > 0, f"v_head_dim={self.v_head_dim} must be positive"),
-            (self.batch_size > 0, f"batch_size={self.batch_size} must be positive; use --batch-size N with N >= 1"),
-            (self.max_steps > 0, f"max_steps={self.max_steps} must be positive; use --steps N with N >= 1"),
-            (self.eval_every > 0, f"eval_every={self.eval_every} must be positive"),
+            (self.batch_size > 0, f"--batch-size {self.batch_size}: must be at least 1"),
+            (self.max_steps > 0, f"--steps {self.max_steps}: must be at least 1"),
+            (self.eval_every > 0, f"--eval-every {self.eval_every}: must be at least 1"),
             (self.log_every > 0, f"log_every={self.log_every} must be positive"),
             (self.muon_lr > 0 and self.adamw_lr > 0, "muon_lr and adamw_lr must be positive"),
             (self.weight_decay >= 0 and self.grad_clip > 0, "weight_decay must be >= 0 and grad_clip > 0"),
             (0.0 <= self.warmup_fraction < 1.0, f"warmup_fraction={self.warmup_fraction} must be in [0, 1)"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"),
             (0.0 < self.val_fraction < 1.0, f"val_fraction={self.val_fraction} must be in (0, 1)"),
-            (self.num_documents > 0 and self.max_chars_per_doc > 0, "num_documents and max_chars_per_doc must be positive"),
+            (self.num_documents > 0, f"--num-documents {self.num_documents}: must be at least 1"),
+            (self.max_chars_per_doc > 0, f"max_chars_per_doc={self.max_chars_per_doc} must be positive"),
             (self.vocab_size is None or self.vocab_size > 1, "vocab_size must be > 1 or None"),
             (self.attention_backend in ATTENTION_BACKENDS,
-             f"attention_backend={self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"),
+             f"--attention-backend {self.attention_backend}: must be one of {', '.join(ATTENTION_BACKENDS)}"),
             (self.precision in PRECISIONS,
-             f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}; use --precision auto|bf16|fp32"),
+             f"--precision {self.precision}: must be one of {', '.join(PRECISIONS)}"),
             (self.moe_dispatch in MOE_DISPATCHES,
-             f"moe_dispatch={self.moe_dispatch!r} is not one of {', '.join(MOE_DISPATCHES)}; use --moe-dispatch"),
+             f"--moe-dispatch {self.moe_dispatch}: must be one of {', '.join(MOE_DISPATCHES)}"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-             f"device={self.device!r} must be auto, cpu, cuda or cuda:N"),
-            (len(set(self.run_seeds)) == len(self.run_seeds), f"seeds {list(self.run_seeds)} contain duplicates"),
+             f"--device {self.device}: must be auto, cpu, cuda or cuda:N"),
+            (len(set(self.run_seeds)) == len(self.run_seeds),
+             f"--seeds {' '.join(map(str, self.run_seeds))}: a seed is repeated; give each seed once"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        needed = 2 * (self.max_seq_len + 1)
-        if self.max_tokens < needed or min(self.val_fraction, 1 - self.val_fraction) * self.max_tokens < self.max_seq_len + 1:
+        window = self.max_seq_len + 1
+        smaller_part = min(self.val_fraction, 1 - self.val_fraction)
+
+        def enough(tokens: int) -> bool:
+            return tokens >= 2 * window and smaller_part * tokens >= window
+
+        if not enough(self.max_tokens):
+            needed = max(2 * window, math.ceil(window / smaller_part))
+            while not enough(needed):  # guard against rounding in the division
+                needed += 1
             raise ConfigError(
-                f"max_tokens={self.max_tokens} is too few for one training and one validation window of "
-                f"{self.max_seq_len + 1} tokens; raise --max-tokens or lower --seq-len"
+                f"--max-tokens {self.max_tokens}: too few for one training and one validation window of "
+                f"{window} tokens (--seq-len {self.max_seq_len} + 1); use --max-tokens {needed} or more, or lower --seq-len"
             )
         return self
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from exp6_trainer import build_parser, config_from_args, main
-from experiment_config import ConfigError, ExperimentConfig
+from experiment_config import PRESETS, ConfigError, ExperimentConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def test_no_arguments_runs_full_on_cuda_and_the_labelled_cpu_preset_without():
     full, notice = config_from_args(args, cuda_available=True)
     assert full.preset == "full" and full.max_steps == 1000 and notice is None
     cpu, notice = config_from_args(args, cuda_available=False)
-    assert cpu.preset == "cpu" and "CPU preset" in notice and cpu.max_steps < full.max_steps
+    assert cpu.preset == "cpu" and notice is not None and "CPU preset" in notice and cpu.max_steps < full.max_steps
     forced, _ = config_from_args(build_parser().parse_args(["--preset", "full", "--device", "cpu"]), cuda_available=False)
     assert forced.preset == "full"
 
@@ -46,11 +46,13 @@ def test_options_reach_the_config():
 @pytest.mark.parametrize("change,message", [
     ({"n_heads": 3}, "not divisible by n_heads"),
     ({"expert_top_k": 9}, "expert_top_k=9"),
-    ({"max_steps": 0}, "max_steps=0"),
-    ({"batch_size": -1}, "batch_size=-1"),
-    ({"max_tokens": 100}, "too few"),
+    ({"max_steps": 0}, "--steps 0: must be at least 1"),
+    ({"batch_size": -1}, "--batch-size -1"),
+    ({"max_tokens": 100}, "--max-tokens 100: too few"),
     ({"qk_nope_head_dim": 0}, "shares one rotary key"),
-    ({"attention_backend": "magic"}, "attention_backend"),
+    ({"attention_backend": "magic"}, "--attention-backend magic"),
+    ({"precision": "fp8"}, "--precision fp8"),
+    ({"moe_dispatch": "magic"}, "--moe-dispatch magic"),
 ])
 def test_impossible_configs_fail_validation(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -63,12 +65,12 @@ def _run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--steps", "0"], "max_steps=0"),
-    (["--batch-size", "0"], "batch_size=0"),
+    (["--steps", "0"], "--steps 0"),
+    (["--batch-size", "0"], "--batch-size 0"),
     (["--attention-backend", "flash-attn"], "pip install flash-attn"),
     (["--device", "cuda"], "no CUDA GPU"),
     (["--data", "/nonexistent/corpus.txt"], "no such file"),
-    (["--compile", "--device", "cpu"], "--compile needs a CUDA GPU"),
+    (["--compile", "--device", "cpu"], "--compile needs bf16"),  # fp32 on CPU; --precision bf16 allows it
 ])
 def test_bad_input_exits_nonzero_with_one_line_before_training(args, message, tmp_path):
     out = tmp_path / "out"
@@ -101,3 +103,68 @@ def test_help_names_every_option():
     text = build_parser().format_help()
     for option in ("--preset", "--steps", "--batch-size", "--device", "--attention-backend", "--data", "--output-dir", "--seeds"):
         assert option in text
+
+
+def _option_help(option: str) -> str:
+    """The help text --help prints for one option, on one line (argparse wraps it over several)."""
+    lines = build_parser().format_help().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(f"  {option} ") or line == f"  {option}":
+            block = [line]
+            for more in lines[i + 1:]:
+                if not more.startswith(" " * 6):  # the next option (2 spaces) or the end of the list
+                    break
+                block.append(more)
+            return " ".join(" ".join(block).split())
+    raise AssertionError(f"{option} is not in --help")
+
+
+@pytest.mark.parametrize("option,field", [
+    ("--steps", "max_steps"), ("--eval-every", "eval_every"), ("--max-tokens", "max_tokens"),
+    ("--batch-size", "batch_size"), ("--seq-len", "max_seq_len"),
+])
+def test_help_shows_the_default_and_the_cpu_presets_value(option, field):
+    full, cpu = PRESETS["full"](ExperimentConfig()), PRESETS["cpu"](ExperimentConfig())
+    assert getattr(full, field) != getattr(cpu, field)  # otherwise this test would not tell them apart
+    text = _option_help(option)
+
+    def number(value: int) -> str:
+        return f"{value:,}" if value >= 10_000 else str(value)
+
+    assert f"default {number(getattr(full, field))}; CPU preset {number(getattr(cpu, field))}" in text, text
+
+
+def test_help_defaults_are_the_published_values():
+    """The numbers a user reads in --help: the experiment's and the CPU preset's."""
+    assert "default 1000; CPU preset 300" in _option_help("--steps")
+    assert "default 100; CPU preset 50" in _option_help("--eval-every")
+    assert "default 100,000; CPU preset 300,000" in _option_help("--max-tokens")
+    assert "default 1000" in _option_help("--num-documents")
+    assert "default 42" in _option_help("--seeds")
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--steps", "0"], "--steps 0"),
+    (["--steps", "-3"], "--steps -3"),
+    (["--eval-every", "0"], "--eval-every 0"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--seq-len", "1"], "--seq-len 1"),
+    (["--max-tokens", "50"], "--max-tokens 50"),
+    (["--num-documents", "0"], "--num-documents 0"),
+    (["--seeds", "1", "1"], "--seeds 1 1"),
+    (["--device", "tpu"], "--device tpu"),
+])
+def test_each_bad_flag_is_named_in_its_error(args, flag, tmp_path, capsys):
+    code = main(["--offline", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path / "out"), *args])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {flag}"), err
+    for field in ("max_steps", "eval_every", "batch_size", "max_seq_len", "max_tokens", "num_documents"):
+        assert field not in err[0]  # the flag to change, not the internal name
+    assert not (tmp_path / "out" / "exp6_attention_comparison.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--attention-backend", "--precision", "--moe-dispatch"])
+def test_an_unknown_choice_is_refused_by_its_flag(flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args([flag, "magic"])
+    assert stop.value.code == 2 and f"argument {flag}: invalid choice" in capsys.readouterr().err

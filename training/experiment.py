@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
-import os
 import platform
 import subprocess
 from pathlib import Path
@@ -20,26 +19,19 @@ from data.dataset import TokenData, prepare_data, validation_windows
 from data.sources import check_local_path
 from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
+from hardware import device_name, precision_label, release_memory, resolve_device, resolve_precision
 from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_installed
 from models.costs import cost_report
 from models.transformer import MoELanguageModel
 from experiment_config import ConfigError, ExperimentConfig
 from training.plots import plot_results
-from training.results import (MODEL_NAMES, RESULTS_FILE, check_writable, comparison, format_table,
-                              summarise_model, write_json_atomic)
+from training.results import (MODEL_NAMES, RESULTS_FILE, check_writable, comparison, format_table, output_dir_lock,
+                              sigterm_raises_run_terminated, stop_status, summarise_model, write_json_atomic)
 from training.trainer import NonFiniteLoss, new_run_record, train_model
 
 ModelBuilder = Callable[..., MoELanguageModel]
 MODEL_BUILDERS: dict[str, ModelBuilder] = {"baseline": BaselineAttentionModel, "deepseek": FlashAttentionModel}
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def resolve_device(config: ExperimentConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {config.device} was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(config.device)
 
 
 def preflight(config: ExperimentConfig) -> torch.device:
@@ -51,14 +43,20 @@ def preflight(config: ExperimentConfig) -> torch.device:
             raise ConfigError(f"--attention-backend flash-attn: flash-attn is not installed; run `{FLASH_ATTN_INSTALL}` or use --attention-backend auto")
         if device.type != "cuda":
             raise ConfigError("--attention-backend flash-attn needs a CUDA GPU; use --attention-backend sdpa on CPU")
-    if config.compile and device.type != "cuda":
-        raise ConfigError("--compile needs a CUDA GPU (the compiled grouped-GEMM MoE is bf16-only); drop --compile on CPU")
+    if config.compile and resolve_precision(config, device) != "bf16":
+        raise ConfigError("--compile needs bf16 (the grouped-GEMM MoE compiles only in bf16): add --precision bf16, "
+                          "or drop --compile")
     if config.data_path:
         check_local_path(config.data_path)
     try:
         check_writable(Path(config.output_dir))
     except OSError as error:
         raise ConfigError(f"cannot write results to {config.output_dir!r} ({error.strerror or error}); choose another --output-dir") from error
+    try:
+        check_writable(Path(config.cache_dir))
+    except OSError as error:
+        raise ConfigError(f"cannot write the token cache to {config.cache_dir!r} ({error.strerror or error}); "
+                          "choose another --cache-dir") from error
     return device
 
 
@@ -84,13 +82,6 @@ def _git_commit() -> str | None:
     return commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
-def device_name(device: torch.device) -> str:
-    """The card, or the CPU with its core and thread counts, for results that name their machine."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
 def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.device) -> dict[str, Any]:
     tokens_trained = config.max_steps * config.batch_size * config.max_seq_len
     n_val_windows = len(validation_windows(data.val, config.max_seq_len)[0])
@@ -107,7 +98,8 @@ def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.
         "lr_schedule": f"linear warmup over {config.warmup_steps} steps, cosine to {config.min_lr_ratio} x base LR at step {config.max_steps}",
         "device": str(device),
         "device_name": device_name(device),
-        "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+        "precision": precision_label(resolve_precision(config, device)),
+        "compile": config.compile,
         "library_versions": _library_versions(),
         "git_commit": _git_commit(),
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -121,68 +113,72 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
     """Train both models once per seed and write JSON, plots and the table; returns the results."""
     builders = builders or MODEL_BUILDERS
     device = preflight(config)
-    data = prepare_data(config, log)
-    if config.vocab_size is not None and config.vocab_size < data.vocab_size:
-        raise ConfigError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {data.vocab_size}; leave it unset")
-    config = config.replace(vocab_size=config.vocab_size or data.vocab_size)
-    output_dir = Path(config.output_dir)
-    results_path = output_dir / RESULTS_FILE
+    # One run per output folder: a second one stops here, before any data is loaded, naming this one's pid.
+    # SIGTERM (timeout, a scheduler) raises RunTerminated, which the Ctrl-C branch below records.
+    with output_dir_lock(Path(config.output_dir)), sigterm_raises_run_terminated():
+        data = prepare_data(config, log)
+        if config.vocab_size is not None and config.vocab_size < data.vocab_size:
+            raise ConfigError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {data.vocab_size}; leave it unset")
+        config = config.replace(vocab_size=config.vocab_size or data.vocab_size)
+        output_dir = Path(config.output_dir)
+        results_path = output_dir / RESULTS_FILE
 
-    header = _experiment_header(config, data, device)
-    log(f"Device: {header['device_name']}; preset: {config.preset}; seeds: {list(config.run_seeds)}; results: {results_path}")
-    epochs = header["data"]["epochs_over_training_tokens"]
-    if epochs > 1:
-        log(f"Each training token is seen {epochs:.1f} times: validation loss then measures generalisation "
-            f"from a small repeated set (raise --max-tokens to train without repetition).")
-    if len(config.run_seeds) == 1:
-        log("One seed: differences smaller than the seed-to-seed spread cannot be separated (use --seeds 42 43 44).")
+        header = _experiment_header(config, data, device)
+        log(f"Device: {header['device_name']}; preset: {config.preset}; seeds: {list(config.run_seeds)}; results: {results_path}")
+        epochs = header["data"]["epochs_over_training_tokens"]
+        if epochs > 1:
+            log(f"Each training token is seen {epochs:.1f} times: validation loss then measures generalisation "
+                f"from a small repeated set (raise --max-tokens to train without repetition).")
+        if len(config.run_seeds) == 1:
+            log("One seed: differences smaller than the seed-to-seed spread cannot be separated (use --seeds 42 43 44).")
 
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in MODEL_NAMES}
-    costs: dict[str, dict[str, Any]] = {}
-    results: dict[str, Any] = {"experiment": header}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in MODEL_NAMES}
+        costs: dict[str, dict[str, Any]] = {}
+        results: dict[str, Any] = {"experiment": header}
 
-    def save(status: str) -> None:
-        for name in MODEL_NAMES:
-            results[name] = summarise_model(runs[name], costs.get(name))
-        results["comparison"] = comparison(runs["baseline"], runs["deepseek"])
-        header["status"] = status
-        header["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if status != "running" else None
-        write_json_atomic(results_path, results)
-
-    try:
-        for seed in config.run_seeds:
+        def save(status: str) -> None:
             for name in MODEL_NAMES:
-                model = builders[name](config, seed=seed)
-                costs.setdefault(name, cost_report(model))
-                record = new_run_record(name, model, seed)
-                runs[name].append(record)
-                try:
-                    train_model(model, data, config, seed, device, record)
-                    log(f"{name} (seed {seed}): val loss {record['val_loss']:.4f}, accuracy {record['val_accuracy']:.4f}, "
-                        f"{record['training_time_minutes'] * 60:.1f} s training, attention {', '.join(record['attention_backend'])}")
-                except NonFiniteLoss as failure:
-                    record.update(status="failed", failure=str(failure), failed_at_step=failure.step)
-                    log(f"{name} (seed {seed}) FAILED: {failure}; its run is marked failed and the experiment goes on.")
-                except Exception as error:  # anything else stops the experiment, but is recorded first
-                    record.update(status="failed", failure=f"{type(error).__name__}: {error}")
-                    save("failed")
-                    log(f"{name} (seed {seed}) crashed; the runs finished so far are saved in {results_path}")
-                    raise
-                del model
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                save("running")
-    except KeyboardInterrupt:
-        for name in MODEL_NAMES:
-            for record in runs[name]:
-                if record["status"] == "running":
-                    record["status"] = "interrupted"
-        save("interrupted")
-        log(f"Interrupted: the runs finished so far are saved in {results_path}")
-        raise
+                results[name] = summarise_model(runs[name], costs.get(name))
+            results["comparison"] = comparison(runs["baseline"], runs["deepseek"])
+            header["status"] = status
+            header["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if status != "running" else None
+            write_json_atomic(results_path, results)
 
-    save("completed")
-    plots = plot_results(results, output_dir)
-    log("\n" + format_table(results))
-    log(f"Results: {results_path}; plots: {', '.join(str(p) for p in plots)}")
-    return results
+        try:
+            for seed in config.run_seeds:
+                for name in MODEL_NAMES:
+                    model = builders[name](config, seed=seed)
+                    costs.setdefault(name, cost_report(model))
+                    record = new_run_record(name, model, seed)
+                    runs[name].append(record)
+                    try:
+                        train_model(model, data, config, seed, device, record)
+                        log(f"{name} (seed {seed}): val loss {record['val_loss']:.4f}, accuracy {record['val_accuracy']:.4f}, "
+                            f"{record['training_time_minutes'] * 60:.1f} s training, attention {', '.join(record['attention_backend'])}")
+                    except NonFiniteLoss as failure:
+                        record.update(status="failed", failure=str(failure), failed_at_step=failure.step)
+                        log(f"{name} (seed {seed}) FAILED: {failure}; its run is marked failed and the experiment goes on.")
+                    except Exception as error:  # anything else stops the experiment, but is recorded first
+                        record.update(status="failed", failure=f"{type(error).__name__}: {error}")
+                        save("failed")
+                        log(f"{name} (seed {seed}) crashed; the runs finished so far are saved in {results_path}")
+                        raise
+                    del model
+                    release_memory(device)
+                    save("running")
+        except KeyboardInterrupt as stop:  # Ctrl-C, or RunTerminated from SIGTERM
+            status = stop_status(stop)  # "interrupted" or "terminated"; the run in progress is that, not failed
+            for name in MODEL_NAMES:
+                for record in runs[name]:
+                    if record["status"] == "running":
+                        record["status"] = status
+            save(status)
+            what = "Terminated by SIGTERM" if status == "terminated" else "Interrupted"
+            log(f"{what}: the runs finished so far are saved in {results_path}")
+            raise
+
+        save("completed")
+        plots = plot_results(results, output_dir)
+        log("\n" + format_table(results))
+        log(f"Results: {results_path}; plots: {', '.join(str(p) for p in plots)}")
+        return results

@@ -5,12 +5,18 @@ With several seeds each model is drawn as its mean curve with a min-max band.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from training.results import MODEL_NAMES
+from training.results import FILE_MODE, MODEL_NAMES
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 LABELS = {"baseline": "Baseline (MHA)", "deepseek": "DeepSeek-V3 MLA"}
 COLORS = {"baseline": "tab:blue", "deepseek": "tab:orange"}
@@ -42,23 +48,43 @@ def _final_label(name: str, summary: dict[str, Any]) -> str:
     return f"{LABELS[name]}: final val loss {loss:.3f}{spread} ({seeds} seed{'s' if seeds != 1 else ''})"
 
 
-def _band(ax, x: np.ndarray, values: np.ndarray, color: str, label: str, style: str = "-") -> None:
+def _band(ax: Axes, x: np.ndarray, values: np.ndarray, color: str, label: str, style: str = "-") -> None:
     ax.plot(x, np.nanmean(values, axis=0), style, color=color, label=label, marker="o", markersize=3)
     if len(values) > 1:
         ax.fill_between(x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=color, alpha=0.2)
 
 
-def _finish(fig, ax, path: Path) -> None:
-    """Grid, legend, then save next to the target and rename, so an old plot is never left half-overwritten."""
+def _finish(fig: Figure, ax: Axes, path: Path) -> None:
+    """Grid, legend, then save to a temporary file of its own next to the target and rename it there.
+
+    An old plot is never left half-overwritten, and two runs saving into one folder never share a
+    temporary file (each gets a unique name from mkstemp); a failed save leaves no temporary file.
+    """
     import matplotlib.pyplot as plt
 
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-    plt.close(fig)
+    try:
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+        os.close(fd)
+        try:
+            fig.savefig(tmp, dpi=120, format="png")
+            os.chmod(tmp, FILE_MODE)  # mkstemp makes the file private; plots are ordinary files
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    finally:
+        plt.close(fig)
+
+
+def _title_suffix(results: dict[str, Any]) -> str:
+    """The title's ending, e.g. ' — cpu preset, your file corpus.txt': the preset and the data really used."""
+    experiment = results["experiment"]
+    data = experiment.get("data", {})
+    source = data.get("source_label") or ("offline corpus" if data.get("offline") else None)
+    return f" — {experiment['config']['preset']} preset" + (f", {source}" if source else "")
 
 
 def plot_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
@@ -68,15 +94,14 @@ def plot_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    preset = results["experiment"]["config"]["preset"]
-    title_suffix = f" — {preset} preset" + (", offline corpus" if results["experiment"]["data"].get("offline") else "")
+    title_suffix = _title_suffix(results)
     paths = [output_dir / VAL_TIME_PLOT, output_dir / LOSS_STEP_PLOT]
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in MODEL_NAMES:
         runs = _runs_to_draw(results[name])
         seconds, val = _stack(runs, "training_seconds"), _stack(runs, "val_loss")
-        if seconds is not None:
+        if seconds is not None and val is not None:
             _band(ax, np.nanmean(seconds, axis=0), val, COLORS[name], _final_label(name, results[name]))
     ax.set(xlabel="training time (s, evaluation excluded)", ylabel="validation loss",
            title="Validation loss vs training time" + title_suffix)
@@ -85,12 +110,11 @@ def plot_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in MODEL_NAMES:
         runs = _runs_to_draw(results[name])
-        steps = _stack(runs, "step")
-        if steps is None:
+        steps, val, train = _stack(runs, "step"), _stack(runs, "val_loss"), _stack(runs, "train_loss")
+        if steps is None or val is None or train is None:
             continue
         x = steps[0]
-        _band(ax, x, _stack(runs, "val_loss"), COLORS[name], _final_label(name, results[name]))
-        train = _stack(runs, "train_loss")
+        _band(ax, x, val, COLORS[name], _final_label(name, results[name]))
         has_train = ~np.isnan(train).all(axis=0)
         _band(ax, x[has_train], train[:, has_train], COLORS[name], f"{LABELS[name]}: train loss (mean since last eval)", "--")
     ax.set(xlabel="optimizer step", ylabel="loss", title="Train and validation loss vs step" + title_suffix)
