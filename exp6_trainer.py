@@ -102,7 +102,8 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from training.experiment import run_experiment  # after argparse, so --help is instant
-    from training.results import RESULTS_FILE, RunTerminated
+    from training.results import RESULTS_FILE
+    from training.run_guard import RunTerminated
 
     saved = ""
     try:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from atomic_files import write_atomic
 from data import offline_corpus
 from data.sources import check_local_path, hub_documents, hub_reachable, local_documents
 from data.tokenizer import TextTokenizer, hub_tokenizer, train_offline_tokenizer
@@ -206,23 +205,8 @@ def _save_cache(config: ExperimentConfig, plan: DataPlan, tokens: np.ndarray, me
     tokens_path.parent.mkdir(parents=True, exist_ok=True)
     meta.update(key=key, num_tokens=int(len(tokens)), sha256=hashlib.sha256(tokens.tobytes()).hexdigest(),
                 cache_file=str(tokens_path))
-    _write_atomic(tokens_path, lambda file: np.save(file, tokens, allow_pickle=False))
-    _write_atomic(meta_path, lambda file: file.write(json.dumps(meta, indent=2).encode()))
-
-
-def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write to a unique temp file beside `path`, then rename it over `path`; never leave the temp behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a cache may be shared between users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(tokens_path, lambda file: np.save(file, tokens, allow_pickle=False))
+    write_atomic(meta_path, lambda file: json.dump(meta, file, indent=2), binary=False)
 
 
 def split_tokens(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

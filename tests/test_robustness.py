@@ -33,7 +33,8 @@ from experiment_config import ConfigError, ExperimentConfig
 from models.transformer import MoELanguageModel
 from training import plots
 from training.experiment import MODEL_BUILDERS, ModelBuilder, run_experiment
-from training.results import LOCK_FILE, RESULTS_FILE, RunTerminated, summarise_model
+from training.results import RESULTS_FILE, summarise_model
+from training.run_guard import LOCK_FILE, RunTerminated
 
 matplotlib.use("Agg")
 REPO = Path(__file__).resolve().parent.parent
@@ -332,7 +333,7 @@ def test_a_failed_plot_save_keeps_the_old_plot_and_leaves_no_temp_file(tmp_path,
     old = target.read_bytes()
 
     def disk_full(self: Figure, fname: Any, **kwargs: Any) -> None:
-        Path(fname).write_bytes(b"half a png")
+        fname.write(b"half a png")  # a file object: the temp file write_atomic opened
         raise OSError("disk full")
 
     monkeypatch.setattr(Figure, "savefig", disk_full)

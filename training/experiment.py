@@ -25,8 +25,9 @@ from models.costs import cost_report
 from models.transformer import MoELanguageModel
 from experiment_config import ConfigError, ExperimentConfig
 from training.plots import plot_results
-from training.results import (MODEL_NAMES, RESULTS_FILE, check_writable, comparison, format_table, output_dir_lock,
-                              sigterm_raises_run_terminated, stop_status, summarise_model, write_json_atomic)
+from training.results import (MODEL_NAMES, RESULTS_FILE, check_writable, comparison, format_table, summarise_model,
+                              write_json_atomic)
+from training.run_guard import output_dir_lock, sigterm_raises_run_terminated, stop_status
 from training.trainer import NonFiniteLoss, new_run_record, train_model
 
 ModelBuilder = Callable[..., MoELanguageModel]

@@ -5,14 +5,14 @@ With several seeds each model is drawn as its mean curve with a min-max band.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from training.results import FILE_MODE, MODEL_NAMES
+from atomic_files import write_atomic
+
+from training.results import MODEL_NAMES
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -55,26 +55,15 @@ def _band(ax: Axes, x: np.ndarray, values: np.ndarray, color: str, label: str, s
 
 
 def _finish(fig: Figure, ax: Axes, path: Path) -> None:
-    """Grid, legend, then save to a temporary file of its own next to the target and rename it there.
-
-    An old plot is never left half-overwritten, and two runs saving into one folder never share a
-    temporary file (each gets a unique name from mkstemp); a failed save leaves no temporary file.
-    """
+    """Grid, legend, then save whole or not at all (atomic_files.write_atomic): an old plot is never
+    left half-overwritten, and two runs saving into one folder never share a temporary file."""
     import matplotlib.pyplot as plt
 
     try:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=120, format="png")
-            os.chmod(tmp, FILE_MODE)  # mkstemp makes the file private; plots are ordinary files
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, lambda file: fig.savefig(file, dpi=120, format="png"))
     finally:
         plt.close(fig)
 

@@ -1,0 +1,39 @@
+"""Files written whole or not at all: the token cache, the results JSON and the plots.
+
+Each write goes to a temporary file of its own (a unique name from mkstemp) in the target's folder
+and is then renamed over the target. Readers see the whole old file or the whole new one, two
+runs writing the same file never share a temporary file, and a failed write leaves no temporary
+file behind. Used by data/ and training/ alike, so it depends on neither.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: done once, at import, not while threads write files
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()  # ordinary, shareable files (mkstemp would make them private)
+
+
+def write_atomic(path: Path, write: Callable[[IO[Any]], object], binary: bool = True) -> None:
+    """Call write(file) on a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
