@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiment_config import ExperimentConfig
+from hardware import cuda_capability
 
 
 class TopKRouter(nn.Module):
@@ -127,18 +128,17 @@ class MixtureOfExperts(nn.Module):
         self.planned[(self.dispatch, device.type, dtype)] = path
         return path
 
-    def _path(self, tokens: torch.Tensor) -> str:
-        path = self.planned.get((self.dispatch, tokens.device.type, tokens.dtype))
+    def _path(self, device: torch.device, dtype: torch.dtype) -> str:
+        path = self.planned.get((self.dispatch, device.type, dtype))
         if path is None:  # not planned ahead (e.g. a layer used on its own): plan now
-            capability = torch.cuda.get_device_capability(tokens.device) if tokens.is_cuda else None
-            path = self.plan(tokens.device, tokens.dtype, capability)
+            path = self.plan(device, dtype, cuda_capability(device))
         return path
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (batch, seq, d) -> (output of the same shape, load-balancing loss)."""
         flat = x.reshape(-1, x.shape[-1])
         weights, expert_ids, probs = self.router(flat)
-        path = self._path(flat.to(autocast_dtype(flat)))
+        path = self._path(flat.device, autocast_dtype(flat))
         if path == MASK_LOOP:
             out = self._loop_dispatch(flat, weights, expert_ids)
         elif path == SORTED_SPLIT:

@@ -50,6 +50,15 @@ def test_moe_plan_for_the_card(monkeypatch, config, capability, path):
     assert model.plan_moe_dispatch(CUDA, torch.bfloat16) == [path]
 
 
+def test_an_unplanned_moe_layer_asks_the_card(monkeypatch, config):
+    """A layer used on its own (not planned by the trainer) plans itself on first use, per card."""
+    install_fake_cuda(monkeypatch, capability=(8, 0))
+    moe = FlashAttentionModel(config.replace(vocab_size=50)).moe_layers()[0]
+    assert moe.planned == {}
+    assert moe._path(CUDA, torch.bfloat16) == SORTED_SPLIT
+    assert moe.planned == {("auto", "cuda", torch.bfloat16): SORTED_SPLIT}
+
+
 def test_adamw_is_fused_on_cuda(config):
     model = FlashAttentionModel(config.replace(vocab_size=50))
     _, adamw = build_optimizers(model, config, CUDA)
