@@ -66,12 +66,15 @@ class DeepseekV3Attention(CausalSelfAttention):
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (batch, seq, d) -> q, k (batch, heads, seq, d_nope + d_rope) and v (batch, heads, seq, d_v)."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        # The two latent norms run in float32 (as DeepSeek's RMSNorm computes them): under bf16 autocast
+        # the projections return bf16, and nn.RMSNorm with a bf16 input and a float32 gain falls back
+        # from its fused kernel to several unfused ones.
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x).float()))
         q = q.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent.float()))
         kv = kv.view(batch, seq, self.num_heads, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 

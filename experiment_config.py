@@ -8,6 +8,7 @@ its users can map settings one to one; the MLA fields are DeepSeek-V3's names.
 from __future__ import annotations
 
 import dataclasses
+import re
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -139,7 +140,7 @@ class ExperimentConfig:
              f"--precision {self.precision}: must be one of {', '.join(PRECISIONS)}"),
             (self.moe_dispatch in MOE_DISPATCHES,
              f"--moe-dispatch {self.moe_dispatch}: must be one of {', '.join(MOE_DISPATCHES)}"),
-            (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"--device {self.device}: must be auto, cpu, cuda or cuda:N"),
             (len(set(self.run_seeds)) == len(self.run_seeds),
              f"--seeds {' '.join(map(str, self.run_seeds))}: a seed is repeated; give each seed once"),

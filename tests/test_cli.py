@@ -153,6 +153,7 @@ def test_help_defaults_are_the_published_values():
     (["--num-documents", "0"], "--num-documents 0"),
     (["--seeds", "1", "1"], "--seeds 1 1"),
     (["--device", "tpu"], "--device tpu"),
+    (["--device", "cudax"], "--device cudax"),
 ])
 def test_each_bad_flag_is_named_in_its_error(args, flag, tmp_path, capsys):
     code = main(["--offline", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path / "out"), *args])

@@ -24,8 +24,8 @@ from training.trainer import prepare_model, training_step
 
 CPU = torch.device("cpu")
 MODELS = [BaselineAttentionModel, FlashAttentionModel]
-# nn.RMSNorm warns when autocast hands it bf16 input with an fp32 gain (it then runs unfused).
-pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight:UserWarning")
+# nn.RMSNorm warns when autocast hands it bf16 input with an fp32 gain (it then runs unfused): an error here.
+pytestmark = pytest.mark.filterwarnings("error:Mismatch dtype between input and weight:UserWarning")
 
 
 @pytest.mark.parametrize("model_cls", MODELS)
