@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.attention import CausalSelfAttention
+from models.attention import CausalSelfAttention, KVCache
 from models.attention_ops import (
+    cached_causal_attention,
     eager_causal_attention,
     flash_attn_causal_attention,
     flash_attn_installed,
@@ -29,6 +30,8 @@ NORM_EPS = 1e-6
 
 class DeepseekV3Attention(CausalSelfAttention):
     """MLA with the plain-math (eager) causal attention; the reference the flash class must match."""
+
+    cache_modes = ("latent", "expanded")
 
     def __init__(self, config: ExperimentConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -55,16 +58,19 @@ class DeepseekV3Attention(CausalSelfAttention):
         self.rope = RotaryEmbedding(self.qk_rope_head_dim, config.max_seq_len, config.rope_base)
         self.backend = "eager"
 
-    def kv_cache_values_per_token(self) -> int:
-        """Decoding keeps only the compressed latent and the shared rotary key."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
+    def kv_cache_values_per_token(self, mode: str | None = None) -> int:
+        """Latent mode keeps only the compressed latent and the shared rotary key; expanded mode keeps
+        every head's key (nope + rope) and value, as transformers' DeepseekV3Attention caches them."""
+        if (mode or self.cache_modes[0]) == "latent":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.num_heads * (self.qk_head_dim + self.v_head_dim)
 
     def score_dims(self) -> tuple[int, int, int]:
         """(heads, q/k head dim, v head dim) for the analytic FLOP count."""
         return self.num_heads, self.qk_head_dim, self.v_head_dim
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (batch, seq, d) -> q, k (batch, heads, seq, d_nope + d_rope) and v (batch, heads, seq, d_v)."""
+    def query(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (batch, seq, d) -> q_nope (batch, heads, seq, d_nope), rotated q_rope (batch, heads, seq, d_rope)."""
         batch, seq, _ = x.shape
         # The two latent norms run in float32 (as DeepSeek's RMSNorm computes them): under bf16 autocast
         # the projections return bf16, and nn.RMSNorm with a bf16 input and a float32 gain falls back
@@ -72,27 +78,64 @@ class DeepseekV3Attention(CausalSelfAttention):
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x).float()))
         q = q.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        cos, sin = self.rope(seq, start)
+        return q_nope, apply_rope_interleaved(q_rope, cos, sin)
 
+    def latent(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (batch, seq, d) -> normalised latent (batch, seq, kv_lora_rank), rotated rope key (batch, seq, d_rope):
+        everything MLA's keys and values are made of, and all its latent cache keeps."""
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent.float()))
-        kv = kv.view(batch, seq, self.num_heads, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        cos, sin = self.rope(x.shape[1], start)
+        return self.kv_a_layernorm(latent.float()), apply_rope_interleaved(k_rope, cos, sin)
 
-        cos, sin = self.rope(seq)
-        q_rope = apply_rope_interleaved(q_rope, cos, sin)
-        k_rope = apply_rope_interleaved(k_rope.unsqueeze(1), cos, sin)  # one rotary key shared by all heads
+    def project_qkv(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (batch, seq, d) -> q, k (batch, heads, seq, d_nope + d_rope) and v (batch, heads, seq, d_v)."""
+        batch, seq, _ = x.shape
+        q_nope, q_rope = self.query(x, start)
+        latent, k_rope = self.latent(x, start)
+        kv = self.kv_b_proj(latent).view(batch, seq, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.transpose(1, 2).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(-1, self.num_heads, -1, -1)], dim=-1)  # one shared rope key
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.backend_used = "eager"
         return eager_causal_attention(q, k, v, self.softmax_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        out = self.attend(*self.project_qkv(x))
+        if cache is None:
+            out = self.attend(*self.project_qkv(x))
+        elif cache.mode == "latent":
+            out = self.attend_latent_cache(x, cache)
+        else:  # expanded: per-head K and V, stored (batch, tokens, heads, d)
+            q, k, v = self.project_qkv(x, start=cache.length)
+            cached = cache.update(k=k.transpose(1, 2), v=v.transpose(1, 2))
+            out = cached_causal_attention(q, cached["k"].transpose(1, 2), cached["v"].transpose(1, 2), self.softmax_scale)
+            self.backend_used = "sdpa[auto], expanded cache"
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim))
+
+    def attend_latent_cache(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Attention over a cache of [latent | rope key] per token, with kv_b_proj absorbed (DeepSeek's
+        "absorb" inference): no per-head key or value is ever formed.
+
+        The nope query is mapped into latent space by the key half of kv_b_proj, so that q_nope . k_nope
+        = (W_k^T q_nope) . latent; the scores add q_rope . k_rope, times the same softmax scale. The
+        output stays in latent space and the value half of kv_b_proj maps it to each head. This is
+        multi-query attention with one shared head of width kv_lora_rank + d_rope (values: the latent).
+        """
+        q_nope, q_rope = self.query(x, start=cache.length)
+        latent, k_rope = self.latent(x, start=cache.length)
+        cached = cache.update(latent_rope=torch.cat([latent.to(k_rope.dtype), k_rope], dim=-1))["latent_rope"]
+        weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_k, w_v = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)
+        keys = cached.unsqueeze(1)  # (batch, 1, tokens, rank + d_rope): one head, broadcast as a view
+        values = cached[..., : self.kv_lora_rank].unsqueeze(1)
+        out_latent = cached_causal_attention(torch.cat([q_latent, q_rope], dim=-1), keys, values, self.softmax_scale)
+        self.backend_used = "sdpa[auto], latent cache (absorbed)"
+        return torch.einsum("bhtr,hvr->bhtv", out_latent, w_v)
 
 
 class DeepseekV3FlashAttention2(DeepseekV3Attention):

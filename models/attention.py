@@ -1,7 +1,7 @@
-"""What the shared LM needs from an attention module; each arm's attention subclasses this.
+"""What the shared LM needs from an attention module, and the KV cache every attention decodes with.
 
-The LM and the cost accounting only see this interface, so an arm is one small module passed in,
-and mypy checks every use of it.
+The LM, the cost accounting, generation and the decode benchmark only see this interface, so an
+arm is one small module passed in, and mypy checks every use of it.
 """
 
 from __future__ import annotations
@@ -10,21 +10,77 @@ import torch
 from torch import nn
 
 
+class KVCache:
+    """One layer's decoding cache: named tensors laid out (batch, tokens, ...), grown along tokens.
+
+    What is cached depends on the attention and its `mode` (K and V per head for MHA; for MLA either
+    the same expanded per-head K and V, or only the normalised latent and the rotary key). Storage is
+    preallocated for `capacity` tokens and doubled when full, so a decode step writes only the new
+    token instead of copying the whole cache.
+    """
+
+    def __init__(self, mode: str, capacity: int = 256) -> None:
+        self.mode = mode
+        self.capacity = max(1, capacity)
+        self.length = 0
+        self._storage: dict[str, torch.Tensor] = {}
+
+    def update(self, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Append the new tokens of each named tensor; return views of everything cached so far."""
+        added = next(iter(new.values())).shape[1]
+        end = self.length + added
+        for name, values in new.items():
+            stored = self._storage.get(name)
+            if stored is None or stored.shape[1] < end:
+                capacity = max(end, 2 * stored.shape[1] if stored is not None else self.capacity)
+                grown = values.new_empty((values.shape[0], capacity, *values.shape[2:]))
+                if stored is not None:
+                    grown[:, : self.length] = stored[:, : self.length]
+                self._storage[name] = stored = grown
+            stored[:, self.length : end] = values
+        self.length = end
+        return {name: stored[:, :end] for name, stored in self._storage.items()}
+
+    def bytes_per_token(self) -> float:
+        """Bytes held per cached token of one sequence, measured from the stored tensors (not a formula)."""
+        if self.length == 0:
+            return 0.0
+        used = sum(t[:, : self.length].numel() * t.element_size() for t in self._storage.values())
+        batch = next(iter(self._storage.values())).shape[0]
+        return used / (batch * self.length)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The cached tensors' shapes (batch, tokens, ...), for reports."""
+        return {name: (t.shape[0], self.length, *t.shape[2:]) for name, t in self._storage.items()}
+
+
 class CausalSelfAttention(nn.Module):
-    """(batch, seq, d_model) -> (batch, seq, d_model), causal; records the kernel that really ran."""
+    """(batch, seq, d_model) -> (batch, seq, d_model), causal; records the kernel that really ran.
+
+    With a KVCache, x holds only the new tokens: they are placed after the cached ones (RoPE
+    positions included), added to the cache, and attend to everything cached.
+    """
+
+    cache_modes: tuple[str, ...] = ()  # what new_cache accepts; the first is the default
 
     def __init__(self) -> None:
         super().__init__()
         self.backend = "auto"  # which kernel to use; "eager" selects the plain-math reference
         self.backend_used: str | None = None  # the kernel that ran in the last forward pass
 
-    def kv_cache_values_per_token(self) -> int:
-        """Values a decoder keeps per token in this layer's KV cache."""
+    def new_cache(self, mode: str | None = None, capacity: int = 256) -> KVCache:
+        mode = mode or self.cache_modes[0]
+        if mode not in self.cache_modes:
+            raise ValueError(f"{type(self).__name__} has no {mode!r} cache; choose one of {', '.join(self.cache_modes)}")
+        return KVCache(mode, capacity)
+
+    def kv_cache_values_per_token(self, mode: str | None = None) -> int:
+        """Values a decoder keeps per token in this layer's KV cache (the analytic count)."""
         raise NotImplementedError
 
     def score_dims(self) -> tuple[int, int, int]:
         """(heads, q/k head dim, v head dim) for the analytic FLOP count."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -52,6 +52,26 @@ def sdpa_causal_attention(
     return out[..., :d_v]
 
 
+def cached_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal SDPA for new queries at the end of a longer key sequence (decoding with a cache).
+
+    The queries are the last q_len positions of the k_len keys, so the mask is aligned bottom-right;
+    SDPA's is_causal aligns top-left, right only when q_len == k_len. One new token sees every key.
+    k and v may have fewer heads than q (one shared latent head in MLA's latent mode): they are
+    broadcast as views, never copied per head.
+    """
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    if k.shape[1] != q.shape[1]:
+        shape = (q.shape[0], q.shape[1], k_len)
+        k, v = k.expand(*shape, k.shape[-1]), v.expand(*shape, v.shape[-1])
+    if q_len == k_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if q_len == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
 def flash_attn_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """flash_attn.flash_attn_func(causal=True); it wants (batch, seq, heads, d) and equal head dims."""
     from flash_attn import flash_attn_func  # optional dependency, imported only when used

@@ -11,8 +11,10 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables, shape (max_seq_len, dim // 2), in float32."""
+    """cos/sin of the rotation angles, (positions, dim // 2) in float32: precomputed up to max_seq_len,
+    computed on the fly beyond it (decoding past the training length)."""
 
+    inv_freq: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
 
@@ -20,11 +22,17 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[:seq_len], self.sin[:seq_len]
+    def forward(self, seq_len: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions start .. start + seq_len - 1."""
+        if start + seq_len <= len(self.cos):
+            return self.cos[start : start + seq_len], self.sin[start : start + seq_len]
+        positions = torch.arange(start, start + seq_len, dtype=torch.float32, device=self.inv_freq.device)
+        angles = torch.outer(positions, self.inv_freq)
+        return angles.cos(), angles.sin()
 
 
 def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from experiment_config import ConfigError, ExperimentConfig
 from hardware import cuda_capability
-from models.attention import CausalSelfAttention
+from models.attention import CausalSelfAttention, KVCache
 from models.moe import MixtureOfExperts
 
 AttentionFactory = Callable[[ExperimentConfig, int], CausalSelfAttention]
@@ -34,8 +34,8 @@ class TransformerBlock(nn.Module):
         self.moe = MixtureOfExperts(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.dropout(self.attention(self.attn_norm(x)))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.dropout(self.attention(self.attn_norm(x), cache))
         moe_out, aux_loss = self.moe(self.moe_norm(x))
         return x + self.dropout(moe_out), aux_loss
 
@@ -58,13 +58,28 @@ class MoELanguageModel(nn.Module):
         self.lm_head.weight = self.embed.weight
         init_parameters(self, config.seed if seed is None else seed)
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits for every input position and the summed load-balancing loss.
+
+        With `caches` (one per layer, from new_caches), input_ids are only the new tokens: they follow
+        the cached ones, and the caches grow by them.
+        """
+        blocks = self.transformer_blocks()
+        if caches is not None and len(caches) != len(blocks):
+            raise ValueError(f"{len(caches)} caches for {len(blocks)} layers")
         x = self.dropout(self.embed(input_ids))
         aux_total = x.new_zeros((), dtype=torch.float32)
-        for block in self.transformer_blocks():
-            x, aux_loss = block(x)
+        for layer, block in enumerate(blocks):
+            x, aux_loss = block(x, None if caches is None else caches[layer])
             aux_total = aux_total + aux_loss
         return self.lm_head(self.norm(x)), aux_total
+
+    def new_caches(self, mode: str | None = None, capacity: int = 256) -> list[KVCache]:
+        """One empty KV cache per layer; mode None takes the attention's default ("kv" for MHA, "latent" for MLA)."""
+        return [attention.new_cache(mode, capacity) for attention in self.attention_modules()]
+
+    def cache_modes(self) -> tuple[str, ...]:
+        return self.attention_modules()[0].cache_modes
 
     def transformer_blocks(self) -> list[TransformerBlock]:
         return [block for block in self.blocks if isinstance(block, TransformerBlock)]

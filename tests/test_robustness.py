@@ -30,6 +30,7 @@ from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
 from exp6_trainer import main
 from experiment_config import ConfigError, ExperimentConfig
+from models.attention import KVCache
 from models.transformer import MoELanguageModel
 from training import plots
 from training.experiment import MODEL_BUILDERS, ModelBuilder, run_experiment
@@ -79,8 +80,8 @@ class _StopsTraining(FlashAttentionModel):
     def stop(self) -> None:
         raise NotImplementedError
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = super().forward(input_ids)
+    def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = super().forward(input_ids, caches)
         if self.training:
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == 5:

@@ -16,6 +16,7 @@ from deepseek_modeling import DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
 from exp6_flash_attention_model import FlashAttentionModel
 from experiment_config import ExperimentConfig
+from models.attention import KVCache
 from models.transformer import AttentionFactory, MoELanguageModel
 from training.experiment import MODEL_BUILDERS, ModelBuilder, run_experiment
 from training.optim import build_optimizers, build_schedulers, lr_factor, split_parameters
@@ -129,8 +130,8 @@ class _FailingModel(FlashAttentionModel):
     fail_at_call = 5  # the untimed warm-up pass is call 1, so this is training step 3 (0-based)
     fault = "nan"
 
-    def forward(self, input_ids):
-        logits, aux = super().forward(input_ids)
+    def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, aux = super().forward(input_ids, caches)
         if self.training:
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == self.fail_at_call:
@@ -265,10 +266,11 @@ def test_both_models_see_the_same_batches_in_the_same_order(config):
             def __init__(self, config: ExperimentConfig, seed: int | None = None) -> None:
                 super().__init__(config, attention, seed=seed)
 
-            def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            def forward(self, input_ids: torch.Tensor,
+                        caches: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
                 if self.training:
                     seen[name].append(input_ids.clone())
-                return super().forward(input_ids)
+                return super().forward(input_ids, caches)
         return Recording
 
     builders = {"baseline": recording("baseline", MultiHeadAttention),

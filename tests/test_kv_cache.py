@@ -1,0 +1,91 @@
+"""Decoding with a KV cache gives the logits of a full forward pass, for every attention and cache mode;
+the measured cache sizes are the analytic ones; MLA's latent cache never forms per-head keys or values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepseek_modeling import DeepseekV3FlashAttention2
+from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
+from exp6_flash_attention_model import FlashAttentionModel
+from experiment_config import ExperimentConfig
+from models.transformer import MoELanguageModel
+
+ARMS = [(BaselineAttentionModel, "kv"), (FlashAttentionModel, "expanded"), (FlashAttentionModel, "latent")]
+ATOL = 1e-5
+
+
+def _model(config: ExperimentConfig, model_cls: type[MoELanguageModel], **changes: object) -> MoELanguageModel:
+    """A small model with O(1) activations (the default init gives near-zero logits, which would hide errors)."""
+    model = model_cls(config.replace(vocab_size=61, dropout=0.0, router_noise_std=0.0, **changes), seed=3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0, p.shape[1] ** -0.5, generator=torch.Generator().manual_seed(len(name)))
+    return model.eval()
+
+
+@pytest.mark.parametrize("q_lora_rank", [16, None])
+@pytest.mark.parametrize("prompt_len", [1, 5])
+@pytest.mark.parametrize("model_cls,mode", ARMS)
+def test_cached_decoding_equals_the_full_forward_at_every_step(config, model_cls, mode, prompt_len, q_lora_rank):
+    model = _model(config, model_cls, q_lora_rank=q_lora_rank)
+    total = config.max_seq_len + 6  # past the trained length: RoPE extends on the fly
+    ids = torch.randint(0, 61, (2, total), generator=torch.Generator().manual_seed(prompt_len))
+    with torch.no_grad():
+        full, _ = model(ids)
+        caches = model.new_caches(mode, capacity=4)  # small, so the cache grows while decoding
+        logits, _ = model(ids[:, :prompt_len], caches)
+        torch.testing.assert_close(logits, full[:, :prompt_len], atol=ATOL, rtol=0)
+        position = prompt_len
+        while position < total:
+            step = 3 if position == prompt_len + 2 else 1  # one 3-token chunk after a cached prefix: the masked path
+            logits, _ = model(ids[:, position : position + step], caches)
+            torch.testing.assert_close(logits, full[:, position : position + step], atol=ATOL, rtol=0,
+                                       msg=f"{mode} cache, position {position}")
+            position += step
+    assert all(cache.length == total and cache.mode == mode for cache in caches)
+    assert full.abs().max() > 1.0  # the comparison is not between near-zero logits
+
+
+def test_latent_cache_holds_only_latent_and_rope_key_and_never_expands(config):
+    model = _model(config, FlashAttentionModel)
+    attention = model.attention_modules()[0]
+    assert isinstance(attention, DeepseekV3FlashAttention2)
+
+    def expanded(*_: object) -> None:
+        raise AssertionError("kv_b_proj ran: per-head keys and values were formed")
+
+    hooks = [m.kv_b_proj.register_forward_hook(expanded) for m in model.attention_modules()
+             if isinstance(m, DeepseekV3FlashAttention2)]
+    caches = model.new_caches("latent")
+    with torch.no_grad():
+        model(torch.randint(0, 61, (3, 7)), caches)
+        model(torch.randint(0, 61, (3, 1)), caches)
+    for hook in hooks:
+        hook.remove()
+    width = attention.kv_lora_rank + attention.qk_rope_head_dim
+    assert caches[0].shapes() == {"latent_rope": (3, 8, width)}
+
+
+def test_measured_cache_bytes_match_the_analytic_ones_at_the_default_sizes():
+    """bf16, per token per layer: MLA latent 320 B < MHA 1024 B < MLA expanded 1280 B (transformers' layout)."""
+    config = ExperimentConfig(vocab_size=100)
+    modules = {"kv": MultiHeadAttention(config), "expanded": DeepseekV3FlashAttention2(config),
+               "latent": DeepseekV3FlashAttention2(config)}
+    measured = {}
+    for mode, module in modules.items():
+        cache = module.new_cache(mode)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            module(torch.randn(2, 5, config.d_model), cache)
+            module(torch.randn(2, 1, config.d_model), cache)
+        measured[mode] = cache.bytes_per_token()
+        assert measured[mode] == module.kv_cache_values_per_token(mode) * 2, mode
+    assert measured == {"latent": 320, "kv": 1024, "expanded": 1280}
+
+
+def test_unknown_cache_mode_is_refused(config):
+    model = _model(config, BaselineAttentionModel)
+    with pytest.raises(ValueError, match="no 'latent' cache"):
+        model.new_caches("latent")
