@@ -2,7 +2,8 @@
 
     python exp6_trainer.py            # the full experiment on a CUDA GPU; the CPU preset without one
 
-Results: exp6_results/exp6_attention_comparison.json and two loss plots beside it.
+Results: exp6_results/exp6_attention_comparison.json and two loss plots beside it; the trained models
+in exp6_results/checkpoints/ (unless --no-save).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", help=f"where the JSON and plots go (default {FULL_DEFAULTS.output_dir}); "
                         "one run at a time per folder")
     parser.add_argument("--cache-dir", help=f"where tokenized data is cached (default {FULL_DEFAULTS.cache_dir})")
+    parser.add_argument("--no-save", action="store_true", help="do not save the trained models (by default each completed "
+                        "run saves its weights, config and tokenizer to OUTPUT_DIR/checkpoints/<model>-seed<seed>/)")
     return parser
 
 
@@ -91,6 +94,7 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
         "device": args.device, "attention_backend": args.attention_backend, "data_path": args.data,
         "output_dir": args.output_dir, "cache_dir": args.cache_dir, "seeds": tuple(args.seeds) if args.seeds else None,
         "offline": args.offline or None, "compile": args.compile or None,
+        "save_checkpoints": False if args.no_save else None,
         "precision": args.precision, "moe_dispatch": args.moe_dispatch,
     }
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})

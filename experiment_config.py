@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import re
 import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa", "eager")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -80,6 +82,9 @@ class ExperimentConfig:
     moe_dispatch: str = "auto"  # auto: grouped_mm where it runs fused or on CPU, else the one-sync sorted split
     compile: bool = False
     output_dir: str = "exp6_results"
+    save_checkpoints: bool = True  # each completed model run saves its weights under output_dir/checkpoints/
+    sample_prompt: str = "The"  # each completed model's greedy continuation of it goes into the JSON
+    sample_tokens: int = 32
 
     @property
     def run_seeds(self) -> tuple[int, ...]:
@@ -100,6 +105,28 @@ class ExperimentConfig:
         out = dataclasses.asdict(self)
         out["seeds"] = list(self.run_seeds)
         return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
+        """The config a to_dict() wrote (e.g. in a saved model's config.json); `seeds` comes back as a tuple.
+
+        A key that is not a field, or a value of the wrong type, raises ConfigError naming it; a field
+        the dict lacks (written by an older version) takes its default.
+        """
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(values) - set(hints))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: not settings of ExperimentConfig "
+                              "(written by another version of the experiment?); remove them")
+        fields: dict[str, Any] = {}
+        for name, value in values.items():
+            if name == "seeds" and isinstance(value, list):
+                value = tuple(value)
+            if not _has_type(value, hints[name]):
+                expected = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])
+                raise ConfigError(f"config key {name}={value!r}: expected {expected}")
+            fields[name] = float(value) if hints[name] is float else value
+        return cls(**fields)
 
     def validate(self) -> "ExperimentConfig":
         """Raise ConfigError on the first impossible setting; return self when all is well."""
@@ -125,6 +152,7 @@ class ExperimentConfig:
             (self.batch_size > 0, f"--batch-size {self.batch_size}: must be at least 1"),
             (self.max_steps > 0, f"--steps {self.max_steps}: must be at least 1"),
             (self.eval_every > 0, f"--eval-every {self.eval_every}: must be at least 1"),
+            (self.sample_tokens >= 0 and bool(self.sample_prompt), "sample_tokens must be >= 0 and sample_prompt non-empty"),
             (self.log_every > 0, f"log_every={self.log_every} must be positive"),
             (self.muon_lr > 0 and self.adamw_lr > 0, "muon_lr and adamw_lr must be positive"),
             (self.weight_decay >= 0 and self.grad_clip > 0, "weight_decay must be >= 0 and grad_clip > 0"),
@@ -163,6 +191,23 @@ class ExperimentConfig:
                 f"{window} tokens (--seq-len {self.max_seq_len} + 1); use --max-tokens {needed} or more, or lower --seq-len"
             )
         return self
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """isinstance for the field types ExperimentConfig uses: int, float (an int is one too), bool, str,
+    X | None and tuple[int, ...]; bool is not taken for int or float."""
+    if isinstance(hint, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is tuple:
+        (item, _ellipsis) = typing.get_args(hint)
+        return isinstance(value, tuple) and all(_has_type(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def cpu_preset(base: ExperimentConfig | None = None) -> ExperimentConfig:

@@ -20,10 +20,10 @@ import torch
 from atomic_files import write_atomic
 from data import offline_corpus
 from data.sources import check_local_path, hub_documents, hub_reachable, local_documents
-from data.tokenizer import TextTokenizer, hub_tokenizer, train_offline_tokenizer
+from data.tokenizer import TextTokenizer, hub_tokenizer, offline_tokenizer_from_json, train_offline_tokenizer
 from experiment_config import ConfigError, ExperimentConfig
 
-CACHE_FORMAT = 2  # 2: documents counts only those that contributed tokens; documents_read added
+CACHE_FORMAT = 3  # 2: documents counts only those that contributed tokens; documents_read added; 3: the offline tokenizer is cached too
 
 
 @dataclass
@@ -32,6 +32,9 @@ class TokenData:
     val: torch.Tensor  # int64, 1-D
     vocab_size: int
     info: dict[str, Any] = field(default_factory=dict)
+    # The tokenizer that made the tokens, also on a cache hit (the offline BPE is cached beside them); None
+    # only for a Hub tokenizer that is not in the local Hugging Face cache (then only its name is known).
+    tokenizer: TextTokenizer | None = None
 
 
 @dataclass(frozen=True)
@@ -95,30 +98,30 @@ def prepare_data(config: ExperimentConfig, log: Callable[[str], None] = print) -
         log(f"Offline (--offline): using {_offline_words(config)}.")
         return _cached_or_built(config, offline_plan, log)
 
-    tokens, meta = _load_cache(config, online_plan, log)  # a valid online cache needs no network
+    tokens, meta, tokenizer = _load_cache(config, online_plan, log)  # a valid online cache needs no network
     if tokens is not None:
-        return _token_data(tokens, meta, config, online_plan, log, cache_hit=True)
+        return _token_data(tokens, meta, tokenizer, config, online_plan, log, cache_hit=True)
     if not hub_reachable():
         log(f"Offline: the Hugging Face Hub cannot be reached, so this run uses {_offline_words(config)}.")
         return _cached_or_built(config, offline_plan, log)
     try:
-        tokens, meta = _build(config, online_plan)
+        tokens, meta, tokenizer = _build(config, online_plan)
     except ConfigError:
         raise  # the user's input is wrong: the offline corpus would not fix it
     except Exception as error:  # noqa: BLE001 - any Hub failure falls back to the offline corpus, said aloud
         log(f"Offline: loading from the Hub failed ({type(error).__name__}: {str(error)[:120]}), so this run uses {_offline_words(config)}.")
         return _cached_or_built(config, offline_plan, log)
-    _save_cache(config, online_plan, tokens, meta)
-    return _token_data(tokens, meta, config, online_plan, log, cache_hit=False)
+    _save_cache(config, online_plan, tokens, meta, tokenizer)
+    return _token_data(tokens, meta, tokenizer, config, online_plan, log, cache_hit=False)
 
 
 def _cached_or_built(config: ExperimentConfig, plan: DataPlan, log: Callable[[str], None]) -> TokenData:
-    tokens, meta = _load_cache(config, plan, log)
+    tokens, meta, tokenizer = _load_cache(config, plan, log)
     if tokens is not None:
-        return _token_data(tokens, meta, config, plan, log, cache_hit=True)
-    tokens, meta = _build(config, plan)
-    _save_cache(config, plan, tokens, meta)
-    return _token_data(tokens, meta, config, plan, log, cache_hit=False)
+        return _token_data(tokens, meta, tokenizer, config, plan, log, cache_hit=True)
+    tokens, meta, tokenizer = _build(config, plan)
+    _save_cache(config, plan, tokens, meta, tokenizer)
+    return _token_data(tokens, meta, tokenizer, config, plan, log, cache_hit=False)
 
 
 def _offline_words(config: ExperimentConfig) -> str:
@@ -127,7 +130,7 @@ def _offline_words(config: ExperimentConfig) -> str:
     return f"{offline_corpus.describe()} with a BPE tokenizer trained on it; results then test the pipeline, not web-text quality"
 
 
-def _build(config: ExperimentConfig, plan: DataPlan) -> tuple[np.ndarray, dict[str, Any]]:
+def _build(config: ExperimentConfig, plan: DataPlan) -> tuple[np.ndarray, dict[str, Any], TextTokenizer]:
     if plan.corpus == "hub":
         documents = hub_documents(config)
     elif plan.corpus == "local":
@@ -139,7 +142,7 @@ def _build(config: ExperimentConfig, plan: DataPlan) -> tuple[np.ndarray, dict[s
     tokens, used = _tokenize(documents, tokenizer, config.max_tokens)
     meta = {"corpus_description": plan.describe(config, used), "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "documents": used, "documents_read": len(documents), "offline": plan.offline}
-    return tokens, meta
+    return tokens, meta, tokenizer
 
 
 def _tokenize(documents: list[str], tokenizer: TextTokenizer, max_tokens: int) -> tuple[np.ndarray, int]:
@@ -167,15 +170,25 @@ def _cache_paths(config: ExperimentConfig, plan: DataPlan) -> tuple[Path, Path, 
     return directory / f"tokens-{digest}.npy", directory / f"tokens-{digest}.json", key
 
 
-def _load_cache(config: ExperimentConfig, plan: DataPlan, log: Callable[[str], None]) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """The cached tokens when the files exist, match the settings and pass their checksum; else None.
+def _tokenizer_path(tokens_path: Path) -> Path:
+    """The offline tokenizer's JSON beside its tokens: tokens-<digest>.tokenizer.json."""
+    return tokens_path.with_suffix(".tokenizer.json")
+
+
+def _load_cache(config: ExperimentConfig, plan: DataPlan, log: Callable[[str], None]
+                ) -> tuple[np.ndarray | None, dict[str, Any], TextTokenizer | None]:
+    """The cached tokens and their tokenizer when the files exist, match the settings and pass their
+    checksums; else (None, {}, None).
 
     The metadata is written last, so without it there is no cache (at most an interrupted write).
-    Tokens and metadata from two different writes fail the checksum and are rebuilt, never trusted.
+    Tokens, tokenizer and metadata from different writes fail a checksum and are rebuilt, never trusted.
+    An offline tokenizer that is missing or unreadable makes the cache stale; a Hub tokenizer is loaded
+    again from the local Hugging Face cache, and is None (not an error) when it is not there.
     """
     tokens_path, meta_path, key = _cache_paths(config, plan)
     if not meta_path.exists():
-        return None, {}
+        return None, {}, None
+    tokenizer: TextTokenizer | None = None
     try:
         meta = json.loads(meta_path.read_text())
         tokens = np.load(tokens_path, allow_pickle=False)
@@ -187,25 +200,62 @@ def _load_cache(config: ExperimentConfig, plan: DataPlan, log: Callable[[str], N
             (len(tokens) > 0 and (tokens.min() < 0 or tokens.max() >= meta.get("vocab_size", 0)), "token ids out of range"),
         ]
         reason = next((why for bad, why in problems if bad), None)
+        if reason is None and plan.tokenizer == "offline":
+            tokenizer, reason = _cached_offline_tokenizer(_tokenizer_path(tokens_path), meta)
     except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt
         reason, meta, tokens = f"unreadable ({type(error).__name__})", {}, None
     if reason:
         log(f"Data cache {tokens_path} is damaged or stale ({reason}); rebuilding it.")
-        return None, {}
-    return tokens, meta
+        return None, {}, None
+    if plan.tokenizer == "hub":
+        tokenizer = _local_hub_tokenizer(config.tokenizer_name)
+    return tokens, meta, tokenizer
 
 
-def _save_cache(config: ExperimentConfig, plan: DataPlan, tokens: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write tokens, then metadata, each through a unique temp file and an atomic rename.
+def _cached_offline_tokenizer(path: Path, meta: dict[str, Any]) -> tuple[TextTokenizer | None, str | None]:
+    """(the tokenizer, None) when its file is there and is the one the metadata names; else (None, why not)."""
+    if not path.exists():
+        return None, "tokenizer file missing"
+    text = path.read_bytes()
+    if hashlib.sha256(text).hexdigest() != meta.get("tokenizer_sha256"):
+        return None, "tokenizer checksum mismatch"
+    try:
+        tokenizer = offline_tokenizer_from_json(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None, "tokenizer file unreadable"
+    if tokenizer.vocab_size != meta.get("vocab_size"):
+        return None, "tokenizer vocabulary differs"
+    return tokenizer, None
+
+
+def _local_hub_tokenizer(name: str) -> TextTokenizer | None:
+    """The Hub tokenizer from the local Hugging Face cache only (a cache hit needs no network); None if absent."""
+    try:
+        return hub_tokenizer(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached locally (or unreadable): the name alone is kept
+        return None
+
+
+def _save_cache(config: ExperimentConfig, plan: DataPlan, tokens: np.ndarray, meta: dict[str, Any],
+                tokenizer: TextTokenizer | None = None) -> None:
+    """Write tokens, the offline tokenizer's JSON, then metadata, each through a unique temp file and an
+    atomic rename.
 
     Concurrent runs sharing a cache then never trip over each other's temp files, and a reader
-    sees either a whole old file or a whole new one.
+    sees either a whole old file or a whole new one. A plan with an offline tokenizer needs it here:
+    without it the cache would be judged stale.
     """
     tokens_path, meta_path, key = _cache_paths(config, plan)
     tokens_path.parent.mkdir(parents=True, exist_ok=True)
     meta.update(key=key, num_tokens=int(len(tokens)), sha256=hashlib.sha256(tokens.tobytes()).hexdigest(),
                 cache_file=str(tokens_path))
     write_atomic(tokens_path, lambda file: np.save(file, tokens, allow_pickle=False))
+    if plan.tokenizer == "offline":
+        if tokenizer is None or tokenizer.tokenizer_json is None:
+            raise ValueError("an offline-tokenizer cache needs the tokenizer's JSON (TextTokenizer.tokenizer_json)")
+        text = tokenizer.tokenizer_json.encode("utf-8")
+        write_atomic(_tokenizer_path(tokens_path), lambda file: file.write(text))
+        meta.update(tokenizer_sha256=hashlib.sha256(text).hexdigest())
     write_atomic(meta_path, lambda file: json.dump(meta, file, indent=2), binary=False)
 
 
@@ -215,8 +265,8 @@ def split_tokens(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tenso
     return tokens[:n_train], tokens[n_train:]
 
 
-def _token_data(tokens: np.ndarray, meta: dict[str, Any], config: ExperimentConfig, plan: DataPlan,
-                log: Callable[[str], None], cache_hit: bool) -> TokenData:
+def _token_data(tokens: np.ndarray, meta: dict[str, Any], tokenizer: TextTokenizer | None, config: ExperimentConfig,
+                plan: DataPlan, log: Callable[[str], None], cache_hit: bool) -> TokenData:
     """Say what the data is (tokenizer and any shortfall included), then split it."""
     origin = "from cache" if cache_hit else "cached in"
     log(f"Data: {meta['corpus_description']}, {len(tokens):,} tokens, tokenizer {meta['tokenizer']} ({origin} {meta['cache_file']})")
@@ -238,7 +288,7 @@ def _token_data(tokens: np.ndarray, meta: dict[str, Any], config: ExperimentConf
     info.update(source_label=plan.source_label(config), total_tokens=len(tokens), max_tokens_shortfall=shortfall,
                 train_tokens=len(train), val_tokens=len(val), cache_hit=cache_hit,
                 split=f"contiguous: first {1 - config.val_fraction:.0%} of tokens train, last {config.val_fraction:.0%} validate")
-    return TokenData(train=train, val=val, vocab_size=int(meta["vocab_size"]), info=info)
+    return TokenData(train=train, val=val, vocab_size=int(meta["vocab_size"]), info=info, tokenizer=tokenizer)
 
 
 def batch_starts(num_train_tokens: int, config: ExperimentConfig, seed: int) -> torch.Tensor:

@@ -1,9 +1,27 @@
-"""Tokenizers: the experiment's Hub tokenizer, or a byte-level BPE trained offline on the corpus."""
+"""Tokenizers: the experiment's Hub tokenizer, or a byte-level BPE trained offline on the corpus.
+
+Either can be saved beside a model and loaded again by a later process (`save_tokenizer`,
+`load_tokenizer`): the offline BPE as its own `tokenizer.json` (it exists nowhere else), the Hub
+tokenizer as its name (loaded again from the local Hugging Face cache, or the Hub).
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from atomic_files import write_atomic
+
+TOKENIZER_FILE = "tokenizer.json"
+OFFLINE_BPE = "offline-bpe"  # spec kinds: the offline BPE's JSON, or a Hub tokenizer's name
+HUB = "hub"
+EOS_TOKEN = "<|endoftext|>"
+
+
+def _cannot_decode(ids: list[int]) -> str:
+    raise NotImplementedError("this tokenizer has no decoder")
 
 
 @dataclass
@@ -12,13 +30,30 @@ class TextTokenizer:
     vocab_size: int
     encode: Callable[[str], list[int]]
     eos_token_id: int | None
+    decode: Callable[[list[int]], str] = _cannot_decode  # special tokens (e.g. EOS) are kept in the text
+    kind: str = "custom"  # OFFLINE_BPE, HUB, or anything else (e.g. a test's stand-in: not savable)
+    tokenizer_json: str | None = None  # the offline BPE's whole definition (tokenizers' Tokenizer.to_str())
+    hub_name: str | None = None  # the Hub tokenizer's name, as given to AutoTokenizer.from_pretrained
 
 
-def hub_tokenizer(name: str) -> TextTokenizer:
+class TokenizerError(ValueError):
+    """A saved tokenizer that cannot be loaded; the message names the file or name and what to do."""
+
+
+def hub_tokenizer(name: str, local_files_only: bool = False) -> TextTokenizer:
+    """AutoTokenizer.from_pretrained(name); with local_files_only, only from the local Hugging Face cache."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
-    return TextTokenizer(name, len(tok), lambda text: tok.encode(text, add_special_tokens=False), tok.eos_token_id)
+    tok = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
+
+    def decode(ids: list[int]) -> str:
+        text = tok.decode(ids, skip_special_tokens=False)
+        if not isinstance(text, str):  # a list only for a batch of sequences, never for one
+            raise TypeError(f"{name} decoded one sequence into {type(text).__name__}")
+        return text
+
+    return TextTokenizer(name, len(tok), lambda text: tok.encode(text, add_special_tokens=False), tok.eos_token_id,
+                         decode=decode, kind=HUB, hub_name=name)
 
 
 def train_offline_tokenizer(documents: list[str], vocab_size: int) -> TextTokenizer:
@@ -30,14 +65,87 @@ def train_offline_tokenizer(documents: list[str], vocab_size: int) -> TextTokeni
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(documents, trainer=trainer)
+    return offline_tokenizer_from_json(tok.to_str())
+
+
+def offline_tokenizer_from_json(tokenizer_json: str) -> TextTokenizer:
+    """The offline BPE from its JSON definition (as `Tokenizer.to_str()` wrote it); ValueError if it is not one."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(tokenizer_json)
+    except Exception as error:  # tokenizers raises its own Exception subclass on malformed JSON
+        raise ValueError(f"not a tokenizers JSON definition ({str(error)[:120]})") from error
     return TextTokenizer(
         f"byte-level BPE ({tok.get_vocab_size()} tokens) trained offline on the corpus",
         tok.get_vocab_size(),
         lambda text: tok.encode(text).ids,
-        tok.token_to_id("<|endoftext|>"),
+        tok.token_to_id(EOS_TOKEN),
+        decode=lambda ids: tok.decode(ids, skip_special_tokens=False),
+        kind=OFFLINE_BPE,
+        tokenizer_json=tokenizer_json,
     )
+
+
+def save_tokenizer(tokenizer: TextTokenizer | str, directory: Path) -> dict[str, Any]:
+    """Save what rebuilds `tokenizer` into `directory` and return its spec (JSON-serialisable).
+
+    Offline BPE: writes tokenizer.json (atomically) and returns {"kind": "offline-bpe", "file": "tokenizer.json", ...}.
+    Hub tokenizer, or a str (the name of a Hub tokenizer that could not be loaded here): writes nothing (a
+    stale tokenizer.json there is removed) and returns {"kind": "hub", "name": ...}.
+    """
+    if isinstance(tokenizer, str) or tokenizer.kind == HUB:
+        name = tokenizer if isinstance(tokenizer, str) else tokenizer.hub_name or tokenizer.name
+        (directory / TOKENIZER_FILE).unlink(missing_ok=True)
+        return {"kind": HUB, "name": name}
+    if tokenizer.kind == OFFLINE_BPE and tokenizer.tokenizer_json is not None:
+        text = tokenizer.tokenizer_json
+        write_atomic(directory / TOKENIZER_FILE, lambda file: file.write(text), binary=False)
+        return {"kind": OFFLINE_BPE, "file": TOKENIZER_FILE, "vocab_size": tokenizer.vocab_size}
+    raise ValueError(f"tokenizer {tokenizer.name!r} (kind {tokenizer.kind!r}) cannot be saved: only the offline BPE "
+                     "and Hub tokenizers can")
+
+
+def load_tokenizer(source: Path | Mapping[str, Any], directory: Path | None = None) -> TextTokenizer:
+    """The tokenizer that save_tokenizer saved.
+
+    `source` is either a spec returned by save_tokenizer (its file, if any, is read from `directory`),
+    or a folder holding a tokenizer.json (a saved model's folder keeps the spec in its config.json's
+    extra["tokenizer"]; pass that for a Hub tokenizer). A Hub name is loaded from the local Hugging Face cache first,
+    then from the Hub. Raises TokenizerError naming the file or name when it cannot be loaded.
+    """
+    if isinstance(source, Path):
+        spec: Mapping[str, Any] = {"kind": OFFLINE_BPE, "file": TOKENIZER_FILE}
+        directory = source
+    else:
+        spec = source
+    kind = spec.get("kind")
+    if kind == OFFLINE_BPE:
+        if directory is None:
+            raise TokenizerError("an offline-bpe tokenizer spec needs the folder that holds its file")
+        path = directory / str(spec.get("file", TOKENIZER_FILE))
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer file {path} is missing; save the model again (a Hub tokenizer is "
+                                 "saved as its name: pass the spec save_tokenizer returned)")
+        try:
+            return offline_tokenizer_from_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise TokenizerError(f"tokenizer file {path} cannot be read ({error}); save the model again or copy "
+                                 "its tokenizer.json back") from error
+    if kind == HUB and isinstance(spec.get("name"), str):
+        name: str = spec["name"]
+        try:
+            return hub_tokenizer(name, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the local cache: try the Hub itself below
+            pass
+        try:
+            return hub_tokenizer(name)
+        except Exception as error:  # noqa: BLE001 - transformers/huggingface_hub raise many kinds
+            raise TokenizerError(f"Hub tokenizer {name!r} is neither in the local Hugging Face cache nor reachable "
+                                 f"({type(error).__name__}); connect once to download it") from error
+    raise TokenizerError(f"unknown tokenizer spec {json.dumps(dict(spec))}: expected kind {OFFLINE_BPE!r} or {HUB!r}")

@@ -17,7 +17,7 @@ from data.dataset import (DataPlan, _load_cache, _save_cache, _tokenize, batch_s
                           training_batch, validation_windows)
 from data.offline_corpus import stdlib_documents
 from data.sources import hub_documents, local_documents
-from data.tokenizer import TextTokenizer, hub_tokenizer, train_offline_tokenizer
+from data.tokenizer import TextTokenizer, hub_tokenizer, offline_tokenizer_from_json, train_offline_tokenizer
 from experiment_config import ConfigError, ExperimentConfig
 
 
@@ -88,12 +88,17 @@ def test_offline_flag_is_said_once_and_the_data_line_names_the_tokenizer(config)
         assert ("from cache" if attempt == "cache hit" else "cached in") in data_line
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip", "stale_meta"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip", "stale_meta", "no_tokenizer", "bad_tokenizer"])
 def test_damaged_cache_is_detected_and_rebuilt(config, damage):
     first = prepare_data(config, lambda _: None)
     npy = next(Path(config.cache_dir).glob("tokens-*.npy"))
     meta = npy.with_suffix(".json")
-    if damage == "truncate":
+    tokenizer_file = npy.with_suffix(".tokenizer.json")
+    if damage == "no_tokenizer":
+        tokenizer_file.unlink()
+    elif damage == "bad_tokenizer":
+        tokenizer_file.write_text("{not json")
+    elif damage == "truncate":
         npy.write_bytes(npy.read_bytes()[:100])
     elif damage == "garbage":
         npy.write_bytes(b"not a numpy file")
@@ -110,6 +115,7 @@ def test_damaged_cache_is_detected_and_rebuilt(config, damage):
     assert any("damaged or stale" in line for line in lines)
     assert not rebuilt.info["cache_hit"]
     assert torch.equal(rebuilt.train, first.train) and torch.equal(rebuilt.val, first.val)
+    assert rebuilt.tokenizer is not None and tokenizer_file.exists()
 
 
 def test_local_text_jsonl_and_parquet_files(config, tmp_path):
@@ -197,7 +203,7 @@ def fake_hub(monkeypatch) -> list[str]:
         calls.append("documents")
         return FAKE_DOCUMENTS[: config.num_documents]
 
-    def tokenizer(name: str) -> TextTokenizer:
+    def tokenizer(name: str, local_files_only: bool = False) -> TextTokenizer:
         calls.append("tokenizer")
         return TextTokenizer("fake-characters", 128, lambda text: [ord(c) for c in text], 0)
 
@@ -229,6 +235,7 @@ def test_an_online_cache_needs_no_network(config, fake_hub, monkeypatch):
     lines: list[str] = []
     again = prepare_data(online, lines.append)
     assert again.info["cache_hit"] and again.info["offline"] is False
+    assert again.tokenizer is not None and again.tokenizer.name == "fake-characters"  # reloaded from the local cache
     assert len(lines) == 1 and "tokenizer fake-characters (from cache" in lines[0]
 
 
@@ -296,16 +303,25 @@ def _writer_tokens(writer: int) -> np.ndarray:
     return (np.arange(4000, dtype=np.int32) * (writer + 1)) % 997  # a different array per writer
 
 
+def _writer_tokenizer(writer: int) -> TextTokenizer:
+    """A different 997-token tokenizer per writer (a word-level one: no training needed)."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"w{writer}t{i}": i for i in range(997)}
+    return offline_tokenizer_from_json(Tokenizer(models.WordLevel(vocab, unk_token=f"w{writer}t0")).to_str())
+
+
 def _hammer_cache(cache_dir: str, writer: int) -> int:
     """Save this writer's tokens and load whatever is there, over and over; returns valid loads."""
     config = ExperimentConfig(cache_dir=cache_dir, offline=True)
     plan = DataPlan("offline", "offline", offline=True)
     valid = 0
     for _ in range(CACHE_ROUNDS):
-        _save_cache(config, plan, _writer_tokens(writer), {"vocab_size": 997, "writer": writer})
-        tokens, meta = _load_cache(config, plan, lambda _: None)
-        if tokens is not None:  # never a torn pair: the tokens are those of the writer its metadata names
+        _save_cache(config, plan, _writer_tokens(writer), {"vocab_size": 997, "writer": writer}, _writer_tokenizer(writer))
+        tokens, meta, tokenizer = _load_cache(config, plan, lambda _: None)
+        if tokens is not None:  # never torn: tokens and tokenizer are those of the writer its metadata names
             assert np.array_equal(tokens, _writer_tokens(meta["writer"]))
+            assert tokenizer is not None and tokenizer.tokenizer_json == _writer_tokenizer(meta["writer"]).tokenizer_json
             valid += 1
     return valid
 
@@ -316,9 +332,10 @@ def test_concurrent_runs_sharing_a_cache_never_crash_or_read_a_torn_cache(tmp_pa
         valid = pool.starmap(_hammer_cache, [(str(tmp_path), writer) for writer in range(CACHE_WRITERS)])
     assert sum(valid) > 0
     config = ExperimentConfig(cache_dir=str(tmp_path), offline=True)
-    tokens, meta = _load_cache(config, DataPlan("offline", "offline", offline=True), lambda line: pytest.fail(line))
+    tokens, meta, _ = _load_cache(config, DataPlan("offline", "offline", offline=True), lambda line: pytest.fail(line))
     assert tokens is not None and np.array_equal(tokens, _writer_tokens(meta["writer"]))
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".npy"], "no temp file is left behind"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [name.split(".", 1)[1] for name in names] == ["json", "npy", "tokenizer.json"], "no temp file is left behind"
     assert time.perf_counter() - started < 60
 
 
@@ -331,5 +348,6 @@ def test_a_failed_cache_write_leaves_the_old_cache_and_no_temp_file(config, monk
 
     monkeypatch.setattr(np, "save", disk_full)
     with pytest.raises(OSError, match="No space"):
-        _save_cache(config, DataPlan("offline", "offline", offline=True), first.train.numpy().astype(np.int32), {})
+        _save_cache(config, DataPlan("offline", "offline", offline=True), first.train.numpy().astype(np.int32), {},
+                    first.tokenizer)
     assert {p.name: p.read_bytes() for p in Path(config.cache_dir).iterdir()} == before

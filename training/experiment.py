@@ -17,21 +17,21 @@ import torch
 
 from data.dataset import TokenData, prepare_data, validation_windows
 from data.sources import check_local_path
-from exp6_baseline_attention_model import BaselineAttentionModel
-from exp6_flash_attention_model import FlashAttentionModel
+from data.tokenizer import TOKENIZER_FILE, save_tokenizer
+from experiment_config import ConfigError, ExperimentConfig
 from hardware import device_name, precision_label, release_memory, resolve_device, resolve_precision
+from inference.generate import cache_mode_for, generate_text
 from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_installed
+from models.checkpoint import ModelBuilder, arm_builders, run_checkpoint_dir, save_checkpoint
 from models.costs import cost_report
 from models.transformer import MoELanguageModel
-from experiment_config import ConfigError, ExperimentConfig
+from reporting import write_json_atomic
 from training.plots import plot_results
-from training.results import (MODEL_NAMES, RESULTS_FILE, check_writable, comparison, format_table, summarise_model,
-                              write_json_atomic)
+from training.results import MODEL_NAMES, RESULTS_FILE, check_writable, comparison, format_table, summarise_model
 from training.run_guard import output_dir_lock, sigterm_raises_run_terminated, stop_status
 from training.trainer import NonFiniteLoss, new_run_record, train_model
 
-ModelBuilder = Callable[..., MoELanguageModel]
-MODEL_BUILDERS: dict[str, ModelBuilder] = {"baseline": BaselineAttentionModel, "deepseek": FlashAttentionModel}
+MODEL_BUILDERS: dict[str, ModelBuilder] = arm_builders()
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -109,6 +109,41 @@ def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.
     }
 
 
+def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
+                        config: ExperimentConfig, log: Callable[[str], None]) -> None:
+    """Save a completed run's model, config and tokenizer to OUTPUT_DIR/checkpoints/<name>-seed<seed>/ and
+    note it in `record["checkpoint"]`. A failure is recorded (`checkpoint_error`) and logged, never raised:
+    the run's results matter more than its weights."""
+    directory = run_checkpoint_dir(Path(config.output_dir), name, seed)
+    try:
+        # a Hub tokenizer that is not in the local cache is saved as its name alone
+        tokenizer = save_tokenizer(data.tokenizer or config.tokenizer_name, directory)
+        extra = {"seed": seed, "tokenizer": tokenizer, "data": data.info.get("corpus_description"),
+                 **{key: record.get(key) for key in ("val_loss", "val_accuracy", "val_perplexity", "tokens_seen", "precision")}}
+        saved = save_checkpoint(model, name, directory, extra)
+        files = dict(saved["files"])
+        if "file" in tokenizer:
+            files[TOKENIZER_FILE] = (directory / TOKENIZER_FILE).stat().st_size
+    except Exception as error:  # noqa: BLE001 - disk full, permissions, ...: keep the results, say so, go on
+        record["checkpoint_error"] = f"{type(error).__name__}: {error}"
+        log(f"{name} (seed {seed}): saving the model to {directory} FAILED ({record['checkpoint_error']}); "
+            "its results are kept and the experiment goes on.")
+        return
+    record["checkpoint"] = {"directory": str(directory), "bytes": sum(files.values()), "files": files}
+    log(f"{name} (seed {seed}): model saved to {directory} ({record['checkpoint']['bytes'] / 1e6:.1f} MB)")
+
+
+def greedy_sample(model: MoELanguageModel, data: TokenData, config: ExperimentConfig,
+                  device: torch.device) -> dict[str, Any]:
+    """A short greedy continuation of config.sample_prompt with the model's own KV cache, for the JSON."""
+    if data.tokenizer is None:
+        return {"prompt": config.sample_prompt, "text": None, "note": "no tokenizer loaded on this machine"}
+    text, ids = generate_text(model, data.tokenizer, config.sample_prompt, config.sample_tokens,
+                              precision=resolve_precision(config, device))
+    return {"prompt": config.sample_prompt, "text": text, "tokens": len(ids),
+            "decoding": f"greedy, {cache_mode_for(model, 'auto')} cache"}
+
+
 def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train both models once per seed and write JSON, plots and the table; returns the results."""
@@ -164,6 +199,11 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
                         save("failed")
                         log(f"{name} (seed {seed}) crashed; the runs finished so far are saved in {results_path}")
                         raise
+                    if record["status"] == "completed" and config.sample_tokens > 0:
+                        record["sample"] = greedy_sample(model, data, config, device)
+                        log(f"{name} (seed {seed}) greedy sample: {config.sample_prompt}{record['sample']['text']!r}")
+                    if config.save_checkpoints and record["status"] == "completed":
+                        save_run_checkpoint(model, name, seed, record, data, config, log)
                     del model
                     release_memory(device)
                     save("running")
@@ -182,4 +222,9 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
         plots = plot_results(results, output_dir)
         log("\n" + format_table(results))
         log(f"Results: {results_path}; plots: {', '.join(str(p) for p in plots)}")
+        saved = [record["checkpoint"]["directory"] for name in MODEL_NAMES for record in runs[name] if record["checkpoint"]]
+        if saved:
+            log(f"Models saved: {', '.join(saved)}")
+        elif not config.save_checkpoints:
+            log("Models not saved (--no-save).")
         return results

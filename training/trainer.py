@@ -106,6 +106,7 @@ def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
         "val_perplexity": None, "training_time_minutes": None, "parameter_count": params,
         "parameters_millions": round(params / 1e6, 3), "tokens_per_second": None, "tokens_seen": 0,
         "peak_gpu_memory_mb": None, "precision": None, "compiled": None, "attention_backend": None, "moe_dispatch": None,
+        "checkpoint": None,  # {"directory", "bytes", "files"} once a completed run's model is saved
         "curve": {"step": [], "training_seconds": [], "tokens_seen": [], "train_loss": [], "val_loss": [], "val_accuracy": []},
     }
 
