@@ -26,6 +26,7 @@ from models.rope import RotaryEmbedding, apply_rope_interleaved
 from experiment_config import ExperimentConfig
 
 NORM_EPS = 1e-6
+LATENT_QUERY_CHUNK = 512  # queries per attention call when prefilling through the latent cache
 
 
 class DeepseekV3Attention(CausalSelfAttention):
@@ -130,10 +131,17 @@ class DeepseekV3Attention(CausalSelfAttention):
         cached = cache.update(latent_rope=torch.cat([latent.to(k_rope.dtype), k_rope], dim=-1))["latent_rope"]
         weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_k, w_v = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)
+        queries = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_k), q_rope], dim=-1)
         keys = cached.unsqueeze(1)  # (batch, 1, tokens, rank + d_rope): one head, broadcast as a view
         values = cached[..., : self.kv_lora_rank].unsqueeze(1)
-        out_latent = cached_causal_attention(torch.cat([q_latent, q_rope], dim=-1), keys, values, self.softmax_scale)
+        # Long prefills go in query chunks: the shared head's scores have no fused kernel here, so each
+        # chunk holds a (chunk x keys) score matrix instead of (prompt x keys).
+        past = cached.shape[1] - queries.shape[2]
+        out_latent = torch.cat([
+            cached_causal_attention(queries[:, :, start : start + LATENT_QUERY_CHUNK],
+                                    keys[:, :, : past + start + LATENT_QUERY_CHUNK],
+                                    values[:, :, : past + start + LATENT_QUERY_CHUNK], self.softmax_scale)
+            for start in range(0, queries.shape[2], LATENT_QUERY_CHUNK)], dim=2)
         self.backend_used = "sdpa[auto], latent cache (absorbed)"
         return torch.einsum("bhtr,hvr->bhtv", out_latent, w_v)
 

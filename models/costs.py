@@ -4,12 +4,15 @@ FLOPs count the matrix products only (norms, softmax, RoPE and the router's top-
 2 FLOPs per multiply-add per token in the forward pass, times 3 for forward plus backward. Every
 nn.Linear is applied to every token in training (MLA is run un-absorbed), experts are counted at
 top_k / num_experts, and attention scores and the value mix use the mean causal context (T + 1) / 2.
+The KV cache is counted both ways: analytically, and measured from the cache tensors of a bf16 decode.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 from models.attention import CausalSelfAttention
@@ -29,6 +32,17 @@ def attention_score_macs(attention: CausalSelfAttention, seq_len: int) -> float:
     return heads * (d_qk + d_v) * (seq_len + 1) / 2
 
 
+@torch.no_grad()
+def measured_cache_bytes_per_token(attention: CausalSelfAttention, mode: str, d_model: int, tokens: int = 4) -> float:
+    """Bytes per token a bf16 decoder really caches in this layer: a few tokens are run through a copy
+    of the layer with a `mode` cache under bf16 autocast on the CPU, and the cache tensors are measured."""
+    layer = copy.deepcopy(attention).cpu().eval()
+    cache = layer.new_cache(mode, capacity=tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.zeros(1, tokens, d_model), cache)
+    return cache.bytes_per_token()
+
+
 def cost_report(model: MoELanguageModel, seq_len: int | None = None) -> dict[str, Any]:
     config = model.config
     seq_len = seq_len or config.max_seq_len
@@ -42,6 +56,9 @@ def cost_report(model: MoELanguageModel, seq_len: int | None = None) -> dict[str
     score_macs = sum(attention_score_macs(m, seq_len) for m in attention)
     forward_flops = 2 * (linear_macs + score_macs)
     kv_values = attention[0].kv_cache_values_per_token()
+    cache_modes = {mode: {"analytic": attention[0].kv_cache_values_per_token(mode) * KV_CACHE_BYTES_PER_VALUE,
+                          "measured": measured_cache_bytes_per_token(attention[0], mode, config.d_model)}
+                   for mode in attention[0].cache_modes}
     return {
         "parameters_total": total,
         "parameters_active_per_token": int(total - inactive_expert_params),
@@ -51,5 +68,8 @@ def cost_report(model: MoELanguageModel, seq_len: int | None = None) -> dict[str
         "attention_score_flops_per_token": int(3 * 2 * score_macs),
         "kv_cache_bytes_per_token_per_layer_bf16": kv_values * KV_CACHE_BYTES_PER_VALUE,
         "kv_cache_bytes_per_token_all_layers_bf16": kv_values * KV_CACHE_BYTES_PER_VALUE * config.n_layers,
+        "kv_cache_mode": attention[0].cache_modes[0],
+        "kv_cache_bytes_per_token_per_layer_bf16_measured": cache_modes[attention[0].cache_modes[0]]["measured"],
+        "kv_cache_bytes_per_token_per_layer_bf16_by_mode": cache_modes,
         "flops_note": "matmuls only; forward+backward = 3x forward; experts at top_k/num_experts; causal mean context",
     }

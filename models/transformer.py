@@ -58,8 +58,10 @@ class MoELanguageModel(nn.Module):
         self.lm_head.weight = self.embed.weight
         init_parameters(self, config.seed if seed is None else seed)
 
-    def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits for every input position and the summed load-balancing loss.
+    def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits for every input position (only the last with last_only, as a decoder prefills: the
+        full (batch, prompt, vocab) logits would dwarf the cache) and the summed load-balancing loss.
 
         With `caches` (one per layer, from new_caches), input_ids are only the new tokens: they follow
         the cached ones, and the caches grow by them.
@@ -72,6 +74,8 @@ class MoELanguageModel(nn.Module):
         for layer, block in enumerate(blocks):
             x, aux_loss = block(x, None if caches is None else caches[layer])
             aux_total = aux_total + aux_loss
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x)), aux_total
 
     def new_caches(self, mode: str | None = None, capacity: int = 256) -> list[KVCache]:

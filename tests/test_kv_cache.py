@@ -10,13 +10,14 @@ from deepseek_modeling import DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
 from exp6_flash_attention_model import FlashAttentionModel
 from experiment_config import ExperimentConfig
+from models.checkpoint import ModelBuilder
 from models.transformer import MoELanguageModel
 
 ARMS = [(BaselineAttentionModel, "kv"), (FlashAttentionModel, "expanded"), (FlashAttentionModel, "latent")]
 ATOL = 1e-5
 
 
-def _model(config: ExperimentConfig, model_cls: type[MoELanguageModel], **changes: object) -> MoELanguageModel:
+def _model(config: ExperimentConfig, model_cls: ModelBuilder, **changes: object) -> MoELanguageModel:
     """A small model with O(1) activations (the default init gives near-zero logits, which would hide errors)."""
     model = model_cls(config.replace(vocab_size=61, dropout=0.0, router_noise_std=0.0, **changes), seed=3)
     with torch.no_grad():
@@ -47,6 +48,21 @@ def test_cached_decoding_equals_the_full_forward_at_every_step(config, model_cls
             position += step
     assert all(cache.length == total and cache.mode == mode for cache in caches)
     assert full.abs().max() > 1.0  # the comparison is not between near-zero logits
+
+
+def test_long_latent_prefill_in_query_chunks_equals_the_full_forward(config, monkeypatch):
+    """A prefill longer than LATENT_QUERY_CHUNK runs in chunks of queries, each over all keys so far."""
+    import deepseek_modeling
+
+    monkeypatch.setattr(deepseek_modeling, "LATENT_QUERY_CHUNK", 3)
+    model = _model(config, FlashAttentionModel)
+    ids = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full, _ = model(ids)
+        caches = model.new_caches("latent")
+        first, _ = model(ids[:, :11], caches)  # 4 chunks from an empty cache
+        second, _ = model(ids[:, 11:], caches)  # 3 chunks after 11 cached tokens
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=ATOL, rtol=0)
 
 
 def test_latent_cache_holds_only_latent_and_rope_key_and_never_expands(config):
@@ -89,3 +105,14 @@ def test_unknown_cache_mode_is_refused(config):
     model = _model(config, BaselineAttentionModel)
     with pytest.raises(ValueError, match="no 'latent' cache"):
         model.new_caches("latent")
+
+
+def test_cost_report_records_measured_and_analytic_cache_bytes_for_every_mode(config):
+    from models.costs import cost_report
+
+    baseline = cost_report(BaselineAttentionModel(ExperimentConfig(vocab_size=100)))
+    deepseek = cost_report(FlashAttentionModel(ExperimentConfig(vocab_size=100)))
+    assert baseline["kv_cache_bytes_per_token_per_layer_bf16_by_mode"] == {"kv": {"analytic": 1024, "measured": 1024}}
+    assert deepseek["kv_cache_bytes_per_token_per_layer_bf16_by_mode"] == {
+        "latent": {"analytic": 320, "measured": 320}, "expanded": {"analytic": 1280, "measured": 1280}}
+    assert deepseek["kv_cache_mode"] == "latent" and deepseek["kv_cache_bytes_per_token_per_layer_bf16_measured"] == 320

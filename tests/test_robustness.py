@@ -80,8 +80,9 @@ class _StopsTraining(FlashAttentionModel):
     def stop(self) -> None:
         raise NotImplementedError
 
-    def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        out = super().forward(input_ids, caches)
+    def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        out = super().forward(input_ids, caches, last_only)
         if self.training:
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == 5:

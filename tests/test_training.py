@@ -130,8 +130,9 @@ class _FailingModel(FlashAttentionModel):
     fail_at_call = 5  # the untimed warm-up pass is call 1, so this is training step 3 (0-based)
     fault = "nan"
 
-    def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, aux = super().forward(input_ids, caches)
+    def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, aux = super().forward(input_ids, caches, last_only)
         if self.training:
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == self.fail_at_call:
@@ -174,17 +175,17 @@ def test_ctrl_c_keeps_what_finished_and_says_where(config):
 
 def test_results_file_is_replaced_atomically(config, monkeypatch):
     """A crash while writing leaves the previous results file intact."""
-    import training.results as results_module
+    import reporting
 
     path = Path(config.output_dir) / RESULTS_FILE
-    results_module.write_json_atomic(path, {"old": 1})
+    reporting.write_json_atomic(path, {"old": 1})
 
     def broken_dump(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(results_module.json, "dump", broken_dump)
+    monkeypatch.setattr(reporting.json, "dump", broken_dump)
     with pytest.raises(RuntimeError):
-        results_module.write_json_atomic(path, {"new": 2})
+        reporting.write_json_atomic(path, {"new": 2})
     assert json.loads(path.read_text()) == {"old": 1}
     assert list(path.parent.glob("*.tmp")) == []
 
@@ -267,10 +268,11 @@ def test_both_models_see_the_same_batches_in_the_same_order(config):
                 super().__init__(config, attention, seed=seed)
 
             def forward(self, input_ids: torch.Tensor,
-                        caches: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        caches: list[KVCache] | None = None,
+                        last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
                 if self.training:
                     seen[name].append(input_ids.clone())
-                return super().forward(input_ids, caches)
+                return super().forward(input_ids, caches, last_only)
         return Recording
 
     builders = {"baseline": recording("baseline", MultiHeadAttention),

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
-import math
 import platform
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,10 +35,10 @@ from models.attention import CausalSelfAttention
 from models.costs import attention_score_macs, cost_report
 from models.transformer import MoELanguageModel
 from experiment_config import MOE_DISPATCHES, PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
-from hardware import (FP32, autocast, device_name, peak_memory_mb, precision_label, release_memory, reset_peak_memory,
+from hardware import (FP32, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
                       resolve_device as experiment_device, resolve_precision, synchronize)
+from reporting import fmt, guarded, release, render_table, write_json_atomic
 from training.optim import build_optimizers, build_schedulers
-from training.results import write_json_atomic
 from training.trainer import prepare_model, training_step
 
 DEFAULT_OUTPUT = "benchmark_results/benchmark.json"
@@ -169,11 +166,6 @@ def timed_runs(run: Callable[[int], None], steps: int, warmup: int, device: torc
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
-
-
-def _release(device: torch.device) -> None:
-    gc.collect()
-    release_memory(device)
 
 
 # ----------------------------------------------------------------------------------------- model rows
@@ -304,18 +296,6 @@ def benchmark_attention(module_name: str, config: ExperimentConfig, seq_len: int
 
 # ---------------------------------------------------------------------------------------------- table
 
-def _fmt(value: Any, spec: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return format(value, spec)
-
-
-def _render(headers: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return [line(headers), "-" * (sum(widths) + 2 * (len(widths) - 1)), *(line(r) for r in rows)]
-
-
 def format_tables(results: dict[str, Any]) -> str:
     peak = results["peak_tflops"]
     lines = [
@@ -323,7 +303,7 @@ def format_tables(results: dict[str, Any]) -> str:
         f"Training step: batch {results['batch_size']} x seq {results['seq_len']} = "
         f"{results['batch_size'] * results['seq_len']:,} tokens, vocab {results['config']['vocab_size']:,}; "
         f"median of {results['steps']} timed steps after {results['warmup']} warm-up",
-        f"MFU peak: {_fmt(peak['value'], '.1f')} TFLOP/s ({peak['source']})",
+        f"MFU peak: {fmt(peak['value'], '.1f')} TFLOP/s ({peak['source']})",
         "",
     ]
     model_rows = []
@@ -333,13 +313,13 @@ def format_tables(results: dict[str, Any]) -> str:
             continue
         model_rows.append([
             r["name"], r["precision"], ", ".join(r["moe_dispatch"]), ", ".join(r["attention_backend"]),
-            _fmt(r["median_step_s"] * 1e3, ".1f"), _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["achieved_tflops"], ".3f"),
-            _fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f"), _fmt(r["peak_memory_mb"], ",.0f"),
+            fmt(r["median_step_s"] * 1e3, ".1f"), fmt(r["tokens_per_s"], ",.0f"), fmt(r["achieved_tflops"], ".3f"),
+            fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f"), fmt(r["peak_memory_mb"], ",.0f"),
         ])
-    lines += _render(["Model", "Precision", "MoE dispatch", "Attention", "Step ms", "Tokens/s", "TFLOP/s", "MFU %",
+    lines += render_table(["Model", "Precision", "MoE dispatch", "Attention", "Step ms", "Tokens/s", "TFLOP/s", "MFU %",
                       "Peak MB"], model_rows)
     for model_name, speedup in results["speedups"].items():
-        lines.append(f"Speedup, {model_name}: public style / ours median step time = {_fmt(speedup, '.2f')}x")
+        lines.append(f"Speedup, {model_name}: public style / ours median step time = {fmt(speedup, '.2f')}x")
     lines.append("")
     attention_rows = []
     for r in results["attention_rows"]:
@@ -348,24 +328,15 @@ def format_tables(results: dict[str, Any]) -> str:
             continue
         attention_rows.append([
             r["module"], str(r["seq_len"]), str(r["batch_size"]), str(r["backend_used"]),
-            _fmt(r["median_fwd_bwd_s"] * 1e3, ".2f"), _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["achieved_tflops"], ".3f"),
-            _fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f"),
+            fmt(r["median_fwd_bwd_s"] * 1e3, ".2f"), fmt(r["tokens_per_s"], ",.0f"), fmt(r["achieved_tflops"], ".3f"),
+            fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f"),
         ])
-    lines += _render(["Attention (fwd+bwd)", "Seq", "Batch", "Backend", "ms", "Tokens/s", "TFLOP/s", "MFU %"],
+    lines += render_table(["Attention (fwd+bwd)", "Seq", "Batch", "Backend", "ms", "Tokens/s", "TFLOP/s", "MFU %"],
                      attention_rows)
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ run
-
-def _guarded(build: Callable[[], dict[str, Any]], stub: dict[str, Any]) -> dict[str, Any]:
-    """Run one measurement; a failure (e.g. out of memory) becomes an error row and the benchmark goes on."""
-    try:
-        return build()
-    except Exception as error:  # noqa: BLE001 - reported in the row, the table and the exit code
-        traceback.print_exc(file=sys.stderr)
-        return {**stub, "error": f"{type(error).__name__}: {error}"}
-
 
 def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     """Parse the arguments, run every measurement, print the table, write the JSON; return the results."""
@@ -439,10 +410,10 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
         for variant in variants:
             name = f"{model_name} ({variant})"
             print(f"  timing {name} ...", flush=True)
-            results["rows"].append(_guarded(
+            results["rows"].append(guarded(
                 lambda: benchmark_model(model_name, variant, config, device, steps, warmup, peak),
                 {"name": name, "model": model_name, "variant": variant}))
-            _release(device)  # after the measurement's locals are gone, failed or not
+            release(device)  # after the measurement's locals are gone, failed or not
             write_json_atomic(output, results)
     medians = {(r["model"], r["variant"]): r.get("median_step_s") for r in results["rows"]}
     for model_name in args.models:
@@ -453,10 +424,10 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     for module_name in ATTENTION_MODULES:
         for seq_len in seq_lens:
             print(f"  timing {module_name} at seq {seq_len} ...", flush=True)
-            results["attention_rows"].append(_guarded(
+            results["attention_rows"].append(guarded(
                 lambda: benchmark_attention(module_name, attention_config, seq_len, device, steps, warmup, peak),
                 {"name": f"{module_name} @ {seq_len}", "module": module_name, "seq_len": seq_len}))
-            _release(device)  # after the measurement's locals are gone, failed or not
+            release(device)  # after the measurement's locals are gone, failed or not
             write_json_atomic(output, results)
 
     failed = [r["name"] for r in results["rows"] + results["attention_rows"] if "error" in r]

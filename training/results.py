@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from atomic_files import write_atomic
+from reporting import fmt
 from training.stats import mean_std, paired_difference
 
 RESULTS_FILE = "exp6_attention_comparison.json"
 MODEL_NAMES = ("baseline", "deepseek")
 METRICS = ("val_loss", "val_accuracy", "val_perplexity")
 STOPPED_STATUSES = ("interrupted", "terminated")  # Ctrl-C / SIGTERM: stopped from outside, not failed
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf become None so the file is strict JSON any reader accepts."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Strict JSON (NaN/inf become null), written whole or not at all (atomic_files.write_atomic)."""
-    write_atomic(path, lambda file: json.dump(_json_safe(payload), file, indent=2, allow_nan=False), binary=False)
 
 
 def check_writable(directory: Path) -> None:
@@ -73,17 +55,17 @@ def comparison(baseline_runs: list[dict[str, Any]], deepseek_runs: list[dict[str
     return out
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _cost_sentence(baseline: dict[str, Any], deepseek: dict[str, Any]) -> str:
-    """One line on what MLA buys (decoding memory) and what it costs (training compute, parameters)."""
-    kv = baseline["kv_cache_bytes_per_token_per_layer_bf16"] / deepseek["kv_cache_bytes_per_token_per_layer_bf16"]
+    """One line on what MLA buys at decode time (cache memory, measured) and what it costs in training."""
+    measured_key, analytic_key = "kv_cache_bytes_per_token_per_layer_bf16_measured", "kv_cache_bytes_per_token_per_layer_bf16"
+    kv = baseline[measured_key] / deepseek[measured_key]
+    agree = all(c[measured_key] == c[analytic_key] for c in (baseline, deepseek))
     flops = deepseek["training_flops_per_token"] / baseline["training_flops_per_token"] - 1
     attn = deepseek["parameters_attention"] / baseline["parameters_attention"] - 1
-    return (f"MLA buys a {kv:.1f}x smaller KV cache per token; it costs {flops:+.1%} training FLOPs per token "
-            f"with {attn:+.1%} attention parameters.")
+    check = "measured equals analytic" if agree else "MEASURED DIFFERS FROM ANALYTIC"
+    return (f"At decode time MLA's latent cache holds {kv:.1f}x fewer bytes per token than MHA's K/V "
+            f"({deepseek[measured_key]:.0f} vs {baseline[measured_key]:.0f} B/token/layer in bf16, {check}); "
+            f"in training it costs {flops:+.1%} FLOPs per token with {attn:+.1%} attention parameters.")
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -93,7 +75,7 @@ def format_table(results: dict[str, Any]) -> str:
 
     def pm(m: dict[str, Any], key: str, spec: str) -> str:
         std = m.get(f"{key}_std")
-        return _fmt(m.get(key), spec) + ("" if std is None else f" ± {std:{spec}}")
+        return fmt(m.get(key), spec) + ("" if std is None else f" ± {std:{spec}}")
 
     rows = [
         ("Validation loss", [pm(m, "val_loss", ".4f") for m in models]),
@@ -101,12 +83,14 @@ def format_table(results: dict[str, Any]) -> str:
         ("Validation perplexity", [pm(m, "val_perplexity", ".2f") for m in models]),
         ("Training time (min)", [pm(m, "training_time_minutes", ".2f") for m in models]),
         ("Tokens / s", [pm(m, "tokens_per_second", ",.0f") for m in models]),
-        ("Peak GPU memory (MB)", [_fmt(m.get("peak_gpu_memory_mb"), ",.0f") for m in models]),
-        ("Parameters, total", [_fmt(c.get("parameters_total"), ",") for c in costs]),
-        ("Parameters, active/token", [_fmt(c.get("parameters_active_per_token"), ",") for c in costs]),
-        ("Parameters, attention", [_fmt(c.get("parameters_attention"), ",") for c in costs]),
-        ("Training FLOPs / token", [_fmt(c.get("training_flops_per_token"), ",") for c in costs]),
-        ("KV cache B/token/layer (bf16)", [_fmt(c.get("kv_cache_bytes_per_token_per_layer_bf16"), ",") for c in costs]),
+        ("Peak GPU memory (MB)", [fmt(m.get("peak_gpu_memory_mb"), ",.0f") for m in models]),
+        ("Parameters, total", [fmt(c.get("parameters_total"), ",") for c in costs]),
+        ("Parameters, active/token", [fmt(c.get("parameters_active_per_token"), ",") for c in costs]),
+        ("Parameters, attention", [fmt(c.get("parameters_attention"), ",") for c in costs]),
+        ("Training FLOPs / token", [fmt(c.get("training_flops_per_token"), ",") for c in costs]),
+        ("KV cache B/token/layer (bf16)", [fmt(c.get("kv_cache_bytes_per_token_per_layer_bf16"), ",") for c in costs]),
+        ("  measured from the cache", [fmt(c.get("kv_cache_bytes_per_token_per_layer_bf16_measured"), ",.0f")
+                                       + f" ({c.get('kv_cache_mode', '-')})" for c in costs]),
         ("Attention backend", [", ".join(m.get("attention_backend") or ["-"]) for m in models]),
         ("Seeds completed", [str(len(m.get("seeds_completed", []))) for m in models]),
     ]

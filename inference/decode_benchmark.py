@@ -1,0 +1,517 @@
+"""Decode benchmark: what each KV cache holds and how fast each attention decodes, measured.
+
+    python -m inference.decode_benchmark [--small] [--contexts N ...] [--batch-sizes N ...] [--new-tokens N]
+
+For each attention and cache (MHA "kv"; MLA "expanded", per-head K and V as Hugging Face transformers
+caches them; MLA "latent", DeepSeek's absorbed cache of the normalised latent and the rotary key),
+each context length and each batch size, it builds the model at the default shapes with seeded
+random weights (or loads `--checkpoint`), prefills the context in one forward pass (timed), then
+decodes `--new-tokens` tokens one at a time, greedily feeding each argmax back (every step timed
+between device syncs). Everything runs under the experiment's autocast and `torch.inference_mode`.
+
+Per row it reports the prefill time, the median per-token decode latency, decode tokens/s, the
+cache bytes per token per layer measured from the cache tensors next to the analytic count, the
+measured cache size, peak GPU memory on CUDA, and the largest batch whose cache fits a memory
+budget (24 GiB, an RTX 4090, by default) at that context. Contexts beyond the model's max_seq_len
+are fine: RoPE tables are computed on the fly past it.
+
+The JSON is written atomically after every row (a run cut short keeps what it measured), a table
+is printed at the end and a PNG (decode tokens/s and cache MB against context) is drawn beside
+the JSON. A row that fails (e.g. out of memory) is recorded as an error row, the others still run,
+and the exit code is 1. On CPU the shapes are small (the CPU preset, vocab 2048) so it runs in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from atomic_files import write_atomic
+from exp6_baseline_attention_model import BaselineAttentionModel
+from exp6_flash_attention_model import FlashAttentionModel
+from experiment_config import PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
+from hardware import (BF16, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
+                      resolve_device as experiment_device, resolve_precision, synchronize)
+from models.attention import KVCache
+from models.transformer import MoELanguageModel
+from reporting import fmt, guarded, release, render_table, write_json_atomic
+
+DEFAULT_OUTPUT = "benchmark_results/decode_benchmark.json"
+FULL_VOCAB_SIZE = 49152  # the SmolLM tokenizer the full experiment uses
+SMALL_VOCAB_SIZE = 2048
+CUDA_CONTEXTS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+CPU_CONTEXTS = (64, 128, 256)
+CUDA_BATCH_SIZES = (1, 8)
+CPU_BATCH_SIZES = (1, 4)
+CUDA_NEW_TOKENS = 128
+CPU_NEW_TOKENS = 32
+DEFAULT_BUDGET_GB = 24.0  # an RTX 4090
+WARMUP_CONTEXT, WARMUP_TOKENS = 8, 2  # the untimed warm-up decode before each row
+MODE_ORDER = ("kv", "expanded", "latent")  # MHA, then MLA as transformers caches it, then DeepSeek's latent cache
+ARMS: dict[str, Callable[..., MoELanguageModel]] = {"baseline": BaselineAttentionModel, "deepseek": FlashAttentionModel}
+BUDGET_NOTE = ("largest batch whose KV cache alone fits the budget at this context: "
+               "floor(budget bytes / (measured bytes per token per layer * layers * context)); "
+               "weights, activations and the allocator's overhead are excluded")
+
+
+@dataclass
+class BenchModel:
+    """One model to benchmark with every cache mode it has."""
+
+    arm: str
+    model: MoELanguageModel
+    source: str  # "random weights (seed N)" or "checkpoint DIR"
+    tag: str = ""  # tells apart several saved models of one arm in labels (their folder names)
+
+    def label(self, mode: str) -> str:
+        return attention_label(self.model, mode) + (f" [{self.tag}]" if self.tag else "")
+
+
+@dataclass
+class DecodeRun:
+    """One prefill + greedy decode: its timings, the tokens fed back and the caches it filled."""
+
+    prefill_s: float
+    step_s: list[float]
+    tokens: torch.Tensor  # (batch, new_tokens): each decode step's input; the first comes from the prefill's logits
+    caches: list[KVCache]
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference.decode_benchmark",
+        description="Prefill a context, then time greedy decoding with each KV cache (MHA kv, MLA expanded, MLA "
+                    "latent); report measured cache bytes, decode speed and the largest batch a memory budget holds. "
+                    "Prints a table, writes JSON and a PNG beside it.",
+    )
+    parser.add_argument("--small", action="store_true",
+                        help=f"small shapes: the CPU preset model, vocab {SMALL_VOCAB_SIZE} (always used on CPU)")
+    parser.add_argument("--contexts", type=int, nargs="+", metavar="N",
+                        help="context lengths to prefill (default "
+                             f"{' '.join(map(str, CUDA_CONTEXTS))} on CUDA, {' '.join(map(str, CPU_CONTEXTS))} on CPU)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", metavar="N",
+                        help=f"sequences decoded together (default {' '.join(map(str, CUDA_BATCH_SIZES))} on CUDA, "
+                             f"{' '.join(map(str, CPU_BATCH_SIZES))} on CPU)")
+    parser.add_argument("--new-tokens", type=int, metavar="N",
+                        help=f"tokens decoded per row, each timed (default {CUDA_NEW_TOKENS} on CUDA, "
+                             f"{CPU_NEW_TOKENS} on CPU)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
+    parser.add_argument("--memory-budget-gb", type=float, default=DEFAULT_BUDGET_GB, metavar="GB",
+                        help=f"memory for the KV cache, in GiB, for the largest-batch column (default "
+                             f"{DEFAULT_BUDGET_GB:g}: an RTX 4090)")
+    parser.add_argument("--checkpoint", nargs="+", metavar="DIR",
+                        help="saved model(s) instead of random weights: a model folder (config.json beside the "
+                             "weights) or a folder holding such folders, e.g. a results folder; each is benchmarked "
+                             "with every cache its attention has")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the random weights and prompts (default 42)")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT,
+                        help=f"JSON file to write; the PNG goes beside it (default {DEFAULT_OUTPUT})")
+    return parser
+
+
+def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
+    """The experiment's own device rules; a bad name exits with its one-line error."""
+    try:
+        return experiment_device(ExperimentConfig(device=name).validate())
+    except ConfigError as error:
+        parser.error(str(error))
+
+
+def attention_label(model: MoELanguageModel, mode: str) -> str:
+    """'MHA kv', 'MLA expanded', 'MLA latent': MLA is the attention that has a latent cache."""
+    return f"{'MLA' if 'latent' in model.cache_modes() else 'MHA'} {mode}"
+
+
+def ordered_modes(model: MoELanguageModel) -> list[str]:
+    modes = model.cache_modes()
+    return [m for m in MODE_ORDER if m in modes] + [m for m in modes if m not in MODE_ORDER]
+
+
+def checkpoint_dirs(path: Path) -> list[Path]:
+    """The saved-model folders at or under `path` (each holds a config.json)."""
+    if (path / "config.json").is_file():
+        return [path]
+    return sorted(p.parent for p in path.rglob("config.json"))
+
+
+def load_checkpoints(paths: list[str], device: torch.device) -> list[BenchModel]:
+    """Each saved model under the given folders, through models.checkpoint.load_checkpoint (strict: a
+    missing, extra or mis-shaped tensor raises CheckpointError naming it).
+
+    Imported when asked for, so a run with random weights needs nothing of the checkpoint format (safetensors).
+    """
+    from models.checkpoint import load_checkpoint
+
+    models = []
+    for given in paths:
+        found = checkpoint_dirs(Path(given))
+        if not found:
+            raise FileNotFoundError(f"{given}: no saved model (a folder with config.json) there")
+        for directory in found:
+            loaded = load_checkpoint(directory, device)
+            models.append(BenchModel(loaded.arm, loaded.model, f"checkpoint {directory}", directory.name))
+    arms = [m.arm for m in models]
+    if len(set(arms)) == len(arms):  # one model per arm: labels need no folder name
+        for m in models:
+            m.tag = ""
+    return models
+
+
+def random_models(config: ExperimentConfig, seed: int) -> list[BenchModel]:
+    return [BenchModel(arm, cls(config, seed=seed), f"random weights (seed {seed})") for arm, cls in ARMS.items()]
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+def greedy_decode(model: MoELanguageModel, prompt: torch.Tensor, new_tokens: int, mode: str, device: torch.device,
+                  precision: str, after_prefill: Callable[[], None] | None = None) -> DecodeRun:
+    """Prefill `prompt` (batch, context) in one forward pass into fresh caches, then decode `new_tokens`
+    steps of one token each, feeding back the argmax of the last logits; each phase is timed between syncs."""
+    batch, context = prompt.shape
+    caches = model.new_caches(mode, capacity=context + new_tokens)  # preallocated: decoding never regrows them
+    fed: list[torch.Tensor] = []
+    steps: list[float] = []
+    with torch.inference_mode(), autocast(device, precision):
+        synchronize(device)
+        start = time.perf_counter()
+        logits, _ = model(prompt, caches, last_only=True)  # as servers prefill: no (batch, context, vocab) logits
+        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        synchronize(device)
+        prefill_s = time.perf_counter() - start
+        if after_prefill is not None:
+            after_prefill()
+        for _ in range(new_tokens):
+            fed.append(token)
+            synchronize(device)
+            start = time.perf_counter()
+            logits, _ = model(token, caches)
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            synchronize(device)
+            steps.append(time.perf_counter() - start)
+    return DecodeRun(prefill_s, steps, torch.cat(fed, dim=1), caches)
+
+
+def element_bytes(precision: str, model: MoELanguageModel) -> int:
+    """Bytes per cached value the analytic count assumes: bf16 under bf16 autocast, else the weights' dtype."""
+    return 2 if precision == BF16 else next(model.parameters()).element_size()
+
+
+def max_batch_in_budget(budget_bytes: float, bytes_per_token_per_layer: float, n_layers: int, context: int) -> int:
+    """Largest batch whose KV cache alone (weights and activations excluded) fits `budget_bytes` at `context`."""
+    return math.floor(budget_bytes / (bytes_per_token_per_layer * n_layers * context))
+
+
+def benchmark_row(bench: BenchModel, mode: str, context: int, batch: int, new_tokens: int, device: torch.device,
+                  precision: str, budget_bytes: float, seed: int) -> dict[str, Any]:
+    """Prefill + timed greedy decode of one (attention, cache, context, batch), after an untimed warm-up."""
+    model = bench.model
+    vocab = model.config.vocab_size
+    assert vocab is not None  # a built model always has one
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + context * 1_009 + batch)
+    prompt = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
+    greedy_decode(model, prompt[:, : min(context, WARMUP_CONTEXT)], WARMUP_TOKENS, mode, device, precision)
+
+    peaks: dict[str, float | None] = {}
+
+    def after_prefill() -> None:
+        peaks["prefill"] = peak_memory_mb(device)
+        reset_peak_memory(device)  # the decode peak: weights + caches + one step's activations
+
+    release(device)
+    reset_peak_memory(device)
+    run = greedy_decode(model, prompt, new_tokens, mode, device, precision, after_prefill)
+    peaks["decode"] = peak_memory_mb(device)
+
+    per_layer = [cache.bytes_per_token() for cache in run.caches]
+    measured = per_layer[0]
+    n_layers = len(run.caches)
+    values = model.attention_modules()[0].kv_cache_values_per_token(mode)
+    analytic = values * element_bytes(precision, model)
+    cache_bytes = sum(b * batch * cache.length for b, cache in zip(per_layer, run.caches))
+    decode_s = sum(run.step_s)
+    known_peaks = [p for p in peaks.values() if p is not None]
+    return {
+        "name": f"{bench.label(mode)} ctx {context} batch {batch}",
+        "attention": bench.label(mode),
+        "arm": bench.arm,
+        "cache_mode": mode,
+        "source": bench.source,
+        "context": context,
+        "batch_size": batch,
+        "new_tokens": new_tokens,
+        "precision": precision_label(precision),
+        "prefill_s": run.prefill_s,
+        "prefill_tokens_per_s": batch * context / run.prefill_s,
+        "decode_step_ms": [s * 1e3 for s in run.step_s],
+        "decode_ms_per_token_median": statistics.median(run.step_s) * 1e3,
+        "decode_ms_per_token_min": min(run.step_s) * 1e3,
+        "decode_s": decode_s,
+        "decode_tokens_per_s": batch * new_tokens / decode_s,
+        "cache_bytes_per_token_per_layer": measured,
+        "cache_bytes_per_token_by_layer": per_layer,
+        "cache_layers_agree": all(b == measured for b in per_layer),
+        "analytic_values_per_token_per_layer": values,
+        "analytic_bytes_per_token_per_layer": analytic,
+        "measured_equals_analytic": measured == analytic,
+        "cache_shapes_layer0": {name: list(shape) for name, shape in run.caches[0].shapes().items()},
+        "cache_length": run.caches[0].length,
+        "cache_lengths_by_layer": [cache.length for cache in run.caches],
+        "n_layers": n_layers,
+        "cache_mb": cache_bytes / 2**20,
+        "max_batch_in_budget": max_batch_in_budget(budget_bytes, measured, n_layers, context),
+        "prefill_peak_memory_mb": peaks["prefill"],
+        "decode_peak_memory_mb": peaks["decode"],
+        "peak_memory_mb": max(known_peaks) if known_peaks else None,
+        "attention_backend": model.attention_backends(),
+        "moe_dispatch": model.moe_dispatch_used(),
+    }
+
+
+# ------------------------------------------------------------------------------------- table and plot
+
+def _ok_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in results["rows"] if "error" not in r]
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """What MLA's latent cache buys per token, and whether the measured sizes are the analytic ones."""
+    sizes: dict[str, float] = {}
+    for r in _ok_rows(results):
+        sizes.setdefault(r["attention"], r["cache_bytes_per_token_per_layer"])
+    lines = []
+    mha, latent, expanded = sizes.get("MHA kv"), sizes.get("MLA latent"), sizes.get("MLA expanded")
+    if mha and latent:
+        lines.append(f"MLA's latent cache holds {latent:g} B per token per layer against MHA's {mha:g} B: "
+                     f"{mha / latent:.1f}x more sequences or context in the same memory.")
+    if mha and expanded:
+        lines.append(f"MLA cached as transformers does (expanded per-head K and V) holds {expanded:g} B: "
+                     f"{expanded / mha:.2f}x MHA's, which is why DeepSeek's inference absorbs kv_b_proj.")
+    ok = _ok_rows(results)
+    if ok:
+        agree = all(r["measured_equals_analytic"] and r["cache_layers_agree"] for r in ok)
+        lines.append("Measured cache bytes equal the analytic counts in every row and layer." if agree else
+                     "Measured cache bytes DIFFER from the analytic counts (or between layers) in some rows: see the JSON.")
+    return lines
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    budget = results["memory_budget"]
+    lines = [
+        f"Device: {results['device_name']}   torch {results['torch_version']}   date {results['date_utc']}",
+        f"Shapes: {results['shapes']}; precision {results['precision']}; {results['new_tokens']} new tokens per row "
+        f"(median step latency; tokens/s = batch x new tokens / decode time)",
+        "",
+    ]
+    rows = []
+    for r in results["rows"]:
+        if "error" in r:
+            rows.append([r["attention"], str(r["context"]), str(r["batch_size"]),
+                         "FAILED: " + r["error"].splitlines()[0][:70]] + [""] * 7)
+            continue
+        rows.append([
+            r["attention"], str(r["context"]), str(r["batch_size"]), fmt(r["prefill_s"] * 1e3, ",.1f"),
+            fmt(r["decode_ms_per_token_median"], ".2f"), fmt(r["decode_tokens_per_s"], ",.0f"),
+            fmt(r["cache_bytes_per_token_per_layer"], ",.0f"), fmt(r["analytic_bytes_per_token_per_layer"], ",.0f"),
+            fmt(r["cache_mb"], ",.2f"), fmt(r["peak_memory_mb"], ",.0f"), fmt(r["max_batch_in_budget"], ",d"),
+        ])
+    lines += render_table(["Attention", "Context", "Batch", "Prefill ms", "Decode ms/tok", "Tokens/s", "B/tok/layer",
+                      "Analytic B", "Cache MB", "Peak MB", f"Max batch {budget['gb']:g} GiB"], rows)
+    lines.append("")
+    table = results["max_batch_in_budget"]
+    if table:
+        labels = list(table)
+        contexts = sorted({int(c) for per in table.values() for c in per})
+        lines.append(f"Largest batch whose KV cache fits {budget['gb']:g} GiB (cache alone: weights and activations "
+                     "excluded), from the measured bytes:")
+        lines += render_table(["Context", *labels],
+                         [[str(c), *(fmt(table[label].get(str(c)), ",d") for label in labels)] for c in contexts])
+        lines.append("")
+    lines += summary_lines(results)
+    return "\n".join(lines)
+
+
+def budget_table(results: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """{attention: {context: largest batch}} from the first row measured at each (the bytes do not depend on batch)."""
+    table: dict[str, dict[str, int]] = {}
+    for r in _ok_rows(results):
+        table.setdefault(r["attention"], {}).setdefault(str(r["context"]), r["max_batch_in_budget"])
+    return table
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+COLORS = {"MHA kv": "tab:blue", "MLA expanded": "tab:red", "MLA latent": "tab:green"}
+
+
+def plot_results(results: dict[str, Any], path: Path) -> None:
+    """Two panels, decode tokens/s and cache MB against context (log-log): one colour per attention and
+    cache, one line style per batch size. Written whole or not at all."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    rows = _ok_rows(results)
+    batches = sorted({r["batch_size"] for r in rows})
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(13, 5))
+    try:
+        for label in dict.fromkeys(r["attention"] for r in rows):
+            for i, batch in enumerate(batches):
+                points = sorted((r["context"], r["decode_tokens_per_s"], r["cache_mb"]) for r in rows
+                                if r["attention"] == label and r["batch_size"] == batch)
+                if not points:
+                    continue
+                x = [p[0] for p in points]
+                style = dict(color=COLORS.get(label), linestyle=LINE_STYLES[i % len(LINE_STYLES)], marker="o",
+                             markersize=3, label=f"{label}, batch {batch}")
+                speed.plot(x, [p[1] for p in points], **style)
+                memory.plot(x, [p[2] for p in points], **style)
+        where = f"{results['device_name']}, {results['precision']}, {results['shapes'].split(' (')[0]} shapes"
+        speed.set(xlabel="context (tokens)", ylabel="decode tokens/s", title=f"Decode throughput — {where}")
+        memory.set(xlabel="context (tokens)", ylabel="KV cache MB (measured, all layers)",
+                   title="KV cache size (context + new tokens)")
+        contexts = sorted({r["context"] for r in rows})
+        for ax in (speed, memory):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.xaxis.set_major_locator(FixedLocator(contexts))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.grid(alpha=0.3, which="both")
+            if rows:
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
+    """Parse the arguments, run every row, print the table, write the JSON and the PNG; return the results."""
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    device = resolve_device(args.device, parser)
+    on_cuda = device.type == "cuda"
+    contexts = list(args.contexts or (CUDA_CONTEXTS if on_cuda else CPU_CONTEXTS))
+    batch_sizes = list(args.batch_sizes or (CUDA_BATCH_SIZES if on_cuda else CPU_BATCH_SIZES))
+    new_tokens = args.new_tokens if args.new_tokens is not None else (CUDA_NEW_TOKENS if on_cuda else CPU_NEW_TOKENS)
+    if min(contexts) < 1 or min(batch_sizes) < 1 or new_tokens < 1:
+        parser.error("--contexts, --batch-sizes and --new-tokens must all be at least 1")
+    if not args.memory_budget_gb > 0:
+        parser.error("--memory-budget-gb must be positive")
+    small = args.small or not on_cuda
+    base = cpu_preset(ExperimentConfig(vocab_size=SMALL_VOCAB_SIZE)) if small else ExperimentConfig(vocab_size=FULL_VOCAB_SIZE)
+    config = base.replace(device=str(device), precision=args.precision, seed=args.seed).validate()
+    precision = resolve_precision(config, device)
+    if args.checkpoint:
+        try:
+            models = load_checkpoints(args.checkpoint, device)
+        except (ImportError, OSError, ValueError, KeyError, RuntimeError) as error:
+            parser.error(f"--checkpoint: {type(error).__name__}: {error}")
+        shapes = "checkpoint (as saved)"
+    else:
+        models = random_models(config, args.seed)
+        shapes = (f"small (CPU preset, vocab {SMALL_VOCAB_SIZE})" if small
+                  else f"full (default config, vocab {FULL_VOCAB_SIZE})")
+    compute_dtype = torch.bfloat16 if precision == BF16 else torch.float32
+    for bench in models:
+        bench.model.to(device).eval()
+        bench.model.plan_moe_dispatch(device, compute_dtype)
+
+    budget_bytes = args.memory_budget_gb * 2**30
+    output = Path(args.output)
+    plot_path = output.with_suffix(".png")
+    results: dict[str, Any] = {
+        "benchmark": "KV-cached greedy decoding per attention and cache (python -m inference.decode_benchmark)",
+        "status": "running",
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "shapes": shapes,
+        "config": models[0].model.config.to_dict() if models else config.to_dict(),
+        "models": [{"arm": b.arm, "source": b.source, "cache_modes": ordered_modes(b.model),
+                    "config": b.model.config.to_dict(),
+                    "parameters": sum(p.numel() for p in b.model.parameters())} for b in models],
+        "precision": precision_label(precision),
+        "contexts": contexts,
+        "batch_sizes": batch_sizes,
+        "new_tokens": new_tokens,
+        "memory_budget": {"gb": args.memory_budget_gb, "bytes": budget_bytes, "unit": "GiB (2**30 bytes)",
+                          "note": BUDGET_NOTE},
+        "method": "per row: an untimed warm-up decode, then the context prefilled in one forward pass (logits of "
+                  "the last position only) and new tokens decoded one at a time, greedy argmax fed back; "
+                  "each phase timed between device syncs; autocast per precision, torch.inference_mode; caches "
+                  "preallocated for context + new tokens; RoPE extends past max_seq_len on the fly",
+        "cache_bytes_note": "measured = KVCache.bytes_per_token() of layer 0 (bytes of the cache tensors per cached "
+                            "token of one sequence), checked against every layer; analytic = "
+                            "kv_cache_values_per_token(mode) x bytes per value (2 under bf16 autocast, else the "
+                            "weights' element size)",
+        "peak_memory_note": "CUDA only: peak allocated during prefill, and during decoding after a reset at its start",
+        "plot": str(plot_path),
+        "rows": [],
+        "failures": [],
+    }
+    print(f"Decode benchmark on {results['device_name']}; shapes: {shapes}; {precision_label(precision)}; "
+          f"results: {output}", flush=True)
+
+    for bench in models:
+        for mode in ordered_modes(bench.model):
+            label = bench.label(mode)
+            for context in contexts:
+                for batch in batch_sizes:
+                    name = f"{label} ctx {context} batch {batch}"
+                    print(f"  {name} ...", flush=True)
+                    stub = {"name": name, "attention": label, "arm": bench.arm, "cache_mode": mode,
+                            "source": bench.source, "context": context, "batch_size": batch}
+                    row = guarded(lambda: benchmark_row(bench, mode, context, batch, new_tokens, device, precision,
+                                                         budget_bytes, args.seed), stub)
+                    results["rows"].append(row)
+                    if "error" in row:
+                        results["failures"].append(name)
+                    release(device)  # after the row's caches are gone, failed or not
+                    results["max_batch_in_budget"] = budget_table(results)
+                    write_json_atomic(output, results)
+
+    results["max_batch_in_budget"] = budget_table(results)
+    results["summary"] = summary_lines(results)
+    try:
+        plot_results(results, plot_path)
+    except Exception as error:  # noqa: BLE001 - the measurements stand; the failure is reported and counted
+        traceback.print_exc(file=sys.stderr)
+        results["plot"] = None
+        results["failures"].append(f"plot: {type(error).__name__}: {error}")
+    results["status"] = "completed with failures" if results["failures"] else "completed"
+    write_json_atomic(output, results)
+    print()
+    print(format_tables(results))
+    print(f"\nResults: {output}\nPlot: {plot_path if results['plot'] else 'not drawn (see failures)'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    results = run_benchmark(argv)
+    return 1 if results["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Text from a saved model: `python -m inference.generate --checkpoint DIR --prompt TEXT`.
+
+DIR is one saved model (a folder with config.json and model.safetensors) or a results folder, in
+which case each arm's model generates from the same prompt with the same seed, one after the other.
+The text streams as it is generated. `--cache none` recomputes the whole prefix at every step (the
+reference); `kv`/`expanded` cache every head's keys and values, `latent` only MLA's latent and rotary
+key (DeepSeek's absorbed decoding); `auto` takes each arm's own compact cache (MHA: kv, MLA: latent).
+Greedy decoding gives the same tokens with every cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data.tokenizer import TextTokenizer, TokenizerError, load_tokenizer
+from experiment_config import ConfigError, ExperimentConfig
+from hardware import autocast, resolve_device
+from models.checkpoint import (ARMS, CHECKPOINTS_DIR, CONFIG_FILE, CheckpointError, load_checkpoint,
+                               run_checkpoint_dir)
+from models.transformer import MoELanguageModel
+
+CACHE_CHOICES = ("auto", "none", "kv", "expanded", "latent")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy (argmax) when temperature is 0; else softmax(logits / temperature) over the top_k tokens."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """logits (batch, vocab) -> next token ids (batch,)."""
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1)
+        scaled = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < scaled.shape[-1]:
+            kth = scaled.topk(self.top_k, dim=-1).values[..., -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = scaled.softmax(dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def cache_mode_for(model: MoELanguageModel, requested: str) -> str:
+    """The cache this model uses for `requested`: none, its own default (auto), or the nearest it has.
+
+    MHA has one cache (per-head K/V), which is what kv, expanded and latent all come to for it;
+    for MLA, kv means the per-head (expanded) cache.
+    """
+    modes = model.cache_modes()
+    if requested in ("none", *modes):
+        return requested
+    if requested == "auto":
+        return modes[0]
+    return "expanded" if "expanded" in modes else modes[0]
+
+
+@torch.no_grad()
+def generate_ids(model: MoELanguageModel, prompt_ids: list[int], max_new_tokens: int, cache_mode: str = "auto",
+                 sampling: Sampling = Sampling(), seed: int = 0, precision: str = "fp32") -> Iterator[int]:
+    """Yield up to max_new_tokens new token ids after prompt_ids, one at a time."""
+    if not prompt_ids:
+        raise ValueError("the prompt must hold at least one token")
+    model.eval()
+    device = model.embed.weight.device
+    generator = torch.Generator().manual_seed(seed)
+    mode = cache_mode_for(model, cache_mode)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    caches = None if mode == "none" else model.new_caches(mode, capacity=len(prompt_ids) + max_new_tokens)
+    with autocast(device, precision):
+        logits, _ = model(ids, caches, last_only=True)
+        for _ in range(max_new_tokens):
+            next_id = sampling.pick(logits[:, -1], generator)
+            yield int(next_id.item())
+            if caches is None:
+                ids = torch.cat([ids, next_id[:, None]], dim=1)
+                logits, _ = model(ids, last_only=True)
+            else:
+                logits, _ = model(next_id[:, None], caches)
+
+
+def generate_text(model: MoELanguageModel, tokenizer: TextTokenizer, prompt: str, max_new_tokens: int,
+                  cache_mode: str = "auto", sampling: Sampling = Sampling(), seed: int = 0, precision: str = "fp32",
+                  on_text: Callable[[str], None] | None = None) -> tuple[str, list[int]]:
+    """The generated text (prompt excluded) and its token ids; on_text receives each new piece as it comes."""
+    prompt_ids = tokenizer.encode(prompt)
+    new_ids: list[int] = []
+    shown = ""
+    for token in generate_ids(model, prompt_ids, max_new_tokens, cache_mode, sampling, seed, precision):
+        new_ids.append(token)
+        text = tokenizer.decode(new_ids)
+        if on_text is not None and text.startswith(shown) and len(text) > len(shown):
+            on_text(text[len(shown):])  # byte-level tokens can end mid-character: show only complete text
+            shown = text
+        if tokenizer.eos_token_id is not None and token == tokenizer.eos_token_id:
+            break
+    text = tokenizer.decode(new_ids)
+    if on_text is not None and text.startswith(shown) and len(text) > len(shown):
+        on_text(text[len(shown):])
+    return text, new_ids
+
+
+def find_checkpoints(path: Path, run_seed: int | None = None) -> list[Path]:
+    """The model folders under `path`: itself if it is one, else one per arm of a results folder
+    (its checkpoints/<arm>-seed<seed>/; the lowest seed unless run_seed is given)."""
+    if (path / CONFIG_FILE).is_file():
+        return [path]
+    root = path / CHECKPOINTS_DIR
+    if not root.is_dir():
+        raise ConfigError(f"--checkpoint {path}: neither a saved model (no {CONFIG_FILE}) nor a results folder "
+                          f"(no {CHECKPOINTS_DIR}/); give the folder a training run wrote (default exp6_results)")
+    found: list[Path] = []
+    for arm in ARMS:
+        names = (re.fullmatch(rf"{arm}-seed(-?\d+)", d.name) for d in root.iterdir() if (d / CONFIG_FILE).is_file())
+        seeds = sorted(int(m.group(1)) for m in names if m and (run_seed is None or int(m.group(1)) == run_seed))
+        if seeds:
+            found.append(run_checkpoint_dir(path, arm, seeds[0]))
+    if not found:
+        which = f" for seed {run_seed}" if run_seed is not None else ""
+        raise ConfigError(f"--checkpoint {path}: no saved model{which} in {root}; train without --no-save first")
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference.generate",
+        description="Generate text from saved models: one model folder, or both models of a results folder.")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a saved model folder, or a results folder (e.g. exp6_results) for both models")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="always take the most likely token (the default)")
+    mode.add_argument("--temperature", type=float, help="sample from softmax(logits / T) instead of greedy")
+    parser.add_argument("--top-k", type=int, help="with --temperature: sample among the k most likely tokens only")
+    parser.add_argument("--cache", choices=CACHE_CHOICES, default="auto",
+                        help="auto (default): MHA caches K/V, MLA its latent; none: recompute the prefix each step; "
+                             "kv/expanded: per-head K and V; latent: MLA's latent and rotary key")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default 0)")
+    parser.add_argument("--run-seed", type=int, help="in a results folder, the training seed whose models to use "
+                                                     "(default: the lowest saved)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+        if args.temperature is not None and args.temperature <= 0:
+            raise ConfigError(f"--temperature {args.temperature}: must be positive (or use --greedy)")
+        if args.top_k is not None and (args.top_k < 1 or args.temperature is None):
+            raise ConfigError("--top-k needs --temperature and must be at least 1")
+        device = resolve_device(ExperimentConfig(device=args.device).validate())
+        sampling = Sampling(args.temperature or 0.0, args.top_k)
+        folders = find_checkpoints(Path(args.checkpoint), args.run_seed)
+        loaded = [load_checkpoint(folder, device) for folder in folders]
+        tokenizers = [load_tokenizer(ckpt.extra["tokenizer"], ckpt.directory) for ckpt in loaded]
+    except (ConfigError, CheckpointError, TokenizerError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    how = "greedy" if sampling.temperature <= 0 else f"temperature {sampling.temperature}, top-k {sampling.top_k}"
+    for ckpt, tokenizer in zip(loaded, tokenizers, strict=True):
+        mode = cache_mode_for(ckpt.model, args.cache)
+        print(f"== {ckpt.arm} ({ckpt.directory}; {how}, cache {mode}, seed {args.seed}) ==")
+        print(args.prompt, end="", flush=True)
+        generate_text(ckpt.model, tokenizer, args.prompt, args.max_new_tokens, mode, sampling, args.seed,
+                      on_text=lambda piece: print(piece, end="", flush=True))
+        print("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

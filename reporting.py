@@ -1,0 +1,65 @@
+"""What the experiment and both benchmarks share to report results: strict JSON written whole or not
+at all, plain-text tables, and measurement rows that turn a failure into an error row."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from atomic_files import write_atomic
+from hardware import release_memory
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf become None so the file is strict JSON any reader accepts."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Strict JSON (NaN/inf become null), written whole or not at all (atomic_files.write_atomic)."""
+    write_atomic(path, lambda file: json.dump(json_safe(payload), file, indent=2, allow_nan=False), binary=False)
+
+
+def fmt(value: Any, spec: str) -> str:
+    """format(value, spec), or "-" for a missing or non-finite value."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def render_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """Header, rule and rows; the first column left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(headers), "-" * (sum(widths) + 2 * (len(widths) - 1)), *(line(r) for r in rows)]
+
+
+def guarded(build: Callable[[], dict[str, Any]], stub: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement; a failure (e.g. out of memory) becomes an error row and the benchmark goes on."""
+    try:
+        return build()
+    except Exception as error:  # noqa: BLE001 - reported in the row, the table and the exit code
+        traceback.print_exc(file=sys.stderr)
+        return {**stub, "error": f"{type(error).__name__}: {error}"}
+
+
+def release(device: torch.device) -> None:
+    """Free what the last measurement left (Python garbage, cached GPU blocks) before the next one."""
+    gc.collect()
+    release_memory(device)
