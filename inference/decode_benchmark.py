@@ -38,12 +38,11 @@ from typing import Any, Callable
 import torch
 
 from atomic_files import write_atomic
-from exp6_baseline_attention_model import BaselineAttentionModel
-from exp6_flash_attention_model import FlashAttentionModel
 from experiment_config import PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
 from hardware import (BF16, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
                       resolve_device as experiment_device, resolve_precision, synchronize)
 from models.attention import KVCache
+from models.checkpoint import arm_builders, load_checkpoint
 from models.transformer import MoELanguageModel
 from reporting import fmt, guarded, release, render_table, write_json_atomic
 
@@ -59,7 +58,6 @@ CPU_NEW_TOKENS = 32
 DEFAULT_BUDGET_GB = 24.0  # an RTX 4090
 WARMUP_CONTEXT, WARMUP_TOKENS = 8, 2  # the untimed warm-up decode before each row
 MODE_ORDER = ("kv", "expanded", "latent")  # MHA, then MLA as transformers caches it, then DeepSeek's latent cache
-ARMS: dict[str, Callable[..., MoELanguageModel]] = {"baseline": BaselineAttentionModel, "deepseek": FlashAttentionModel}
 BUDGET_NOTE = ("largest batch whose KV cache alone fits the budget at this context: "
                "floor(budget bytes / (measured bytes per token per layer * layers * context)); "
                "weights, activations and the allocator's overhead are excluded")
@@ -151,12 +149,7 @@ def checkpoint_dirs(path: Path) -> list[Path]:
 
 def load_checkpoints(paths: list[str], device: torch.device) -> list[BenchModel]:
     """Each saved model under the given folders, through models.checkpoint.load_checkpoint (strict: a
-    missing, extra or mis-shaped tensor raises CheckpointError naming it).
-
-    Imported when asked for, so a run with random weights needs nothing of the checkpoint format (safetensors).
-    """
-    from models.checkpoint import load_checkpoint
-
+    missing, extra or mis-shaped tensor raises CheckpointError naming it)."""
     models = []
     for given in paths:
         found = checkpoint_dirs(Path(given))
@@ -173,7 +166,7 @@ def load_checkpoints(paths: list[str], device: torch.device) -> list[BenchModel]
 
 
 def random_models(config: ExperimentConfig, seed: int) -> list[BenchModel]:
-    return [BenchModel(arm, cls(config, seed=seed), f"random weights (seed {seed})") for arm, cls in ARMS.items()]
+    return [BenchModel(arm, cls(config, seed=seed), f"random weights (seed {seed})") for arm, cls in arm_builders().items()]
 
 
 # ---------------------------------------------------------------------------------------------- decode

@@ -19,6 +19,8 @@ from experiment_config import ExperimentConfig, cpu_preset
 from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
 from inference import decode_benchmark
+from models import checkpoint
+from models.checkpoint import arm_builders
 from models.attention import KVCache
 from models.transformer import MoELanguageModel
 from tests.fake_cuda import FAKE_PEAK_MEMORY_BYTES, CudaOnCpu, install_fake_cuda
@@ -271,10 +273,9 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
 
 def test_checkpoint_models_are_benchmarked(tmp_path: Path, one_thread: None) -> None:
     """A results folder's saved models (one per arm) run with every cache; the saved shapes are used."""
-    checkpoint = pytest.importorskip("models.checkpoint")
     config = _small_config().replace(n_layers=1)
     results_dir = tmp_path / "results"
-    for arm, cls in decode_benchmark.ARMS.items():
+    for arm, cls in arm_builders().items():
         checkpoint.save_checkpoint(cls(config, seed=9), arm, checkpoint.run_checkpoint_dir(results_dir, arm, 9), {})
     output = tmp_path / "d.json"
     code = decode_benchmark.main(["--device", "cpu", "--checkpoint", str(results_dir), "--contexts", "6",
@@ -297,7 +298,6 @@ def test_checkpoint_models_are_benchmarked(tmp_path: Path, one_thread: None) -> 
 
 
 def test_a_missing_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("models.checkpoint")
     with pytest.raises(SystemExit) as exit_info:
         decode_benchmark.run_benchmark(["--device", "cpu", "--checkpoint", str(tmp_path / "nothing"),
                                         "--output", str(tmp_path / "d.json")])
