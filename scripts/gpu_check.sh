@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# One-GPU check, under 9.5 minutes, nothing downloaded (works without `datasets` and `flash-attn`):
+# One-GPU check, under 10 minutes, nothing downloaded (works without `datasets` and `flash-attn`):
 #   1. the CUDA tests          (tests/test_gpu.py)                      -> OUTDIR/gpu_tests.log
 #   2. the benchmark           (python -m training.benchmark)           -> OUTDIR/benchmark.{json,log}
 #   3. MoE dispatch, both ways (benchmark --moe-dispatch grouped_mm, then sorted; the deepseek step only)
 #                                                                       -> OUTDIR/dispatch_{grouped_mm,sorted}.{json,log}
-#   4. the full experiment     (python exp6_trainer.py --offline)       -> OUTDIR/exp6_results, OUTDIR/experiment.log
+#   4. the decode benchmark    (python -m inference.decode_benchmark, contexts 1k..32k, batches 1 and 8)
+#                                                                       -> OUTDIR/decode.{json,png,log}
+#   5. the full experiment     (python exp6_trainer.py --offline)       -> OUTDIR/exp6_results, OUTDIR/experiment.log
+#   6. generation from its saved models (python -m inference.generate) -> OUTDIR/generate.log
 # Every stage runs under `timeout`; a failed stage does not stop the later ones. The summary of exit
 # codes goes to stdout and OUTDIR/summary.txt; the script exits non-zero if any stage failed.
 #
 #   scripts/gpu_check.sh OUTDIR
 #
 # Environment: PYTHON (default: python3), TESTS_TIMEOUT / BENCHMARK_TIMEOUT / DISPATCH_TIMEOUT /
-# EXPERIMENT_TIMEOUT in seconds (defaults 90 / 150 / 45 each / 210: with the 5 s kill grace each, at
-# most 9.4 minutes in all). Stage 3 tells which MoE dispatch is faster on this card: on sm90+ grouped_mm
+# DECODE_TIMEOUT / EXPERIMENT_TIMEOUT / GENERATE_TIMEOUT in seconds (defaults 90 / 120 / 30 each /
+# 60 / 200 / 20: with the 5 s kill grace each, at most 9.8 minutes in all). Stage 3 tells which MoE dispatch is faster on this card: on sm90+ grouped_mm
 # is the fused kernel; on sm80/sm89 it is PyTorch's per-group fallback, against the sorted split that
 # `--moe-dispatch auto` picks there.
 set -euo pipefail
@@ -29,9 +32,11 @@ cd "$REPO_ROOT"
 
 PYTHON="${PYTHON:-python3}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-90}"
-BENCHMARK_TIMEOUT="${BENCHMARK_TIMEOUT:-150}"
-DISPATCH_TIMEOUT="${DISPATCH_TIMEOUT:-45}"
-EXPERIMENT_TIMEOUT="${EXPERIMENT_TIMEOUT:-210}"
+BENCHMARK_TIMEOUT="${BENCHMARK_TIMEOUT:-120}"
+DISPATCH_TIMEOUT="${DISPATCH_TIMEOUT:-30}"
+DECODE_TIMEOUT="${DECODE_TIMEOUT:-60}"
+GENERATE_TIMEOUT="${GENERATE_TIMEOUT:-20}"
+EXPERIMENT_TIMEOUT="${EXPERIMENT_TIMEOUT:-200}"
 KILL_GRACE=5
 
 export PYTHONUNBUFFERED=1
@@ -101,8 +106,14 @@ for dispatch in grouped_mm sorted; do
         "$PYTHON" -m training.benchmark --models deepseek --skip-public-style --moe-dispatch "$dispatch" \
         --steps 10 --warmup 3 --seq-lens 256 --output "$OUTDIR/dispatch_$dispatch.json"
 done
+run_stage "decode benchmark" "$DECODE_TIMEOUT" "$OUTDIR/decode.log" \
+    "$PYTHON" -m inference.decode_benchmark --contexts 1024 4096 16384 32768 --batch-sizes 1 8 --new-tokens 64 \
+    --output "$OUTDIR/decode.json"
 run_stage "experiment" "$EXPERIMENT_TIMEOUT" "$OUTDIR/experiment.log" \
     "$PYTHON" exp6_trainer.py --offline --output-dir "$OUTDIR/exp6_results" --cache-dir "$OUTDIR/data_cache"
+run_stage "generate" "$GENERATE_TIMEOUT" "$OUTDIR/generate.log" \
+    "$PYTHON" -m inference.generate --checkpoint "$OUTDIR/exp6_results" --prompt "The" --greedy \
+    --max-new-tokens 32 --device cuda
 
 failed=0
 {
