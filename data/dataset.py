@@ -292,13 +292,121 @@ def _token_data(tokens: np.ndarray, meta: dict[str, Any], tokenizer: TextTokeniz
 
 
 def batch_starts(num_train_tokens: int, config: ExperimentConfig, seed: int) -> torch.Tensor:
-    """Start offsets of every training window, (max_steps, batch_size), fixed by the seed.
+    """Start offsets of every training window, (max_steps, batch_size), fixed by the seed: epochs of
+    non-overlapping windows, each epoch with a new phase and a new order.
 
-    Both models are given this same tensor, so they see the same batches in the same order.
+    A window starting at s reads tokens s .. s + max_seq_len (inputs s .. s + max_seq_len - 1, targets
+    one later). Each epoch draws a phase p in 0 .. max_seq_len - 1 (fewer when the training part is
+    shorter than two windows, so that at least one window fits) and cuts the training tokens into the
+    windows p, p + max_seq_len, p + 2 * max_seq_len, ...: consecutive windows share only the boundary
+    token (a target of one, the first input of the next), so each token in the epoch's span is an input
+    exactly once. Windows are kept only while they end inside the training part: the tokens before p
+    and the last partial window left by the phase (fewer than max_seq_len + 1 tokens) are dropped from
+    that epoch, so an epoch has (num_train_tokens - 1 - p) // max_seq_len windows (exactly
+    num_train_tokens // max_seq_len - 1 for every phase when num_train_tokens is a multiple of
+    max_seq_len). The epoch's windows are shuffled by a seeded permutation, the epochs' orders are
+    concatenated and cut into consecutive batches, so an epoch may end inside a batch. The phase moves
+    the window boundaries between epochs; positions max_seq_len - 1 .. num_train_tokens - max_seq_len - 1
+    are inputs in every complete epoch whatever the phase (see token_exposures).
+
+    The result depends only on (num_train_tokens, max_seq_len, batch_size, max_steps, seed), so every
+    arm is given this same tensor: the same batches in the same order.
     """
+    seq_len = config.max_seq_len
+    highest_phase = min(seq_len - 1, num_train_tokens - 1 - seq_len)  # every phase leaves at least one window
+    if highest_phase < 0:
+        raise ValueError(f"{num_train_tokens} training tokens hold no window of {seq_len + 1} tokens")
     generator = torch.Generator().manual_seed(seed)
-    highest_start = num_train_tokens - (config.max_seq_len + 1)
-    return torch.randint(0, highest_start + 1, (config.max_steps, config.batch_size), generator=generator)
+    needed = config.max_steps * config.batch_size
+    epochs: list[torch.Tensor] = []
+    drawn = 0
+    while drawn < needed:
+        phase = int(torch.randint(0, highest_phase + 1, (1,), generator=generator))
+        windows = (num_train_tokens - 1 - phase) // seq_len  # the last partial window is dropped
+        epochs.append(phase + seq_len * torch.randperm(windows, generator=generator))
+        drawn += windows
+    return torch.cat(epochs)[:needed].view(config.max_steps, config.batch_size)
+
+
+def token_exposures(starts: torch.Tensor, num_train_tokens: int, seq_len: int) -> torch.Tensor:
+    """How many times each training token is an input of a window starting at `starts` (any shape):
+    an int64 tensor of num_train_tokens counts, on the CPU. Token s + seq_len of a window is its last
+    target only, so the last training token is never an input."""
+    flat = starts.detach().flatten().cpu().to(torch.int64)
+    if len(flat) and (int(flat.min()) < 0 or int(flat.max()) + seq_len >= num_train_tokens):
+        raise ValueError("a window starts before or ends past the training tokens")
+    edges = torch.zeros(num_train_tokens + 1, dtype=torch.int64)
+    edges.index_add_(0, flat, torch.ones_like(flat))
+    edges.index_add_(0, flat + seq_len, -torch.ones_like(flat))
+    return edges.cumsum(0)[:num_train_tokens]
+
+
+def exposure_summary(starts: torch.Tensor, num_train_tokens: int, seq_len: int) -> dict[str, Any]:
+    """Exact exposure numbers of one seed's windows, recounted from its starts (token_exposures).
+
+    `*_away_from_edges` covers positions seq_len - 1 .. num_train_tokens - seq_len - 1, the tokens that
+    are an input in every complete epoch whatever its phase (None when the training part is shorter
+    than two windows); the first seq_len - 1 and the last seq_len tokens depend on the phases drawn.
+    """
+    exposures = token_exposures(starts, num_train_tokens, seq_len)
+    inner = exposures[seq_len - 1: num_train_tokens - seq_len]
+    return {
+        "epochs_over_training_tokens": int(exposures.sum()) / num_train_tokens,
+        "fraction_of_training_tokens_seen": int((exposures > 0).sum()) / num_train_tokens,
+        "exposures_min": int(exposures.min()),
+        "exposures_max": int(exposures.max()),
+        "exposures_min_away_from_edges": int(inner.min()) if len(inner) else None,
+        "exposures_max_away_from_edges": int(inner.max()) if len(inner) else None,
+    }
+
+
+def exposure_report(num_train_tokens: int, config: ExperimentConfig) -> dict[str, Any]:
+    """What the experiment header records about sampling: tokens trained per model, then the exposure
+    numbers of every seed's batch_starts (`exposures_per_seed`) and over all seeds together (mean
+    epochs, the smallest fraction of tokens seen, the lowest min and the highest max)."""
+    per_seed = {str(seed): exposure_summary(batch_starts(num_train_tokens, config, seed), num_train_tokens,
+                                            config.max_seq_len) for seed in config.run_seeds}
+    summaries = list(per_seed.values())
+
+    def lowest(key: str) -> Any:
+        values = [summary[key] for summary in summaries if summary[key] is not None]
+        return min(values) if values else None
+
+    def highest(key: str) -> Any:
+        values = [summary[key] for summary in summaries if summary[key] is not None]
+        return max(values) if values else None
+
+    return {
+        "sampling": (f"epochs of non-overlapping {config.max_seq_len}-token windows (+1 target token) over the training "
+                     f"tokens, a seeded random phase (0..{config.max_seq_len - 1}) and order per epoch; the last partial "
+                     "window of an epoch is dropped; the same batches for every arm of a seed"),
+        "tokens_trained_per_model": config.max_steps * config.batch_size * config.max_seq_len,
+        "epochs_over_training_tokens": summaries[0]["epochs_over_training_tokens"],  # the same for every seed
+        "fraction_of_training_tokens_seen": lowest("fraction_of_training_tokens_seen"),
+        "exposures_min": lowest("exposures_min"),
+        "exposures_max": highest("exposures_max"),
+        "exposures_min_away_from_edges": lowest("exposures_min_away_from_edges"),
+        "exposures_max_away_from_edges": highest("exposures_max_away_from_edges"),
+        "exposures_per_seed": per_seed,
+    }
+
+
+def exposure_line(report: dict[str, Any], seq_len: int) -> str:
+    """The log line for an exposure_report: how often each training token is seen, exactly."""
+    if report["exposures_max"] <= 1:
+        return (f"Each training token is seen at most once ({report['fraction_of_training_tokens_seen']:.1%} of "
+                "training tokens once, the rest never): no repetition.")
+    low, high = report["exposures_min"], report["exposures_max"]
+    edges = ""
+    if report["exposures_min_away_from_edges"] is not None:
+        inner = report["exposures_min_away_from_edges"], report["exposures_max_away_from_edges"]
+        if inner != (low, high):
+            edges = (f"; the first {seq_len - 1} and last {seq_len} training tokens, where the window phase moves, "
+                     f"{low} to {high} times")
+            low, high = inner
+    return (f"Each training token is seen {report['epochs_over_training_tokens']:.1f} times on average (min {low}, "
+            f"max {high}{edges}): validation loss then measures generalisation from a repeated set "
+            "(raise --max-tokens to train without repetition).")
 
 
 def training_batch(train: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
