@@ -36,8 +36,9 @@ def _default(field: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     seeds = " ".join(str(s) for s in FULL_DEFAULTS.run_seeds)
     parser = argparse.ArgumentParser(
-        description="Train the same small MoE language model twice, once with standard multi-head attention and "
-                    "once with DeepSeek-V3 Multi-head Latent Attention, and compare validation loss, speed and cost.",
+        description="Train the same small MoE language model once per attention arm (standard multi-head attention, "
+                    "DeepSeek-V3 Multi-head Latent Attention and, with --arms, grouped-query and multi-query attention) "
+                    "and compare validation loss, speed and cost.",
         epilog="With no arguments: the full experiment on a CUDA GPU, or the labelled CPU preset when there is none.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="full: the experiment as published (default on CUDA); "
@@ -52,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-documents", type=int, metavar="N",
                         help=f"documents read from the corpus before tokenizing ({_default('num_documents')})")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                        help=f"train both models once per seed, e.g. --seeds 42 43 44 (default {seeds})")
+                        help=f"train every arm once per seed, e.g. --seeds 42 43 44 (default {seeds})")
+    parser.add_argument("--arms", nargs="+", metavar="ARM",
+                        help=f"which attention arms to train: baseline (MHA, always), deepseek (MLA), gqa (grouped-query, "
+                             f"--gqa-kv-heads K/V heads), mqa (multi-query, 1 K/V head); e.g. --arms baseline deepseek gqa mqa "
+                             f"(default {' '.join(FULL_DEFAULTS.arms)})")
+    parser.add_argument("--gqa-kv-heads", type=int, metavar="N",
+                        help=f"K/V heads of the gqa arm; must divide the {FULL_DEFAULTS.n_heads} query heads "
+                             f"({_default('gqa_kv_heads')})")
     parser.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {FULL_DEFAULTS.device})")
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                         help="kernel for the MLA model: auto (flash-attn if installed, else SDPA), flash-attn, sdpa, eager "
@@ -95,6 +103,7 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
         "output_dir": args.output_dir, "cache_dir": args.cache_dir, "seeds": tuple(args.seeds) if args.seeds else None,
         "offline": args.offline or None, "compile": args.compile or None,
         "save_checkpoints": False if args.no_save else None,
+        "arms": tuple(args.arms) if args.arms else None, "gqa_kv_heads": args.gqa_kv_heads,
         "precision": args.precision, "moe_dispatch": args.moe_dispatch,
     }
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})

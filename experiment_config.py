@@ -18,6 +18,8 @@ from typing import Any, Mapping
 ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa", "eager")
 PRECISIONS = ("auto", "bf16", "fp32")
 MOE_DISPATCHES = ("auto", "grouped_mm", "sorted", "loop")
+DEFAULT_ARMS = ("baseline", "deepseek")  # the experiment's two arms; arms.py lists every arm
+DEFAULT_GQA_KV_HEADS = 2
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,9 @@ class ExperimentConfig:
     qk_rope_head_dim: int = 32
     v_head_dim: int = 64
 
+    # Grouped-query attention arm ("gqa"): the baseline's attention with this many K/V heads (MQA has 1)
+    gqa_kv_heads: int = DEFAULT_GQA_KV_HEADS
+
     # Training (a step is one optimizer step)
     batch_size: int = 64
     max_steps: int = 1000
@@ -59,7 +64,8 @@ class ExperimentConfig:
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1
     seed: int = 42
-    seeds: tuple[int, ...] = ()  # several seeds: both models once per seed; empty: (seed,)
+    seeds: tuple[int, ...] = ()  # several seeds: every arm once per seed; empty: (seed,)
+    arms: tuple[str, ...] = DEFAULT_ARMS  # which arms to train (names in arms.py); baseline always
 
     # Data
     dataset_name: str = "HuggingFaceTB/smollm-corpus"
@@ -104,6 +110,7 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["seeds"] = list(self.run_seeds)
+        out["arms"] = list(self.arms)
         return out
 
     @classmethod
@@ -120,13 +127,25 @@ class ExperimentConfig:
                               "(written by another version of the experiment?); remove them")
         fields: dict[str, Any] = {}
         for name, value in values.items():
-            if name == "seeds" and isinstance(value, list):
+            if name in ("seeds", "arms") and isinstance(value, list):
                 value = tuple(value)
             if not _has_type(value, hints[name]):
                 expected = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])
                 raise ConfigError(f"config key {name}={value!r}: expected {expected}")
             fields[name] = float(value) if hints[name] is float else value
         return cls(**fields)
+
+    def _validate_arms(self) -> None:
+        from arms import ARM_NAMES, BASELINE  # the registry imports the models, which import this file
+
+        given = " ".join(self.arms)
+        unknown = [arm for arm in self.arms if arm not in ARM_NAMES]
+        if unknown:
+            raise ConfigError(f"--arms {given}: unknown arm {unknown[0]!r}; choose from {', '.join(ARM_NAMES)}")
+        if len(set(self.arms)) != len(self.arms):
+            raise ConfigError(f"--arms {given}: an arm is repeated; give each arm once")
+        if BASELINE not in self.arms:
+            raise ConfigError(f"--arms {given}: must include {BASELINE} (every comparison is paired with it)")
 
     def validate(self) -> "ExperimentConfig":
         """Raise ConfigError on the first impossible setting; return self when all is well."""
@@ -149,6 +168,9 @@ class ExperimentConfig:
             (self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
              f"qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number (RoPE rotates pairs)"),
             (self.v_head_dim > 0, f"v_head_dim={self.v_head_dim} must be positive"),
+            (self.gqa_kv_heads >= 1 and self.n_heads % max(self.gqa_kv_heads, 1) == 0,
+             f"--gqa-kv-heads {self.gqa_kv_heads}: must be at least 1 and divide n_heads={self.n_heads} "
+             f"(e.g. {', '.join(str(h) for h in range(1, self.n_heads + 1) if self.n_heads % h == 0)})"),
             (self.batch_size > 0, f"--batch-size {self.batch_size}: must be at least 1"),
             (self.max_steps > 0, f"--steps {self.max_steps}: must be at least 1"),
             (self.eval_every > 0, f"--eval-every {self.eval_every}: must be at least 1"),
@@ -176,6 +198,7 @@ class ExperimentConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._validate_arms()
         window = self.max_seq_len + 1
         smaller_part = min(self.val_fraction, 1 - self.val_fraction)
 

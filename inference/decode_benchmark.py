@@ -2,8 +2,9 @@
 
     python -m inference.decode_benchmark [--small] [--contexts N ...] [--batch-sizes N ...] [--new-tokens N]
 
-For each attention and cache (MHA "kv"; MLA "expanded", per-head K and V as Hugging Face transformers
-caches them; MLA "latent", DeepSeek's absorbed cache of the normalised latent and the rotary key),
+For each attention and cache (MHA "kv"; GQA and MQA "kv", K and V of their fewer K/V heads; MLA "expanded",
+per-head K and V as Hugging Face transformers caches them; MLA "latent", DeepSeek's absorbed cache of the
+normalised latent and the rotary key) of every arm in the registry (arms.ARMS),
 each context length and each batch size, it builds the model at the default shapes with seeded
 random weights (or loads `--checkpoint`), prefills the context in one forward pass (timed), then
 decodes `--new-tokens` tokens one at a time, greedily feeding each argmax back (every step timed
@@ -37,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 
+from arms import ARMS, arm_color
 from atomic_files import write_atomic
 from experiment_config import PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
 from hardware import (BF16, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
@@ -73,7 +75,7 @@ class BenchModel:
     tag: str = ""  # tells apart several saved models of one arm in labels (their folder names)
 
     def label(self, mode: str) -> str:
-        return attention_label(self.model, mode) + (f" [{self.tag}]" if self.tag else "")
+        return attention_label(self.arm, mode) + (f" [{self.tag}]" if self.tag else "")
 
 
 @dataclass
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m inference.decode_benchmark",
         description="Prefill a context, then time greedy decoding with each KV cache (MHA kv, MLA expanded, MLA "
-                    "latent); report measured cache bytes, decode speed and the largest batch a memory budget holds. "
+                    "latent, GQA kv, MQA kv); report measured cache bytes, decode speed and the largest batch a memory budget holds. "
                     "Prints a table, writes JSON and a PNG beside it.",
     )
     parser.add_argument("--small", action="store_true",
@@ -130,9 +132,9 @@ def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
         parser.error(str(error))
 
 
-def attention_label(model: MoELanguageModel, mode: str) -> str:
-    """'MHA kv', 'MLA expanded', 'MLA latent': MLA is the attention that has a latent cache."""
-    return f"{'MLA' if 'latent' in model.cache_modes() else 'MHA'} {mode}"
+def attention_label(arm: str, mode: str) -> str:
+    """'MHA kv', 'MLA expanded', 'MLA latent', 'GQA kv', 'MQA kv': the arm's attention (arms.ARMS) and the cache."""
+    return f"{ARMS[arm].attention if arm in ARMS else arm} {mode}"
 
 
 def ordered_modes(model: MoELanguageModel) -> list[str]:
@@ -294,6 +296,13 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     if mha and expanded:
         lines.append(f"MLA cached as transformers does (expanded per-head K and V) holds {expanded:g} B: "
                      f"{expanded / mha:.2f}x MHA's, which is why DeepSeek's inference absorbs kv_b_proj.")
+    for arm in ARMS.values():
+        label = attention_label(arm.name, "kv")
+        grouped = sizes.get(label)
+        if mha and grouped and arm.attention not in ("MHA", "MLA"):  # GQA, MQA: the same K/V cache, fewer heads
+            vs_latent = f"; MLA's latent cache holds {latent:g} B" if latent else ""
+            lines.append(f"{label} holds {grouped:g} B per token per layer: {mha / grouped:.1f}x less than MHA's "
+                         f"K/V{vs_latent}.")
     ok = _ok_rows(results)
     if ok:
         agree = all(r["measured_equals_analytic"] and r["cache_layers_agree"] for r in ok)
@@ -347,7 +356,12 @@ def budget_table(results: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 
 LINE_STYLES = ("-", "--", ":", "-.")
-COLORS = {"MHA kv": "tab:blue", "MLA expanded": "tab:red", "MLA latent": "tab:green"}
+EXPANDED_COLOR = "tab:red"  # MLA's expanded cache; every other cache takes its arm's colour
+
+
+def row_color(row: dict[str, Any]) -> str | None:
+    """The arm's registry colour (MHA blue, MLA latent orange, GQA green, MQA purple); MLA expanded red."""
+    return EXPANDED_COLOR if row.get("cache_mode") == "expanded" else arm_color(str(row.get("arm")))
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
@@ -370,7 +384,8 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
                 if not points:
                     continue
                 x = [p[0] for p in points]
-                style = dict(color=COLORS.get(label), linestyle=LINE_STYLES[i % len(LINE_STYLES)], marker="o",
+                first = next(r for r in rows if r["attention"] == label)
+                style = dict(color=row_color(first), linestyle=LINE_STYLES[i % len(LINE_STYLES)], marker="o",
                              markersize=3, label=f"{label}, batch {batch}")
                 speed.plot(x, [p[1] for p in points], **style)
                 memory.plot(x, [p[2] for p in points], **style)

@@ -3,8 +3,9 @@
 DIR is one saved model (a folder with config.json and model.safetensors) or a results folder, in
 which case each arm's model generates from the same prompt with the same seed, one after the other.
 The text streams as it is generated. `--cache none` recomputes the whole prefix at every step (the
-reference); `kv`/`expanded` cache every head's keys and values, `latent` only MLA's latent and rotary
-key (DeepSeek's absorbed decoding); `auto` takes each arm's own compact cache (MHA: kv, MLA: latent).
+reference); `kv`/`expanded` cache every K/V head's keys and values (GQA and MQA hold fewer heads), `latent`
+only MLA's latent and rotary key (DeepSeek's absorbed decoding); `auto` takes each arm's own compact cache
+(MHA, GQA, MQA: kv; MLA: latent).
 Greedy decoding gives the same tokens with every cache.
 """
 
@@ -23,8 +24,8 @@ import torch
 from data.tokenizer import TextTokenizer, TokenizerError, load_tokenizer
 from experiment_config import ConfigError, ExperimentConfig
 from hardware import autocast, resolve_device
-from models.checkpoint import (ARMS, CHECKPOINTS_DIR, CONFIG_FILE, CheckpointError, load_checkpoint,
-                               run_checkpoint_dir)
+from arms import ARM_NAMES
+from models.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, CheckpointError, load_checkpoint, run_checkpoint_dir
 from models.transformer import MoELanguageModel
 
 CACHE_CHOICES = ("auto", "none", "kv", "expanded", "latent")
@@ -118,7 +119,7 @@ def find_checkpoints(path: Path, run_seed: int | None = None) -> list[Path]:
         raise ConfigError(f"--checkpoint {path}: neither a saved model (no {CONFIG_FILE}) nor a results folder "
                           f"(no {CHECKPOINTS_DIR}/); give the folder a training run wrote (default exp6_results)")
     found: list[Path] = []
-    for arm in ARMS:
+    for arm in ARM_NAMES:
         names = (re.fullmatch(rf"{arm}-seed(-?\d+)", d.name) for d in root.iterdir() if (d / CONFIG_FILE).is_file())
         seeds = sorted(int(m.group(1)) for m in names if m and (run_seed is None or int(m.group(1)) == run_seed))
         if seeds:
@@ -132,9 +133,9 @@ def find_checkpoints(path: Path, run_seed: int | None = None) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m inference.generate",
-        description="Generate text from saved models: one model folder, or both models of a results folder.")
+        description="Generate text from saved models: one model folder, or every arm's model of a results folder.")
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="a saved model folder, or a results folder (e.g. exp6_results) for both models")
+                        help="a saved model folder, or a results folder (e.g. exp6_results) for every arm's model")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     mode = parser.add_mutually_exclusive_group()

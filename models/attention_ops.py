@@ -1,4 +1,4 @@
-"""Causal attention kernels shared by both attention modules.
+"""Causal attention kernels shared by every attention module.
 
 Each function takes q, k of shape (batch, heads, seq, d_qk) and v of shape (batch, heads, seq, d_v)
 and returns (batch, heads, seq, d_v). The eager one is the plain-math reference; the others call
@@ -41,14 +41,20 @@ def _pad_last_dim(v: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def sdpa_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, force_flash: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, force_flash: bool = False,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
-    """Causal SDPA; with force_flash, only PyTorch's FlashAttention backend may run (V padded to d_qk)."""
+    """Causal SDPA; with force_flash, only PyTorch's FlashAttention backend may run (V padded to d_qk).
+
+    enable_gqa: k and v have fewer heads than q (a divisor of them); query head h attends with K/V head
+    h // (q heads / kv heads), computed by the kernel without repeating K and V.
+    """
     if not force_flash:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
     d_v = v.shape[-1]
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        out = F.scaled_dot_product_attention(q, k, _pad_last_dim(v, q.shape[-1]), is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, _pad_last_dim(v, q.shape[-1]), is_causal=True, scale=scale,
+                                             enable_gqa=enable_gqa)
     return out[..., :d_v]
 
 
@@ -57,12 +63,16 @@ def cached_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
     The queries are the last q_len positions of the k_len keys, so the mask is aligned bottom-right;
     SDPA's is_causal aligns top-left, right only when q_len == k_len. One new token sees every key.
-    k and v may have fewer heads than q (one shared latent head in MLA's latent mode): they are
-    broadcast as views, never copied per head.
+    k and v may have fewer heads than q (one shared latent head in MLA's latent mode, MQA's one head):
+    one K/V head is broadcast as a view, never copied per head. With several K/V heads (GQA), the
+    query heads of a group are folded into the query positions instead, so the cache is never copied either.
     """
     q_len, k_len = q.shape[-2], k.shape[-2]
-    if k.shape[1] != q.shape[1]:
-        shape = (q.shape[0], q.shape[1], k_len)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads not in (1, heads):
+        return _grouped_cached_attention(q, k, v, scale)
+    if kv_heads != heads:
+        shape = (q.shape[0], heads, k_len)
         k, v = k.expand(*shape, k.shape[-1]), v.expand(*shape, v.shape[-1])
     if q_len == k_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -70,6 +80,26 @@ def cached_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+def _grouped_cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """cached_causal_attention for kv_heads dividing q's heads: query head h uses K/V head h // group.
+
+    The group's query heads become extra query positions of their K/V head: q (batch, heads, q_len, d) ->
+    (batch, kv_heads, group * q_len, d), with the bottom-right causal mask repeated per group member.
+    """
+    batch, heads, q_len, d_qk = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[-2]
+    if heads % kv_heads:
+        raise ValueError(f"{kv_heads} K/V heads do not divide {heads} query heads")
+    group = heads // kv_heads
+    folded = q.reshape(batch, kv_heads, group * q_len, d_qk)
+    if q_len == 1:
+        out = F.scaled_dot_product_attention(folded, k, v, scale=scale)
+    else:
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len).repeat(group, 1)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=allowed, scale=scale)
+    return out.reshape(batch, heads, q_len, v.shape[-1])
 
 
 def flash_attn_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

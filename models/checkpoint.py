@@ -4,8 +4,8 @@ A checkpoint folder holds
 
 - `model.safetensors`: every parameter once, named as DeepSeek-V3 checkpoints on the Hugging Face Hub
   name them (`model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight`, ...). Our parameter names map
-  one to one through `NAME_TABLE`; only the attention tensors differ between the two arms (the MLA
-  modules already carry DeepSeek's own names, the baseline keeps `qkv_proj`/`o_proj`). The LM head
+  one to one through `NAME_TABLE`; only the attention tensors differ between the arms (the MLA
+  modules already carry DeepSeek's own names; MHA, GQA and MQA keep `qkv_proj`/`o_proj`). The LM head
   is tied to the embedding, so it is stored once, as `model.embed_tokens.weight`, and tied again on load.
 - `config.json`: the arm, the whole ExperimentConfig, the format version, the parameter count,
   `tie_word_embeddings: true`, the weights file's size, and the caller's `extra` (seed, tokenizer spec,
@@ -35,7 +35,6 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"  # a results folder keeps each run's model in checkpoints/<arm>-seed<seed>/
-ARMS = ("baseline", "deepseek")
 
 ModelBuilder = Callable[..., MoELanguageModel]  # (config, seed=None) -> the arm's model
 
@@ -102,15 +101,14 @@ class LoadedCheckpoint:
 
 
 def arm_builders() -> dict[str, ModelBuilder]:
-    """The model class of each arm.
+    """The model class of each arm, from the one registry (arms.ARMS).
 
-    The arm classes live in the top-level files, which import models/; importing them here, when a
-    model is built, keeps models/ importable on its own.
+    The registry and the arm classes live in the top-level files, which import models/; importing them
+    here, when a model is built, keeps models/ importable on its own.
     """
-    from exp6_baseline_attention_model import BaselineAttentionModel
-    from exp6_flash_attention_model import FlashAttentionModel
+    from arms import arm_builders as registry_builders
 
-    return {"baseline": BaselineAttentionModel, "deepseek": FlashAttentionModel}
+    return registry_builders()
 
 
 def run_checkpoint_dir(output_dir: Path, arm: str, seed: int) -> Path:
@@ -141,8 +139,9 @@ def save_checkpoint(model: MoELanguageModel, arm: str, directory: Path, extra: d
     Tensors are written contiguous, on the CPU, in the model's dtype. Returns
     {"directory": str, "files": {file name: bytes}, "bytes": total}.
     """
-    if arm not in ARMS:
-        raise CheckpointError(f"unknown arm {arm!r}: expected one of {', '.join(ARMS)}")
+    known = arm_builders()
+    if arm not in known:
+        raise CheckpointError(f"unknown arm {arm!r}: expected one of {', '.join(known)}")
     tensors = {key: tensor.to("cpu").contiguous() for key, tensor in checkpoint_state_dict(model).items()}
     dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in tensors.values()})
     weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
@@ -191,7 +190,8 @@ def load_checkpoint(directory: Path, device: torch.device | str = "cpu",
                     builders: dict[str, ModelBuilder] | None = None) -> LoadedCheckpoint:
     """The model saved in `directory`, rebuilt from its config.json and loaded strictly, in eval mode on `device`.
 
-    `builders` maps arm names to model classes (default: the experiment's two arms).
+    `builders` maps arm names to model classes (default: every arm of the registry, arms.ARMS). A model's
+    shape comes from the saved config (e.g. the GQA arm's gqa_kv_heads).
     """
     directory = Path(directory)
     meta = _read_config(directory)

@@ -1,8 +1,8 @@
-"""The one MoE language model both arms of the experiment use; only the attention module differs.
+"""The one MoE language model every arm of the experiment uses; only the attention module differs.
 
 Pre-norm block: x + Attention(RMSNorm(x)), then x + MoE(RMSNorm(x)). The LM is an embedding, the
 blocks, a final RMSNorm and a head tied to the embedding. Parameters are initialised per name from
-the seed, so the parts the two models share start from identical values.
+the seed, so the parts the arms share start from identical values.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class MoELanguageModel(nn.Module):
 def init_parameters(model: nn.Module, seed: int) -> None:
     """Draw every parameter from a generator keyed by (seed, parameter name).
 
-    Shared parts of the two models have the same names, so they get identical values whatever
+    Shared parts of the arms have the same names, so they get identical values whatever
     the attention module draws; the values do not depend on the device either.
     """
     with torch.no_grad():

@@ -21,12 +21,13 @@ from experiment_config import ConfigError, ExperimentConfig
 from models.checkpoint import (CONFIG_FILE, NAME_TABLE, WEIGHTS_FILE, CheckpointError, checkpoint_name,
                                checkpoint_state_dict, load_checkpoint, parameter_name, run_checkpoint_dir,
                                save_checkpoint)
+from arms import ARM_NAMES, arm_builders
+from exp6_baseline_attention_model import MultiHeadAttention
 from models.transformer import MoELanguageModel
 from training.experiment import run_experiment
 from training.results import RESULTS_FILE
 
-ARM_CLASSES: dict[str, Callable[..., MoELanguageModel]] = {"baseline": BaselineAttentionModel,
-                                                          "deepseek": FlashAttentionModel}
+ARM_CLASSES: dict[str, Callable[..., MoELanguageModel]] = arm_builders()  # every arm of the registry
 
 
 def _trained_looking(config: ExperimentConfig, arm: str) -> MoELanguageModel:
@@ -47,9 +48,9 @@ def _logits(model: MoELanguageModel, vocab_size: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("q_lora_rank", [16, None], ids=["q_lora", "q_proj"])
-@pytest.mark.parametrize("arm", ["baseline", "deepseek"])
+@pytest.mark.parametrize("arm", ARM_NAMES)
 def test_save_then_load_gives_identical_weights_and_logits(config, tmp_path, arm, q_lora_rank):
-    cfg = config.replace(vocab_size=64, q_lora_rank=q_lora_rank)
+    cfg = config.replace(vocab_size=64, q_lora_rank=q_lora_rank, n_heads=4)  # 4 query heads: GQA has 2 K/V heads
     model = _trained_looking(cfg, arm)
     saved = save_checkpoint(model, arm, tmp_path / "ckpt", {"seed": 7, "note": "test"})
     assert saved["files"] == {name: (tmp_path / "ckpt" / name).stat().st_size for name in (WEIGHTS_FILE, CONFIG_FILE)}
@@ -75,7 +76,7 @@ def test_save_then_load_gives_identical_weights_and_logits(config, tmp_path, arm
             "model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight",
             "model.layers.1.self_attn.o_proj.weight"} <= keys
     attention = {key.split("self_attn.")[1] for key in keys if key.startswith("model.layers.0.self_attn.")}
-    if arm == "baseline":
+    if arm in ("baseline", "gqa", "mqa"):
         assert attention == {"qkv_proj.weight", "o_proj.weight"}
     else:  # DeepSeek-V3's own names
         query = {"q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"} if q_lora_rank else {"q_proj.weight"}
@@ -86,6 +87,22 @@ def test_save_then_load_gives_identical_weights_and_logits(config, tmp_path, arm
     assert written["arm"] == arm and written["tie_word_embeddings"] is True and written["format_version"] == 1
     assert written["parameter_count"] == sum(p.numel() for p in model.parameters())
     assert written["dtype"] == "float32" and written["config"]["q_lora_rank"] == q_lora_rank
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_a_gqa_checkpoint_is_rebuilt_with_its_saved_kv_heads(config, tmp_path, kv_heads):
+    """The GQA arm's shape comes from the saved config's gqa_kv_heads, whatever today's default is."""
+    cfg = config.replace(vocab_size=64, n_heads=4, gqa_kv_heads=kv_heads)
+    model = _trained_looking(cfg, "gqa")
+    save_checkpoint(model, "gqa", tmp_path / "gqa", {})
+    loaded = load_checkpoint(tmp_path / "gqa")
+    assert loaded.arm == "gqa" and loaded.config.gqa_kv_heads == kv_heads
+    attention = loaded.model.attention_modules()[0]
+    assert isinstance(attention, MultiHeadAttention) and attention.n_kv_heads == kv_heads
+    head_dim = cfg.head_dim
+    assert attention.qkv_proj.weight.shape == ((4 + 2 * kv_heads) * head_dim, cfg.d_model)
+    assert torch.equal(_logits(model, 64), _logits(loaded.model, 64))
+    assert json.loads((tmp_path / "gqa" / CONFIG_FILE).read_text())["config"]["gqa_kv_heads"] == kv_heads
 
 
 def test_the_name_table_maps_every_parameter_both_ways(config):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import matplotlib
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from experiment_config import ExperimentConfig, cpu_preset
-from exp6_baseline_attention_model import BaselineAttentionModel
+from exp6_baseline_attention_model import BaselineAttentionModel, GroupedQueryAttentionModel, MultiQueryAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
 from inference import decode_benchmark
 from models import checkpoint
@@ -25,7 +25,7 @@ from models.attention import KVCache
 from models.transformer import MoELanguageModel
 from tests.fake_cuda import FAKE_PEAK_MEMORY_BYTES, CudaOnCpu, install_fake_cuda
 
-LABELS = ("MHA kv", "MLA expanded", "MLA latent")
+LABELS = ("MHA kv", "MLA expanded", "MLA latent", "GQA kv", "MQA kv")  # every arm of arms.ARMS, every cache
 CONTEXTS = (8, 24)  # 24 is past the tiny runs' warm-up context; both below the CPU preset's max_seq_len
 BATCHES = (1, 2)
 NEW_TOKENS = 3
@@ -77,6 +77,8 @@ def _analytic_values(config: ExperimentConfig) -> dict[str, int]:
         "MHA kv": 2 * config.d_model,
         "MLA expanded": config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim),
         "MLA latent": config.kv_lora_rank + config.qk_rope_head_dim,
+        "GQA kv": 2 * config.gqa_kv_heads * config.head_dim,
+        "MQA kv": 2 * config.head_dim,
     }
 
 
@@ -140,6 +142,7 @@ def test_measured_bytes_order_and_equal_the_analytic_ones(fp32_run: tuple[dict[s
     assert saved["status"] == "completed", saved["failures"]
     measured = _bytes_by_label(saved["rows"])
     assert measured["MLA latent"] < measured["MHA kv"] < measured["MLA expanded"]
+    assert measured["MQA kv"] < measured["GQA kv"] < measured["MHA kv"]
     expected = {label: values * bytes_per_value for label, values in _analytic_values(_small_config()).items()}
     assert measured == expected
     for row in saved["rows"]:
@@ -157,6 +160,9 @@ def test_bf16_cache_tensors_are_bf16(bf16_run: dict[str, Any]) -> None:
         "latent_rope": [2, 12 + 2, config.kv_lora_rank + config.qk_rope_head_dim]}
     assert rows["MHA kv"]["cache_shapes_layer0"] == {
         "k": [2, 14, config.n_heads, config.head_dim], "v": [2, 14, config.n_heads, config.head_dim]}
+    assert rows["GQA kv"]["cache_shapes_layer0"] == {  # only the K/V heads are cached
+        "k": [2, 14, config.gqa_kv_heads, config.head_dim], "v": [2, 14, config.gqa_kv_heads, config.head_dim]}
+    assert rows["MQA kv"]["cache_shapes_layer0"] == {"k": [2, 14, 1, config.head_dim], "v": [2, 14, 1, config.head_dim]}
 
 
 @pytest.mark.parametrize("which", ["fp32", "bf16"])
@@ -177,8 +183,7 @@ def test_budget_column_is_the_formula_on_the_measured_bytes(fp32_run: tuple[dict
 
 # ------------------------------------------------------------------------------- decoding is real
 
-def _sharp_model(config: ExperimentConfig, model_cls: type[BaselineAttentionModel] | type[FlashAttentionModel]
-                 ) -> MoELanguageModel:
+def _sharp_model(config: ExperimentConfig, model_cls: Callable[..., MoELanguageModel]) -> MoELanguageModel:
     """O(1) activations, so greedy picks are decided by clear margins, not by rounding noise."""
     model = model_cls(config.replace(vocab_size=61, dropout=0.0, router_noise_std=0.0), seed=5)
     with torch.no_grad():
@@ -189,7 +194,8 @@ def _sharp_model(config: ExperimentConfig, model_cls: type[BaselineAttentionMode
 
 
 @pytest.mark.parametrize("model_cls, mode", [(BaselineAttentionModel, "kv"), (FlashAttentionModel, "expanded"),
-                                             (FlashAttentionModel, "latent")])
+                                             (FlashAttentionModel, "latent"), (GroupedQueryAttentionModel, "kv"),
+                                             (MultiQueryAttentionModel, "kv")])
 def test_cached_greedy_decode_equals_recomputing_the_full_prefix(config: ExperimentConfig, model_cls: Any,
                                                                  mode: str) -> None:
     model = _sharp_model(config, model_cls)
@@ -250,7 +256,7 @@ def test_a_failing_row_becomes_an_error_row_and_the_rest_still_run(tmp_path: Pat
     assert saved["status"] == "completed with failures"
     assert saved["failures"] == ["MLA expanded ctx 16 batch 1"]
     rows = {r["name"]: r for r in saved["rows"]}
-    assert len(rows) == 6
+    assert len(rows) == 2 * len(LABELS)
     failed = rows["MLA expanded ctx 16 batch 1"]
     assert failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
     assert failed["attention"] == "MLA expanded" and failed["context"] == 16
@@ -283,7 +289,7 @@ def test_checkpoint_models_are_benchmarked(tmp_path: Path, one_thread: None) -> 
     assert code == 0
     saved = json.loads(output.read_text())
     assert {r["attention"] for r in saved["rows"]} == set(LABELS)
-    assert {m["arm"] for m in saved["models"]} == {"baseline", "deepseek"}
+    assert {m["arm"] for m in saved["models"]} == {"baseline", "deepseek", "gqa", "mqa"}
     assert all(r["source"].startswith("checkpoint ") and r["n_layers"] == 1 for r in saved["rows"])
     assert saved["shapes"].startswith("checkpoint") and saved["config"]["n_layers"] == 1
 
@@ -294,7 +300,7 @@ def test_checkpoint_models_are_benchmarked(tmp_path: Path, one_thread: None) -> 
                                   "--batch-sizes", "1", "--new-tokens", "1", "--output", str(output)]) == 0
     labels = {r["attention"] for r in json.loads(output.read_text())["rows"]}
     assert labels == {"MHA kv [baseline-seed9]", "MHA kv [baseline-seed10]", "MLA expanded [deepseek-seed9]",
-                      "MLA latent [deepseek-seed9]"}
+                      "MLA latent [deepseek-seed9]", "GQA kv [gqa-seed9]", "MQA kv [mqa-seed9]"}
 
 
 def test_a_missing_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -322,7 +328,7 @@ def test_decode_benchmark_cuda_branches(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert saved["device"] == "cuda" and saved["device_name"] == "NVIDIA H200 (sm90)"
     assert saved["precision"] == "bf16 autocast"
     rows = saved["rows"]
-    assert len(rows) == 3
+    assert len(rows) == len(LABELS)  # one row per arm and cache
     fake_mb = FAKE_PEAK_MEMORY_BYTES / 2**20
     for row in rows:
         assert "error" not in row, row.get("error")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.tokenizer import TextTokenizer
-from exp6_baseline_attention_model import BaselineAttentionModel
+from exp6_baseline_attention_model import BaselineAttentionModel, GroupedQueryAttentionModel, MultiQueryAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
 from inference.generate import Sampling, cache_mode_for, generate_ids, generate_text
 from models.checkpoint import ModelBuilder
@@ -26,10 +26,12 @@ def _model(config, model_cls: ModelBuilder) -> MoELanguageModel:
     return model
 
 
-@pytest.mark.parametrize("model_cls,modes", [(BaselineAttentionModel, ["none", "kv"]),
-                                             (FlashAttentionModel, ["none", "expanded", "latent"])])
-def test_greedy_tokens_are_identical_with_every_cache(config, model_cls, modes):
-    model = _model(config, model_cls)
+@pytest.mark.parametrize("model_cls,modes,heads", [(BaselineAttentionModel, ["none", "kv"], 2),
+                                                   (FlashAttentionModel, ["none", "expanded", "latent"], 2),
+                                                   (GroupedQueryAttentionModel, ["none", "kv"], 4),  # 2 K/V heads
+                                                   (MultiQueryAttentionModel, ["none", "kv"], 2)])  # 1 K/V head
+def test_greedy_tokens_are_identical_with_every_cache(config, model_cls, modes, heads):
+    model = _model(config.replace(n_heads=heads), model_cls)
     prompt = [3, 14, 15, 9, 2]
     runs = {mode: list(generate_ids(model, prompt, 24, cache_mode=mode)) for mode in modes}
     assert len(runs["none"]) == 24 and len(set(runs["none"])) > 3  # a real sequence, not one repeated token

@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from deepseek_modeling import DeepseekV3FlashAttention2
-from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
+from exp6_baseline_attention_model import (BaselineAttentionModel, GroupedQueryAttentionModel, MultiHeadAttention,
+                                           MultiQueryAttentionModel)
 from exp6_flash_attention_model import FlashAttentionModel
 from experiment_config import ExperimentConfig
 from models.checkpoint import ModelBuilder
 from models.transformer import MoELanguageModel
 
-ARMS = [(BaselineAttentionModel, "kv"), (FlashAttentionModel, "expanded"), (FlashAttentionModel, "latent")]
+ARMS = [(BaselineAttentionModel, "kv"), (FlashAttentionModel, "expanded"), (FlashAttentionModel, "latent"),
+        (GroupedQueryAttentionModel, "kv"), (MultiQueryAttentionModel, "kv")]
 ATOL = 1e-5
 
 
@@ -31,7 +33,7 @@ def _model(config: ExperimentConfig, model_cls: ModelBuilder, **changes: object)
 @pytest.mark.parametrize("prompt_len", [1, 5])
 @pytest.mark.parametrize("model_cls,mode", ARMS)
 def test_cached_decoding_equals_the_full_forward_at_every_step(config, model_cls, mode, prompt_len, q_lora_rank):
-    model = _model(config, model_cls, q_lora_rank=q_lora_rank)
+    model = _model(config, model_cls, q_lora_rank=q_lora_rank, n_heads=4)  # GQA: 2 K/V heads for 4 query heads
     total = config.max_seq_len + 6  # past the trained length: RoPE extends on the fly
     ids = torch.randint(0, 61, (2, total), generator=torch.Generator().manual_seed(prompt_len))
     with torch.no_grad():
@@ -99,6 +101,29 @@ def test_measured_cache_bytes_match_the_analytic_ones_at_the_default_sizes():
         measured[mode] = cache.bytes_per_token()
         assert measured[mode] == module.kv_cache_values_per_token(mode) * 2, mode
     assert measured == {"latent": 320, "kv": 1024, "expanded": 1280}
+
+
+@pytest.mark.parametrize("model_cls, expected", [(BaselineAttentionModel, 1024), (GroupedQueryAttentionModel, 512),
+                                                 (FlashAttentionModel, 320), (MultiQueryAttentionModel, 256)])
+def test_every_arms_measured_cache_bytes_at_the_default_sizes(model_cls, expected):
+    """bf16, per token per layer, measured from the cache tensors of each arm (the table of issue 9):
+    MHA 1024 B, GQA with 2 K/V heads 512 B, MLA latent 320 B, MQA 256 B."""
+    from models.costs import cost_report
+
+    costs = cost_report(model_cls(ExperimentConfig(vocab_size=100)))
+    assert costs["kv_cache_bytes_per_token_per_layer_bf16_measured"] == expected
+    assert costs["kv_cache_bytes_per_token_per_layer_bf16"] == expected
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_kv_cache_stores_only_the_kv_heads(config, kv_heads):
+    model = _model(config, GroupedQueryAttentionModel, n_heads=4, gqa_kv_heads=kv_heads)
+    caches = model.new_caches()
+    with torch.no_grad():
+        model(torch.randint(0, 61, (3, 5)), caches)
+        model(torch.randint(0, 61, (3, 1)), caches)
+    head_dim = 32 // 4
+    assert caches[0].shapes() == {"k": (3, 6, kv_heads, head_dim), "v": (3, 6, kv_heads, head_dim)}
 
 
 def test_unknown_cache_mode_is_refused(config):

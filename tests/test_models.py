@@ -1,22 +1,24 @@
-"""The two models: same LM, same shared weights, causal, correct shapes."""
+"""The arms' models: same LM, same shared weights, causal, correct shapes; GQA/MQA are MHA with fewer K/V heads."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
+from arms import ARM_NAMES, ARMS
+from exp6_baseline_attention_model import (BaselineAttentionModel, GroupedQueryAttentionModel, MultiHeadAttention,
+                                           MultiQueryAttentionModel)
 from exp6_flash_attention_model import FlashAttentionModel
 from deepseek_modeling import DeepseekV3FlashAttention2
 from models.transformer import MoELanguageModel, TransformerBlock
 from experiment_config import ConfigError
 
-MODELS = [BaselineAttentionModel, FlashAttentionModel]
+MODELS = [arm.builder for arm in ARMS.values()]  # every arm: MHA, MLA, GQA, MQA
 
 
 @pytest.fixture
 def model_config(config):
-    return config.replace(vocab_size=97, dropout=0.0)
+    return config.replace(vocab_size=97, dropout=0.0, n_heads=4)  # 4 query heads: GQA has 2 K/V heads, MQA 1
 
 
 @pytest.mark.parametrize("model_cls", MODELS)
@@ -43,17 +45,72 @@ def test_changing_a_later_token_never_changes_earlier_logits(model_cls, model_co
     assert (before[:, 9:] - after[:, 9:]).abs().max() > 1e-4  # the change is seen from position 9 on
 
 
-def test_models_differ_only_in_attention(model_config):
-    """Same block and LM classes; every parameter outside attention has the same name and value."""
-    baseline, deepseek = BaselineAttentionModel(model_config, seed=7), FlashAttentionModel(model_config, seed=7)
-    assert all(isinstance(b, TransformerBlock) for b in (*baseline.blocks, *deepseek.blocks))
+@pytest.mark.parametrize("arm", [name for name in ARM_NAMES if name != "baseline"])
+def test_models_differ_only_in_attention(model_config, arm):
+    """Same block and LM classes; every parameter outside attention has the same name, shape and initial value."""
+    baseline, other = BaselineAttentionModel(model_config, seed=7), ARMS[arm].builder(model_config, seed=7)
+    assert type(other) is not type(baseline) and isinstance(other, MoELanguageModel)
+    assert all(isinstance(b, TransformerBlock) for b in (*baseline.blocks, *other.blocks))
     assert isinstance(baseline.blocks[0].attention, MultiHeadAttention)
-    assert isinstance(deepseek.blocks[0].attention, DeepseekV3FlashAttention2)
+    expected = DeepseekV3FlashAttention2 if arm == "deepseek" else MultiHeadAttention
+    assert all(isinstance(block.attention, expected) for block in other.transformer_blocks())
     shared_b = {n: p for n, p in baseline.named_parameters() if ".attention." not in n}
-    shared_d = {n: p for n, p in deepseek.named_parameters() if ".attention." not in n}
-    assert shared_b.keys() == shared_d.keys()
+    shared_o = {n: p for n, p in other.named_parameters() if ".attention." not in n}
+    assert shared_b.keys() == shared_o.keys()
     for name in shared_b:
-        assert torch.equal(shared_b[name], shared_d[name]), name
+        assert shared_b[name].shape == shared_o[name].shape, name
+        assert torch.equal(shared_b[name], shared_o[name]), name
+    assert any(".attention." in n for n, _ in other.named_parameters())
+
+
+@pytest.mark.parametrize("model_cls, kv_heads", [(BaselineAttentionModel, 4), (GroupedQueryAttentionModel, 2),
+                                                 (MultiQueryAttentionModel, 1)])
+def test_kv_heads_set_the_fused_projection(model_config, model_cls, kv_heads):
+    attention = model_cls(model_config).attention_modules()[0]
+    assert isinstance(attention, MultiHeadAttention) and attention.n_kv_heads == kv_heads
+    head_dim = model_config.head_dim
+    assert attention.qkv_proj.weight.shape == ((4 + 2 * kv_heads) * head_dim, model_config.d_model)
+    assert attention.o_proj.weight.shape == (model_config.d_model, model_config.d_model)
+    assert attention.kv_cache_values_per_token() == 2 * kv_heads * head_dim
+
+
+def test_gqa_with_as_many_kv_heads_as_heads_is_the_baseline_exactly(model_config):
+    """gqa_kv_heads = n_heads: same parameter names and shapes, same initial values, the same logits bit for bit."""
+    config = model_config.replace(gqa_kv_heads=model_config.n_heads)
+    gqa, mha = GroupedQueryAttentionModel(config, seed=3).eval(), BaselineAttentionModel(config, seed=3).eval()
+    gqa_params, mha_params = dict(gqa.named_parameters()), dict(mha.named_parameters())
+    assert gqa_params.keys() == mha_params.keys()
+    for name in gqa_params:
+        assert torch.equal(gqa_params[name], mha_params[name]), name
+    ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(gqa(ids)[0], mha(ids)[0])
+    # a checkpoint of one loads into the other: the shapes are today's MHA
+    mha.load_state_dict(gqa.state_dict())
+
+
+@pytest.mark.parametrize("model_cls", [GroupedQueryAttentionModel, MultiQueryAttentionModel])
+def test_grouped_attention_equals_mha_with_repeated_kv_heads(model_config, model_cls):
+    """GQA/MQA compute MHA whose K/V heads are the shared ones, repeated per group (query head h uses h // group):
+    the eager reference (K/V repeated, plain math) and SDPA's enable_gqa agree."""
+    model = model_cls(model_config, seed=2).eval()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fused, _ = model(ids)
+        for attention in model.attention_modules():
+            attention.backend = "eager"
+        eager, _ = model(ids)
+    assert model.attention_backends() == ["eager"]
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=0)
+
+
+def test_gqa_kv_heads_must_divide_the_heads(model_config):
+    with pytest.raises(ConfigError, match="n_kv_heads=3"):
+        MultiHeadAttention(model_config, n_kv_heads=3)
+    with pytest.raises(ConfigError, match="--gqa-kv-heads 3: must be at least 1 and divide n_heads=4"):
+        model_config.replace(gqa_kv_heads=3).validate()
+    with pytest.raises(ConfigError, match="--gqa-kv-heads 0"):
+        model_config.replace(gqa_kv_heads=0).validate()
 
 
 def test_init_depends_on_seed_and_head_is_tied(model_config):

@@ -13,7 +13,8 @@ import torch
 
 from data.dataset import prepare_data
 from deepseek_modeling import DeepseekV3FlashAttention2
-from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
+from exp6_baseline_attention_model import (BaselineAttentionModel, GroupedQueryAttentionModel, MultiHeadAttention,
+                                           MultiQueryAttentionModel)
 from exp6_flash_attention_model import FlashAttentionModel
 from experiment_config import ExperimentConfig
 from models.attention import KVCache
@@ -222,11 +223,12 @@ def test_paired_interval_and_verdict():
     assert better["ci95"][1] - better["mean"] == pytest.approx(4.303 * sd / math.sqrt(3))
 
 
-@pytest.mark.parametrize("model_cls", [BaselineAttentionModel, FlashAttentionModel])
+@pytest.mark.parametrize("model_cls", [BaselineAttentionModel, FlashAttentionModel, GroupedQueryAttentionModel,
+                                       MultiQueryAttentionModel])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_steps_need_no_host_sync(config, model_cls, precision):
     """Outside logging steps the loop makes no host sync: no value read back, no data-dependent shape."""
-    cfg = config.replace(vocab_size=50)
+    cfg = config.replace(vocab_size=50, n_heads=4)
     model = model_cls(cfg)
     model.plan_moe_dispatch(CPU, torch.bfloat16 if precision == "bf16" else torch.float32)
     # the optimizers as built for CUDA (fused AdamW keeps its step count on the device; the CPU

@@ -28,13 +28,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from arms import arm_builders
 from deepseek_modeling import DeepseekV3FlashAttention2
-from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
-from exp6_flash_attention_model import FlashAttentionModel
+from exp6_baseline_attention_model import MultiHeadAttention
 from models.attention import CausalSelfAttention
 from models.costs import attention_score_macs, cost_report
 from models.transformer import MoELanguageModel
-from experiment_config import MOE_DISPATCHES, PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
+from experiment_config import DEFAULT_ARMS, MOE_DISPATCHES, PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
 from hardware import (FP32, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
                       resolve_device as experiment_device, resolve_precision, synchronize)
 from reporting import fmt, guarded, release, render_table, write_json_atomic
@@ -61,7 +61,7 @@ DATASHEET_PEAK_TFLOPS: tuple[tuple[str, float, str], ...] = (
     ("RTX 4090", 165.2, "RTX 4090, dense bf16 with fp32 accumulate"),
 )
 
-MODELS: dict[str, Callable[..., MoELanguageModel]] = {"baseline": BaselineAttentionModel, "deepseek": FlashAttentionModel}
+MODELS: dict[str, Callable[..., MoELanguageModel]] = arm_builders()  # every arm of the registry (arms.py)
 ATTENTION_MODULES: dict[str, Callable[[ExperimentConfig], CausalSelfAttention]] = {
     "MultiHeadAttention": lambda config: MultiHeadAttention(config, 0, backend="sdpa"),
     "DeepseekV3FlashAttention2": lambda config: DeepseekV3FlashAttention2(config.replace(attention_backend="auto"), 0),
@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "matmul when the card is not in the table; no MFU on CPU)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"JSON file to write (default {DEFAULT_OUTPUT})")
     parser.add_argument("--skip-public-style", action="store_true", help="do not time the public-style reference models")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
-                        help="which models' training steps to time (default: both)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(DEFAULT_ARMS),
+                        help=f"which arms' training steps to time (default: {' '.join(DEFAULT_ARMS)})")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="precision of the 'ours' models: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32; "
                              "the public style always runs fp32")

@@ -1,4 +1,4 @@
-"""The whole experiment: check the setup, load data, train both models per seed, write results.
+"""The whole experiment: check the setup, load data, train every arm (config.arms) per seed, write results.
 
 Results are written atomically after every model run, so a failure or Ctrl-C later on keeps what
 finished; a non-finite loss fails that run only and the experiment goes on.
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from data.dataset import TokenData, prepare_data, validation_windows
+from data.dataset import TokenData, exposure_line, exposure_report, prepare_data, validation_windows
 from data.sources import check_local_path
 from data.tokenizer import TOKENIZER_FILE, save_tokenizer
 from experiment_config import ConfigError, ExperimentConfig
@@ -27,7 +27,8 @@ from models.costs import cost_report
 from models.transformer import MoELanguageModel
 from reporting import write_json_atomic
 from training.plots import plot_results
-from training.results import MODEL_NAMES, RESULTS_FILE, check_writable, comparison, format_table, summarise_model
+from arms import ordered_arms
+from training.results import RESULTS_FILE, check_writable, comparison, format_table, summarise_model
 from training.run_guard import output_dir_lock, sigterm_raises_run_terminated, stop_status
 from training.trainer import NonFiniteLoss, new_run_record, train_model
 
@@ -84,7 +85,6 @@ def _git_commit() -> str | None:
 
 
 def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.device) -> dict[str, Any]:
-    tokens_trained = config.max_steps * config.batch_size * config.max_seq_len
     n_val_windows = len(validation_windows(data.val, config.max_seq_len)[0])
     return {
         "question": "Does DeepSeek-V3 MLA (via FlashAttention-2) beat standard multi-head attention in the same MoE LM?",
@@ -92,8 +92,7 @@ def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.
         "preset_note": ("CPU preset: a scaled-down model and run so that it finishes in minutes on a CPU; "
                         "not the full experiment") if config.preset == "cpu" else "full experiment",
         "seeds": list(config.run_seeds),
-        "data": {**data.info, "tokens_trained_per_model": tokens_trained,
-                 "epochs_over_training_tokens": tokens_trained / len(data.train)},
+        "data": {**data.info, **exposure_report(len(data.train), config)},  # exact, recounted from every seed's windows
         "validation": f"fixed set: all {n_val_windows} non-overlapping {config.max_seq_len}-token windows of the "
                       f"held-out last {config.val_fraction:.0%} of tokens, evaluated every {config.eval_every} steps and at the end",
         "lr_schedule": f"linear warmup over {config.warmup_steps} steps, cosine to {config.min_lr_ratio} x base LR at step {config.max_steps}",
@@ -146,9 +145,12 @@ def greedy_sample(model: MoELanguageModel, data: TokenData, config: ExperimentCo
 
 def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train both models once per seed and write JSON, plots and the table; returns the results."""
+    """Train every arm of config.arms once per seed and write JSON, plots and the table; returns the results."""
     builders = builders or MODEL_BUILDERS
     device = preflight(config)
+    missing = [arm for arm in config.arms if arm not in builders]
+    if missing:
+        raise ConfigError(f"--arms {' '.join(config.arms)}: no model class for {', '.join(missing)}")
     # One run per output folder: a second one stops here, before any data is loaded, naming this one's pid.
     # SIGTERM (timeout, a scheduler) raises RunTerminated, which the Ctrl-C branch below records.
     with output_dir_lock(Path(config.output_dir)), sigterm_raises_run_terminated():
@@ -161,28 +163,28 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
 
         header = _experiment_header(config, data, device)
         log(f"Device: {header['device_name']}; preset: {config.preset}; seeds: {list(config.run_seeds)}; results: {results_path}")
-        epochs = header["data"]["epochs_over_training_tokens"]
-        if epochs > 1:
-            log(f"Each training token is seen {epochs:.1f} times: validation loss then measures generalisation "
-                f"from a small repeated set (raise --max-tokens to train without repetition).")
+        log(exposure_line(header["data"], config.max_seq_len))
         if len(config.run_seeds) == 1:
             log("One seed: differences smaller than the seed-to-seed spread cannot be separated (use --seeds 42 43 44).")
 
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in MODEL_NAMES}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ordered_arms(config.arms)}  # JSON: registry order
         costs: dict[str, dict[str, Any]] = {}
         results: dict[str, Any] = {"experiment": header}
 
         def save(status: str) -> None:
-            for name in MODEL_NAMES:
+            for name in runs:
                 results[name] = summarise_model(runs[name], costs.get(name))
-            results["comparison"] = comparison(runs["baseline"], runs["deepseek"])
+            results["comparison"] = comparison(runs, {name: results[name] for name in runs})
             header["status"] = status
             header["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if status != "running" else None
             write_json_atomic(results_path, results)
 
         try:
-            for seed in config.run_seeds:
-                for name in MODEL_NAMES:
+            for index, seed in enumerate(config.run_seeds):
+                arms = list(config.arms)  # seed index i starts with arm i mod k: no arm always trains first
+                order = arms[index % len(arms):] + arms[:index % len(arms)]
+                header.setdefault("arm_order", {})[str(seed)] = order
+                for name in order:
                     model = builders[name](config, seed=seed)
                     costs.setdefault(name, cost_report(model))
                     record = new_run_record(name, model, seed)
@@ -209,7 +211,7 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
                     save("running")
         except KeyboardInterrupt as stop:  # Ctrl-C, or RunTerminated from SIGTERM
             status = stop_status(stop)  # "interrupted" or "terminated"; the run in progress is that, not failed
-            for name in MODEL_NAMES:
+            for name in runs:
                 for record in runs[name]:
                     if record["status"] == "running":
                         record["status"] = status
@@ -222,7 +224,7 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
         plots = plot_results(results, output_dir)
         log("\n" + format_table(results))
         log(f"Results: {results_path}; plots: {', '.join(str(p) for p in plots)}")
-        saved = [record["checkpoint"]["directory"] for name in MODEL_NAMES for record in runs[name] if record["checkpoint"]]
+        saved = [record["checkpoint"]["directory"] for name in runs for record in runs[name] if record["checkpoint"]]
         if saved:
             log(f"Models saved: {', '.join(saved)}")
         elif not config.save_checkpoints:

@@ -1,6 +1,7 @@
 """Loss plots: validation loss against training time, and train/validation loss against step.
 
-With several seeds each model is drawn as its mean curve with a min-max band.
+With several seeds each model is drawn as its mean curve with a min-max band. Every arm in the results is
+drawn, in its own colour from the registry (arms.ARMS).
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from arms import ARMS, arm_label
 from atomic_files import write_atomic
 
-from training.results import MODEL_NAMES
+from training.results import result_arms
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-LABELS = {"baseline": "Baseline (MHA)", "deepseek": "DeepSeek-V3 MLA"}
-COLORS = {"baseline": "tab:blue", "deepseek": "tab:orange"}
+LABELS = {name: arm.label for name, arm in ARMS.items()}  # at the default --gqa-kv-heads; plots use arm_label
+COLORS = {name: arm.color for name, arm in ARMS.items()}
 VAL_TIME_PLOT = "exp6_val_loss_vs_time.png"
 LOSS_STEP_PLOT = "exp6_loss_vs_step.png"
 
@@ -39,13 +41,18 @@ def _runs_to_draw(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return completed or runs
 
 
-def _final_label(name: str, summary: dict[str, Any]) -> str:
+def _label(name: str, results: dict[str, Any]) -> str:
+    return arm_label(name, results.get("experiment", {}).get("config"))
+
+
+def _final_label(name: str, results: dict[str, Any]) -> str:
+    summary = results[name]
     loss, std = summary.get("val_loss"), summary.get("val_loss_std")
     if loss is None:
-        return f"{LABELS[name]} (no completed run)"
+        return f"{_label(name, results)} (no completed run)"
     spread = "" if std is None else f" ± {std:.3f}"
     seeds = len(summary.get("seeds_completed", []))
-    return f"{LABELS[name]}: final val loss {loss:.3f}{spread} ({seeds} seed{'s' if seeds != 1 else ''})"
+    return f"{_label(name, results)}: final val loss {loss:.3f}{spread} ({seeds} seed{'s' if seeds != 1 else ''})"
 
 
 def _band(ax: Axes, x: np.ndarray, values: np.ndarray, color: str, label: str, style: str = "-") -> None:
@@ -61,7 +68,7 @@ def _finish(fig: Figure, ax: Axes, path: Path) -> None:
 
     try:
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
         fig.tight_layout()
         write_atomic(path, lambda file: fig.savefig(file, dpi=120, format="png"))
     finally:
@@ -87,25 +94,25 @@ def plot_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
     paths = [output_dir / VAL_TIME_PLOT, output_dir / LOSS_STEP_PLOT]
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name in MODEL_NAMES:
+    for name in result_arms(results):
         runs = _runs_to_draw(results[name])
         seconds, val = _stack(runs, "training_seconds"), _stack(runs, "val_loss")
         if seconds is not None and val is not None:
-            _band(ax, np.nanmean(seconds, axis=0), val, COLORS[name], _final_label(name, results[name]))
+            _band(ax, np.nanmean(seconds, axis=0), val, COLORS[name], _final_label(name, results))
     ax.set(xlabel="training time (s, evaluation excluded)", ylabel="validation loss",
            title="Validation loss vs training time" + title_suffix)
     _finish(fig, ax, paths[0])
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name in MODEL_NAMES:
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name in result_arms(results):
         runs = _runs_to_draw(results[name])
         steps, val, train = _stack(runs, "step"), _stack(runs, "val_loss"), _stack(runs, "train_loss")
         if steps is None or val is None or train is None:
             continue
         x = steps[0]
-        _band(ax, x, val, COLORS[name], _final_label(name, results[name]))
+        _band(ax, x, val, COLORS[name], _final_label(name, results))
         has_train = ~np.isnan(train).all(axis=0)
-        _band(ax, x[has_train], train[:, has_train], COLORS[name], f"{LABELS[name]}: train loss (mean since last eval)", "--")
+        _band(ax, x[has_train], train[:, has_train], COLORS[name], f"{_label(name, results)}: train loss (mean since last eval)", "--")
     ax.set(xlabel="optimizer step", ylabel="loss", title="Train and validation loss vs step" + title_suffix)
     _finish(fig, ax, paths[1])
     return paths

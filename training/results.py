@@ -1,16 +1,20 @@
-"""Results: the JSON file (written atomically), per-model seed summaries and the printed table."""
+"""Results: the JSON file (written atomically), per-model seed summaries, the paired comparisons and the
+printed table. Which arms a results dict holds is read from it (its top-level keys that are arms of arms.ARMS)."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
+from arms import BASELINE, MLA, arm_label, ordered_arms
+from experiment_config import DEFAULT_ARMS
 from reporting import fmt
 from training.stats import mean_std, paired_difference
 
 RESULTS_FILE = "exp6_attention_comparison.json"
-MODEL_NAMES = ("baseline", "deepseek")
+MODEL_NAMES = DEFAULT_ARMS  # the default arms only: a run trains config.arms (arms.py lists every arm)
+MEASURED_KV = "kv_cache_bytes_per_token_per_layer_bf16_measured"
 METRICS = ("val_loss", "val_accuracy", "val_perplexity")
 STOPPED_STATUSES = ("interrupted", "terminated")  # Ctrl-C / SIGTERM: stopped from outside, not failed
 
@@ -44,15 +48,66 @@ def summarise_model(runs: list[dict[str, Any]], costs: dict[str, Any] | None) ->
     return summary
 
 
-def comparison(baseline_runs: list[dict[str, Any]], deepseek_runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Paired per-seed differences deepseek - baseline for each final metric."""
+def result_arms(results: Mapping[str, Any]) -> list[str]:
+    """The arms a results dict holds, in registry order."""
+    return ordered_arms(results)
+
+
+def comparison_pairs(arms: Iterable[str]) -> list[tuple[str, str]]:
+    """(first, second) for every difference first - second to report: every arm against the baseline, then
+    MLA against each other arm that is not the baseline (MLA vs GQA and MQA: the matched-cache question)."""
+    present = ordered_arms(arms)
+    pairs = [(arm, BASELINE) for arm in present if arm != BASELINE and BASELINE in present]
+    if MLA in present:
+        pairs += [(MLA, arm) for arm in present if arm not in (BASELINE, MLA)]
+    return pairs
+
+
+def paired_metrics(first_runs: list[dict[str, Any]], second_runs: list[dict[str, Any]],
+                   names: tuple[str, str]) -> dict[str, Any]:
+    """Paired per-seed differences first - second for each final metric, and the val-loss verdict."""
     def by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
         return {r["seed"]: r[key] for r in runs if r["status"] == "completed" and r.get(key) is not None}
 
-    out = {key: paired_difference(by_seed(deepseek_runs, key), by_seed(baseline_runs, key),
-                                  lower_is_better=key != "val_accuracy") for key in METRICS}
+    out = {key: paired_difference(by_seed(first_runs, key), by_seed(second_runs, key),
+                                  lower_is_better=key != "val_accuracy", names=names) for key in METRICS}
     out["verdict"] = out["val_loss"]["verdict"]
     return out
+
+
+def comparison(runs: Mapping[str, list[dict[str, Any]]],
+               summaries: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every pair of comparison_pairs under `pairs` ("deepseek - baseline", "gqa - baseline", ...,
+    "deepseek - gqa", ...), each with its per-metric paired CI and verdict. The top level keeps the
+    published shape: deepseek - baseline per metric and its `verdict` (None when deepseek did not run).
+    With the arms' summaries (costs and mean losses), `matched_kv_budget` says which arms cache no
+    more than MLA."""
+    pairs = {f"{a} - {b}": paired_metrics(runs[a], runs[b], (a, b)) for a, b in comparison_pairs(runs)}
+    main = pairs.get(f"{MLA} - {BASELINE}")
+    out: dict[str, Any] = dict(main) if main is not None else {"verdict": None}
+    out["pairs"] = pairs
+    if summaries is not None:
+        out["matched_kv_budget"] = matched_kv_budget(summaries)
+    return out
+
+
+def matched_kv_budget(summaries: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Which arms hold at most MLA's KV cache per token (measured, bf16, per layer), with their val losses;
+    None until MLA's costs are known."""
+    mla_costs = (summaries.get(MLA) or {}).get("costs") or {}
+    budget = mla_costs.get(MEASURED_KV)
+    if budget is None:
+        return None
+    arms: dict[str, dict[str, Any]] = {}
+    for name in ordered_arms(summaries):
+        cache = ((summaries[name] or {}).get("costs") or {}).get(MEASURED_KV)
+        if cache is not None:
+            arms[name] = {"kv_cache_bytes_per_token_per_layer_bf16_measured": cache,
+                          "within_budget": cache <= budget, "val_loss": summaries[name].get("val_loss"),
+                          "val_loss_std": summaries[name].get("val_loss_std")}
+    return {"budget_bytes_per_token_per_layer_bf16": budget, "arms": arms,
+            "within_budget": [name for name, arm in arms.items() if arm["within_budget"]],
+            "note": "arms whose measured bf16 KV cache per token per layer is at most MLA's (latent) cache"}
 
 
 def _cost_sentence(baseline: dict[str, Any], deepseek: dict[str, Any]) -> str:
@@ -68,9 +123,30 @@ def _cost_sentence(baseline: dict[str, Any], deepseek: dict[str, Any]) -> str:
             f"in training it costs {flops:+.1%} FLOPs per token with {attn:+.1%} attention parameters.")
 
 
+def _matched_budget_line(results: dict[str, Any], names: list[str]) -> str | None:
+    matched = matched_kv_budget({name: results[name] for name in names})
+    if matched is None:
+        return None
+    config = results.get("experiment", {}).get("config")
+
+    def loss(arm: dict[str, Any]) -> str:
+        std = arm.get("val_loss_std")
+        return fmt(arm.get("val_loss"), ".4f") + ("" if std is None else f" ± {std:.4f}")
+
+    within = [f"{arm_label(name, config)} {arm[MEASURED_KV]:,.0f} B, val loss {loss(arm)}"
+              for name, arm in matched["arms"].items() if arm["within_budget"]]
+    above = [f"{arm_label(name, config)} {arm[MEASURED_KV]:,.0f} B"
+             for name, arm in matched["arms"].items() if not arm["within_budget"]]
+    line = (f"Matched KV budget (<= MLA's {matched['budget_bytes_per_token_per_layer_bf16']:,.0f} B/token/layer, "
+            f"bf16, measured): {'; '.join(within)}")
+    return line + (f". Above it: {', '.join(above)}." if above else ".")
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """The comparison table printed at the end: quality, speed and costs side by side."""
-    models = [results[name] for name in MODEL_NAMES]
+    """The comparison table printed at the end: quality, speed and costs of every arm side by side."""
+    names = result_arms(results)
+    config = results.get("experiment", {}).get("config")
+    models = [results[name] for name in names]
     costs = [m.get("costs") or {} for m in models]
 
     def pm(m: dict[str, Any], key: str, spec: str) -> str:
@@ -94,13 +170,21 @@ def format_table(results: dict[str, Any]) -> str:
         ("Attention backend", [", ".join(m.get("attention_backend") or ["-"]) for m in models]),
         ("Seeds completed", [str(len(m.get("seeds_completed", []))) for m in models]),
     ]
+    headers = [arm_label(name, config) for name in names]
     width = max(len(r[0]) for r in rows)
-    col = max(24, *(len(v) for _, values in rows for v in values))
-    lines = [f"{'':{width}}  {'Baseline (MHA)':>{col}}  {'DeepSeek MLA':>{col}}", "-" * (width + 2 * col + 4)]
-    lines += [f"{label:{width}}  {a:>{col}}  {b:>{col}}" for label, (a, b) in rows]
-    if all(costs):
-        lines.append(_cost_sentence(*costs))
-    verdict = results.get("comparison", {}).get("verdict")
-    if verdict:
-        lines.append(f"Val loss, deepseek - baseline: {verdict}")
+    col = max(16, *(len(v) for v in headers), *(len(v) for _, values in rows for v in values))
+    lines = [f"{'':{width}}" + "".join(f"  {h:>{col}}" for h in headers), "-" * (width + (col + 2) * len(names))]
+    lines += [f"{label:{width}}" + "".join(f"  {v:>{col}}" for v in values) for label, values in rows]
+    by_name = dict(zip(names, costs))
+    if by_name.get(BASELINE) and by_name.get(MLA):
+        lines.append(_cost_sentence(by_name[BASELINE], by_name[MLA]))
+    matched = _matched_budget_line(results, names)
+    if matched:
+        lines.append(matched)
+    pairs = results.get("comparison", {}).get("pairs")
+    if pairs is None:  # results written before the pairs existed: deepseek - baseline only
+        pairs = {f"{MLA} - {BASELINE}": results.get("comparison", {})}
+    for pair, values in pairs.items():
+        if values.get("verdict"):
+            lines.append(f"Val loss, {pair}: {values['verdict']}")
     return "\n".join(lines)

@@ -24,10 +24,12 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def paired_difference(deepseek: dict[int, float], baseline: dict[int, float], lower_is_better: bool = True) -> dict[str, Any]:
-    """Per-seed deepseek - baseline over seeds both finished, with a 95% t interval of the mean difference."""
-    seeds = sorted(set(deepseek) & set(baseline))
-    diffs = [deepseek[s] - baseline[s] for s in seeds]
+def paired_difference(first: dict[int, float], second: dict[int, float], lower_is_better: bool = True,
+                      names: tuple[str, str] = ("deepseek", "baseline")) -> dict[str, Any]:
+    """Per-seed first - second (values by seed) over seeds both finished, with a 95% t interval of the mean
+    difference; the verdict names the better arm by `names` (first's, second's)."""
+    seeds = sorted(set(first) & set(second))
+    diffs = [first[s] - second[s] for s in seeds]
     mean, std = mean_std(diffs)
     out: dict[str, Any] = {"seeds": seeds, "differences": diffs, "mean": mean, "std": std, "ci95": None}
     if mean is None:
@@ -41,6 +43,6 @@ def paired_difference(deepseek: dict[int, float], baseline: dict[int, float], lo
         if low <= 0 <= high:
             out["verdict"] = f"no significant difference (95% CI [{low:+.4f}, {high:+.4f}] contains 0, {len(diffs)} seeds)"
         else:
-            better = "deepseek" if (mean < 0) == lower_is_better else "baseline"
+            better = names[0] if (mean < 0) == lower_is_better else names[1]
             out["verdict"] = f"{better} is better (95% CI [{low:+.4f}, {high:+.4f}] excludes 0, {len(diffs)} seeds)"
     return out
