@@ -70,6 +70,20 @@ class DeepseekV3Attention(CausalSelfAttention):
         """(heads, q/k head dim, v head dim) for the analytic FLOP count."""
         return self.num_heads, self.qk_head_dim, self.v_head_dim
 
+    def muon_blocks(self) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        """Logical matrices for Muon: kv_a_proj_with_mqa's rows are [latent | rope key]; kv_b_proj's rows are,
+        per head, [k_nope | v], so "k_nope" is every head's nope rows and "v" every head's value rows.
+        q_proj (or q_a_proj, q_b_proj) and o_proj are one matrix each."""
+        device = self.kv_b_proj.weight.device
+        kv_a = torch.arange(self.kv_lora_rank + self.qk_rope_head_dim, device=device)
+        kv_b = torch.arange(self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), device=device)
+        per_head = kv_b.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        return {
+            "kv_a_proj_with_mqa.weight": [("latent", kv_a[:self.kv_lora_rank]), ("k_rope", kv_a[self.kv_lora_rank:])],
+            "kv_b_proj.weight": [("k_nope", per_head[:, :self.qk_nope_head_dim].reshape(-1)),
+                                 ("v", per_head[:, self.qk_nope_head_dim:].reshape(-1))],
+        }
+
     def query(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """x (batch, seq, d) -> q_nope (batch, heads, seq, d_nope), rotated q_rope (batch, heads, seq, d_rope)."""
         batch, seq, _ = x.shape

@@ -56,6 +56,13 @@ class MultiHeadAttention(CausalSelfAttention):
         """(heads, q/k head dim, v head dim) for the analytic FLOP count (every query head scores every key)."""
         return self.n_heads, self.head_dim, self.head_dim
 
+    def muon_blocks(self) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        """qkv_proj's rows are [Q of every head | K | V]: three logical matrices for Muon."""
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        rows = torch.arange(q_width + 2 * kv_width, device=self.qkv_proj.weight.device)
+        return {"qkv_proj.weight": [("q", rows[:q_width]), ("k", rows[q_width:q_width + kv_width]),
+                                    ("v", rows[q_width + kv_width:])]}
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim

@@ -82,5 +82,16 @@ class CausalSelfAttention(nn.Module):
         """(heads, q/k head dim, v head dim) for the analytic FLOP count."""
         raise NotImplementedError
 
+    def muon_blocks(self) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        """The logical matrices packed into fused weights, for the optimizer (training/optim.py).
+
+        Maps a parameter's attribute name (e.g. "qkv_proj.weight") to [(block name, row indices)], the
+        blocks partitioning its rows; Muon orthogonalises (and scales the LR of) each block on its own,
+        so every arm's Q, K, V, ... are treated alike however the module packs them. Parameters not
+        listed are one block. Index tensors are created on the parameter's device. The forward pass and
+        the parameters themselves are untouched.
+        """
+        return {}
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         raise NotImplementedError

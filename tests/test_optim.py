@@ -1,0 +1,202 @@
+"""Per-matrix Muon: every logical matrix (Q, K, V, O; MLA's latent, rope key, k_nope, v, ...) gets its own
+orthogonalised update and LR, in every arm; every parameter is in exactly one optimizer; no weight decay on
+norms and the embedding; --optimizer adamw is an AdamW-only control."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+from torch import nn
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+from arms import arm_builders
+from deepseek_modeling import DeepseekV3Attention
+from exp6_trainer import build_parser, config_from_args
+from experiment_config import ConfigError, ExperimentConfig
+from training.optim import BlockMuon, build_optimizers, build_schedulers
+from training.trainer import forward_loss, training_step
+
+CPU = torch.device("cpu")
+ARMS = list(arm_builders())
+EXPECTED_BLOCKS = {  # fused parameter (within an attention module) -> its logical blocks
+    "baseline": {"qkv_proj.weight": ["q", "k", "v"]},
+    "gqa": {"qkv_proj.weight": ["q", "k", "v"]},
+    "mqa": {"qkv_proj.weight": ["q", "k", "v"]},
+    "deepseek": {"kv_a_proj_with_mqa.weight": ["latent", "k_rope"], "kv_b_proj.weight": ["k_nope", "v"]},
+}
+
+
+def _model(config: ExperimentConfig, arm: str, **changes: object) -> tuple[nn.Module, ExperimentConfig]:
+    cfg = config.replace(vocab_size=50, n_heads=4, **changes)  # 4 heads: GQA's 2 K/V heads divide them
+    return arm_builders()[arm](cfg), cfg
+
+
+def _muon(optimizers: list[torch.optim.Optimizer]) -> BlockMuon:
+    muon = optimizers[0]
+    assert isinstance(muon, BlockMuon)
+    return muon
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_each_logical_block_gets_its_own_orthogonalised_update(config, arm):
+    """After one step from fresh state, every block moved by -lr * sqrt(max(1, rows/cols)) * NS(its own grad
+    rows) (Muon's first Nesterov step is along the grad; NS removes its scale), computed here with torch's
+    own Muon helpers, and not by what orthogonalising the whole fused matrix would give."""
+    model, cfg = _model(config, arm, weight_decay=0.0)
+    optimizers = build_optimizers(model, cfg, CPU)
+    muon = _muon(optimizers)
+    group = muon.param_groups[0]
+    x = torch.randint(0, 50, (4, 12))
+    forward_loss(model, x, x, cfg, CPU, "fp32")[1].backward()
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    grads = {id(p): p.grad.detach().clone() for p in model.parameters() if p.grad is not None}
+    muon.step()
+
+    def ns_update(grad: torch.Tensor) -> torch.Tensor:
+        buf = torch.zeros_like(grad).lerp_(grad, 1 - group["momentum"])  # exactly Muon's first Nesterov step
+        direction = grad.lerp(buf, group["momentum"])
+        orthogonal = _zeropower_via_newtonschulz(direction, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        return -_adjust_lr(group["lr"], "original", grad.shape) * orthogonal.float()
+
+    fused_seen: dict[str, list[str]] = defaultdict(list)
+    fused_sources: dict[int, torch.Tensor] = {}
+    for block, _ in muon.blocks:
+        source = block.source
+        rows = block.rows if block.rows is not None else torch.arange(source.shape[0])
+        delta = (source.detach() - before[id(source)])[rows]
+        grad = grads[id(source)][rows]
+        assert grad.shape == block.shape
+        expected = ns_update(grad)
+        torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-7, msg=block.name)
+        # orthogonalised: the largest singular value is about one (NS gives roughly 0.5..1.5; tiny ones lag)
+        singular = torch.linalg.svdvals(expected / _adjust_lr(group["lr"], "original", grad.shape))
+        assert 0.5 < singular.max() < 1.6, block.name
+        if block.rows is not None:
+            attr = block.name.split(".attention.")[1]
+            fused_seen[attr.split("[")[0]].append(attr.split("[")[1].rstrip("]"))
+            fused_sources[id(source)] = source
+    for fused in fused_sources.values():  # orthogonalising the whole fused matrix instead would give another update
+        delta, whole = fused.detach() - before[id(fused)], ns_update(grads[id(fused)])
+        assert (delta - whole).abs().max() > 0.2 * delta.abs().max(), "a fused matrix was updated as one matrix"
+    n_layers = cfg.n_layers
+    assert {attr: names[:len(names) // n_layers] for attr, names in fused_seen.items()} == EXPECTED_BLOCKS[arm]
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_block_rows_partition_each_fused_matrix_with_the_declared_shapes(config, arm):
+    model, cfg = _model(config, arm)
+    muon = _muon(build_optimizers(model, cfg, CPU))
+    rows_of: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for block, param in muon.blocks:
+        assert param.shape == block.shape and param.ndim == 2
+        if block.rows is not None:
+            assert block.rows.dtype == torch.int64 and block.rows.device == block.source.device
+            rows_of[id(block.source)].append(block.rows)
+            torch.testing.assert_close(param.detach(), block.source.detach()[block.rows])
+    sources = {id(p): p for p in model.parameters()}
+    assert rows_of, "no fused matrix was split"
+    for key, parts in rows_of.items():
+        assert torch.equal(torch.cat(parts).sort().values, torch.arange(sources[key].shape[0]))
+    head_dim = cfg.head_dim
+    shapes = {block.name.split(".attention.")[1]: block.shape[0] for block, _ in muon.blocks
+              if block.name.startswith("blocks.0.attention.")}
+    if arm == "deepseek":
+        assert shapes["kv_a_proj_with_mqa.weight[latent]"] == cfg.kv_lora_rank
+        assert shapes["kv_a_proj_with_mqa.weight[k_rope]"] == cfg.qk_rope_head_dim
+        assert shapes["kv_b_proj.weight[k_nope]"] == cfg.n_heads * cfg.qk_nope_head_dim
+        assert shapes["kv_b_proj.weight[v]"] == cfg.n_heads * cfg.v_head_dim
+    else:
+        kv_heads = {"baseline": cfg.n_heads, "gqa": cfg.gqa_kv_heads, "mqa": 1}[arm]
+        assert shapes == {"qkv_proj.weight[q]": cfg.n_heads * head_dim, "qkv_proj.weight[k]": kv_heads * head_dim,
+                          "qkv_proj.weight[v]": kv_heads * head_dim, "o_proj.weight": cfg.d_model}
+
+
+def test_mla_blocks_are_the_rows_that_make_each_part_of_k_and_v(config):
+    """Zeroing a block's rows zeroes exactly its part of MLA's keys/values: the declared rows match the forward."""
+    cfg = config.replace(vocab_size=50, n_heads=4)
+    attention = DeepseekV3Attention(cfg)
+    x = torch.randn(2, 5, cfg.d_model)
+    nope = cfg.qk_nope_head_dim
+    _, k0, v0 = attention.project_qkv(x)
+    parts = {"k_nope": lambda k, v: k[..., :nope], "k_rope": lambda k, v: k[..., nope:], "v": lambda k, v: v}
+    zeroed_by = {"kv_b_proj.weight": {"k_nope": {"k_nope"}, "v": {"v"}},
+                 "kv_a_proj_with_mqa.weight": {"latent": {"k_nope", "v"}, "k_rope": {"k_rope"}}}
+    for attr, blocks in attention.muon_blocks().items():
+        weight = attention.get_parameter(attr)
+        for block, rows in blocks:
+            saved = weight.detach().clone()
+            with torch.no_grad():
+                weight[rows] = 0.0
+                _, k, v = attention.project_qkv(x)
+                weight.copy_(saved)
+            for part, take in parts.items():
+                if part in zeroed_by[attr][block]:
+                    assert take(k, v).abs().max() == 0, (attr, block, part)
+                else:
+                    torch.testing.assert_close(take(k, v), take(k0, v0), msg=f"{attr}[{block}] changed {part}")
+
+
+@pytest.mark.parametrize("arm", ARMS)
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_every_parameter_is_in_exactly_one_optimizer_and_norms_are_not_decayed(config, arm, optimizer):
+    model, cfg = _model(config, arm, optimizer=optimizer)
+    optimizers = build_optimizers(model, cfg, CPU)
+    names = {id(p): n for n, p in model.named_parameters()}
+    matrices = {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+    owners: dict[str, int] = defaultdict(int)
+    decay: dict[str, float] = {}
+    muon_sources: set[str] = set()
+    for opt in optimizers:
+        if isinstance(opt, BlockMuon):
+            assert opt.param_groups[0]["weight_decay"] == cfg.weight_decay > 0
+            for source_id in {id(block.source) for block, _ in opt.blocks}:
+                owners[names[source_id]] += 1
+                muon_sources.add(names[source_id])
+            continue
+        assert isinstance(opt, torch.optim.AdamW)
+        for group in opt.param_groups:
+            for p in group["params"]:
+                owners[names[id(p)]] += 1
+                decay[names[id(p)]] = group["weight_decay"]
+    assert dict(owners) == {n: 1 for n in names.values()}
+    no_decay = {n for n in names.values() if n not in matrices}
+    assert "embed.weight" in no_decay and "norm.weight" in no_decay
+    assert any("attn_norm" in n for n in no_decay) and all(p.ndim == 1 for n, p in model.named_parameters()
+                                                           if n in no_decay and n != "embed.weight")
+    if arm == "deepseek":
+        assert any("kv_a_layernorm" in n for n in no_decay) and any("q_a_layernorm" in n for n in no_decay)
+    assert all(decay[n] == 0.0 for n in no_decay)
+    if optimizer == "muon":
+        assert len(optimizers) == 2 and muon_sources == matrices
+    else:
+        assert len(optimizers) == 1 and not muon_sources
+        assert all(decay[n] == cfg.weight_decay for n in matrices)
+
+
+def test_block_muon_keeps_momentum_keeps_fused_weights_in_sync_and_follows_the_schedule(config):
+    model, cfg = _model(config, "deepseek")
+    optimizers = build_optimizers(model, cfg, CPU)
+    schedulers = build_schedulers(optimizers, cfg)
+    muon = _muon(optimizers)
+    x = torch.randint(0, 50, (2, 8))
+    for step in range(3):
+        training_step(model, optimizers, schedulers, x, x, cfg, CPU, "fp32")
+        for block, param in muon.blocks:
+            assert "momentum_buffer" in muon.state[param]
+            if block.rows is not None:
+                assert torch.equal(param.detach(), block.source.detach()[block.rows]) and param.grad is None
+    fused = [block.source for block, _ in muon.blocks if block.rows is not None]
+    forward_loss(model, x, x, cfg, CPU, "fp32")[1].backward()
+    muon.zero_grad()
+    assert all(p.grad is None for p in fused)  # the trainer's zero_grad reaches the fused weights
+    assert muon.param_groups[0]["lr"] == pytest.approx(cfg.muon_lr * schedulers[0].lr_lambdas[0](3))
+
+
+def test_optimizer_flag_and_validation():
+    config, _ = config_from_args(build_parser().parse_args(["--optimizer", "adamw"]), cuda_available=False)
+    assert config.optimizer == "adamw"
+    assert config_from_args(build_parser().parse_args([]), cuda_available=False)[0].optimizer == "muon"
+    with pytest.raises(ConfigError, match="--optimizer"):
+        ExperimentConfig(optimizer="sgd").validate()
