@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from experiment_config import ATTENTION_BACKENDS, MOE_DISPATCHES, PRECISIONS, PRESETS, ConfigError, ExperimentConfig
+from experiment_config import (ATTENTION_BACKENDS, MOE_DISPATCHES, OPTIMIZERS, PRECISIONS, PRESETS, ConfigError,
+                               ExperimentConfig)
 
 
 FULL_DEFAULTS = PRESETS["full"](ExperimentConfig())
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gqa-kv-heads", type=int, metavar="N",
                         help=f"K/V heads of the gqa arm; must divide the {FULL_DEFAULTS.n_heads} query heads "
                              f"({_default('gqa_kv_heads')})")
+    parser.add_argument("--lr-sweep", nargs="*", type=float, metavar="M",
+                        help="before the comparison, tune each arm's learning rates: a short run per multiplier M (scaling "
+                             "both the Muon and the AdamW LR) on the first seed, keeping each arm's best by validation loss "
+                             f"(default multipliers {' '.join(map(str, FULL_DEFAULTS.lr_sweep_multipliers))}, e.g. --lr-sweep 0.5 1 2)")
+    parser.add_argument("--lr-sweep-steps", type=int, metavar="N",
+                        help="optimizer steps per sweep run (default --steps / 4)")
     parser.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {FULL_DEFAULTS.device})")
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                         help="kernel for the MLA model: auto (flash-attn if installed, else SDPA), flash-attn, sdpa, eager "
@@ -72,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"how tokens reach their experts (default {FULL_DEFAULTS.moe_dispatch}): auto picks grouped_mm where it runs as one fused "
                              "kernel (sm90+ in bf16, or CPU) and the one-sync sorted split elsewhere (e.g. RTX 4090, A100); "
                              "loop is the public version's per-expert mask loop")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS,
+                        help=f"default {FULL_DEFAULTS.optimizer}: Muon on every logical matrix of the blocks (Q, K, V, O, MLA's "
+                             "latent/rope-key/k_nope/v parts, router, experts) + AdamW for the embedding and norms; "
+                             "adamw: AdamW only, a control run (norms and the embedding are never weight-decayed)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (CUDA, or CPU with --precision bf16; "
                         "off by default because its speed-up has not been measured on a GPU yet)")
     parser.add_argument("--data", metavar="PATH", help="your own .txt, .jsonl or .parquet file instead of the Hub corpus")
@@ -104,7 +115,10 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
         "offline": args.offline or None, "compile": args.compile or None,
         "save_checkpoints": False if args.no_save else None,
         "arms": tuple(args.arms) if args.arms else None, "gqa_kv_heads": args.gqa_kv_heads,
-        "precision": args.precision, "moe_dispatch": args.moe_dispatch,
+        "precision": args.precision, "moe_dispatch": args.moe_dispatch, "optimizer": args.optimizer,
+        "lr_sweep": True if args.lr_sweep is not None else None,
+        "lr_sweep_multipliers": tuple(args.lr_sweep) if args.lr_sweep else None,
+        "lr_sweep_steps": args.lr_sweep_steps,
     }
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     if args.eval_every is None and args.steps is not None:

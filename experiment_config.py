@@ -18,6 +18,7 @@ from typing import Any, Mapping
 ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa", "eager")
 PRECISIONS = ("auto", "bf16", "fp32")
 MOE_DISPATCHES = ("auto", "grouped_mm", "sorted", "loop")
+OPTIMIZERS = ("muon", "adamw")  # --optimizer: per-matrix Muon for the block matrices, or an AdamW-only control
 DEFAULT_ARMS = ("baseline", "deepseek")  # the experiment's two arms; arms.py lists every arm
 DEFAULT_GQA_KV_HEADS = 2
 
@@ -59,13 +60,17 @@ class ExperimentConfig:
     log_every: int = 10  # steps between progress-bar updates (the only host syncs in training)
     muon_lr: float = 0.01
     adamw_lr: float = 0.001
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # Muon's matrices only; norm gains, biases and the embedding get none (training/optim.py)
+    optimizer: str = "muon"  # "muon": per-matrix Muon + AdamW; "adamw": AdamW only (a control run)
     grad_clip: float = 1.0
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1
     seed: int = 42
     seeds: tuple[int, ...] = ()  # several seeds: every arm once per seed; empty: (seed,)
     arms: tuple[str, ...] = DEFAULT_ARMS  # which arms to train (names in arms.py); baseline always
+    lr_sweep: bool = False  # before the comparison, pick each arm's LR multiplier by a short sweep (training/lr_sweep.py)
+    lr_sweep_multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # each scales both muon_lr and adamw_lr
+    lr_sweep_steps: int = 0  # steps per sweep run; 0: max_steps // 4 (at least 1)
 
     # Data
     dataset_name: str = "HuggingFaceTB/smollm-corpus"
@@ -127,8 +132,9 @@ class ExperimentConfig:
                               "(written by another version of the experiment?); remove them")
         fields: dict[str, Any] = {}
         for name, value in values.items():
-            if name in ("seeds", "arms") and isinstance(value, list):
-                value = tuple(value)
+            if isinstance(value, list) and typing.get_origin(hints[name]) is tuple:  # JSON writes tuples as lists
+                value = tuple(float(v) if typing.get_args(hints[name])[0] is float and _has_type(v, float) else v
+                              for v in value)
             if not _has_type(value, hints[name]):
                 expected = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])
                 raise ConfigError(f"config key {name}={value!r}: expected {expected}")
@@ -177,7 +183,14 @@ class ExperimentConfig:
             (self.sample_tokens >= 0 and bool(self.sample_prompt), "sample_tokens must be >= 0 and sample_prompt non-empty"),
             (self.log_every > 0, f"log_every={self.log_every} must be positive"),
             (self.muon_lr > 0 and self.adamw_lr > 0, "muon_lr and adamw_lr must be positive"),
+            (len(self.lr_sweep_multipliers) > 0
+             and all(math.isfinite(m) and m > 0 for m in self.lr_sweep_multipliers)
+             and len(set(self.lr_sweep_multipliers)) == len(self.lr_sweep_multipliers),
+             f"--lr-sweep multipliers {' '.join(map(str, self.lr_sweep_multipliers))}: need at least one, "
+             "each positive, finite and given once"),
+            (self.lr_sweep_steps >= 0, f"--lr-sweep-steps {self.lr_sweep_steps}: must be at least 1 (or 0 for --steps / 4)"),
             (self.weight_decay >= 0 and self.grad_clip > 0, "weight_decay must be >= 0 and grad_clip > 0"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: must be one of {', '.join(OPTIMIZERS)}"),
             (0.0 <= self.warmup_fraction < 1.0, f"warmup_fraction={self.warmup_fraction} must be in [0, 1)"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"),
             (0.0 < self.val_fraction < 1.0, f"val_fraction={self.val_fraction} must be in (0, 1)"),

@@ -26,6 +26,7 @@ from models.checkpoint import ModelBuilder, arm_builders, run_checkpoint_dir, sa
 from models.costs import cost_report
 from models.transformer import MoELanguageModel
 from reporting import write_json_atomic
+from training.lr_sweep import run_lr_sweep, untuned
 from training.plots import plot_results
 from arms import ordered_arms
 from training.results import RESULTS_FILE, check_writable, comparison, format_table, summarise_model
@@ -169,7 +170,8 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
 
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ordered_arms(config.arms)}  # JSON: registry order
         costs: dict[str, dict[str, Any]] = {}
-        results: dict[str, Any] = {"experiment": header}
+        results: dict[str, Any] = {"experiment": header, "lr_sweep": untuned()}
+        arm_configs: dict[str, ExperimentConfig] = {}  # --lr-sweep: each arm's config at its tuned LRs
 
         def save(status: str) -> None:
             for name in runs:
@@ -180,6 +182,8 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
             write_json_atomic(results_path, results)
 
         try:
+            if config.lr_sweep:
+                arm_configs = run_lr_sweep(config, data, device, builders, results["lr_sweep"], save, log)
             for index, seed in enumerate(config.run_seeds):
                 arms = list(config.arms)  # seed index i starts with arm i mod k: no arm always trains first
                 order = arms[index % len(arms):] + arms[:index % len(arms)]
@@ -188,9 +192,12 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
                     model = builders[name](config, seed=seed)
                     costs.setdefault(name, cost_report(model))
                     record = new_run_record(name, model, seed)
+                    arm_config = arm_configs.get(name, config)
+                    record.update(muon_lr=arm_config.muon_lr, adamw_lr=arm_config.adamw_lr,
+                                  lr_multiplier=results["lr_sweep"]["arms"][name]["best_multiplier"] if name in arm_configs else 1.0)
                     runs[name].append(record)
                     try:
-                        train_model(model, data, config, seed, device, record)
+                        train_model(model, data, arm_config, seed, device, record)
                         log(f"{name} (seed {seed}): val loss {record['val_loss']:.4f}, accuracy {record['val_accuracy']:.4f}, "
                             f"{record['training_time_minutes'] * 60:.1f} s training, attention {', '.join(record['attention_backend'])}")
                     except NonFiniteLoss as failure:
@@ -223,6 +230,13 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
         save("completed")
         plots = plot_results(results, output_dir)
         log("\n" + format_table(results))
+        if config.lr_sweep:
+            tuned = results["lr_sweep"]["arms"]
+            log("LR tuned per arm (--lr-sweep): " + "; ".join(
+                f"{name} x{tuned[name]['best_multiplier']:g} (muon_lr {tuned[name]['muon_lr']:.3g}, "
+                f"adamw_lr {tuned[name]['adamw_lr']:.3g})" for name in config.arms if name in tuned))
+        else:
+            log(f"LR: {untuned()['note']}.")
         log(f"Results: {results_path}; plots: {', '.join(str(p) for p in plots)}")
         saved = [record["checkpoint"]["directory"] for name in runs for record in runs[name] if record["checkpoint"]]
         if saved:

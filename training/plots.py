@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from arms import ARMS, arm_label
+from arms import ARMS, arm_color, arm_label
 from atomic_files import write_atomic
 
 from training.results import result_arms
@@ -24,6 +24,7 @@ LABELS = {name: arm.label for name, arm in ARMS.items()}  # at the default --gqa
 COLORS = {name: arm.color for name, arm in ARMS.items()}
 VAL_TIME_PLOT = "exp6_val_loss_vs_time.png"
 LOSS_STEP_PLOT = "exp6_loss_vs_step.png"
+LR_SWEEP_PLOT = "exp6_lr_sweep.png"  # only when --lr-sweep ran
 
 
 def _stack(runs: list[dict[str, Any]], key: str) -> np.ndarray | None:
@@ -115,4 +116,42 @@ def plot_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
         _band(ax, x[has_train], train[:, has_train], COLORS[name], f"{_label(name, results)}: train loss (mean since last eval)", "--")
     ax.set(xlabel="optimizer step", ylabel="loss", title="Train and validation loss vs step" + title_suffix)
     _finish(fig, ax, paths[1])
-    return paths
+    sweep = plot_lr_sweep(results, output_dir)
+    return paths + ([sweep] if sweep is not None else [])
+
+
+def plot_lr_sweep(results: dict[str, Any], output_dir: Path) -> Path | None:
+    """Final validation loss of each sweep run against its LR multiplier (log x), one line per arm, each
+    arm's chosen multiplier ringed; diverged runs are named in the legend. None (no file) without a sweep."""
+    sweep = results.get("lr_sweep") or {}
+    if not sweep.get("tuned") or not sweep.get("arms"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, entry in sweep["arms"].items():
+        done = [r for r in entry["runs"] if r["status"] == "completed" and r.get("val_loss") is not None
+                and np.isfinite(r["val_loss"])]
+        failed = [r["multiplier"] for r in entry["runs"] if r["status"] == "failed"]
+        color = arm_color(name)
+        label = _label(name, results) + (f" (best x{entry['best_multiplier']:g})" if entry.get("best_multiplier") else "")
+        if failed:
+            label += f"; diverged at {', '.join(f'x{m:g}' for m in failed)}"
+        ax.plot([r["multiplier"] for r in done], [r["val_loss"] for r in done], "-o", color=color, label=label, markersize=4)
+        best = [r for r in done if r["multiplier"] == entry.get("best_multiplier")]
+        if best:
+            ax.plot([best[0]["multiplier"]], [best[0]["val_loss"]], "*", color=color, markersize=16,
+                    markeredgecolor="black")
+    ax.set_xscale("log")
+    multipliers = sweep.get("multipliers") or []
+    if multipliers:
+        ax.set_xticks(multipliers, [f"{m:g}" for m in multipliers])
+        ax.minorticks_off()
+    ax.set(xlabel="LR multiplier (x muon_lr and adamw_lr; log scale)", ylabel="final validation loss",
+           title=f"LR sweep: {sweep.get('steps')} steps, seed {sweep.get('seed')} (star: chosen)" + _title_suffix(results))
+    path = output_dir / LR_SWEEP_PLOT
+    _finish(fig, ax, path)
+    return path

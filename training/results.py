@@ -41,7 +41,8 @@ def summarise_model(runs: list[dict[str, Any]], costs: dict[str, Any] | None) ->
         values = [r[key] for r in done if r.get(key) is not None]
         summary[key], summary[f"{key}_std"] = mean_std(values)
     if runs:
-        for key in ("parameter_count", "parameters_millions", "attention_backend", "moe_dispatch"):
+        for key in ("parameter_count", "parameters_millions", "attention_backend", "moe_dispatch",
+                    "muon_lr", "adamw_lr", "lr_multiplier"):  # the LRs this arm trained at (tuned with --lr-sweep)
             summary[key] = runs[-1].get(key)
     summary["costs"] = costs
     summary["runs"] = runs
@@ -168,6 +169,7 @@ def format_table(results: dict[str, Any]) -> str:
         ("  measured from the cache", [fmt(c.get("kv_cache_bytes_per_token_per_layer_bf16_measured"), ",.0f")
                                        + f" ({c.get('kv_cache_mode', '-')})" for c in costs]),
         ("Attention backend", [", ".join(m.get("attention_backend") or ["-"]) for m in models]),
+        ("LR Muon / AdamW", [f"{fmt(m.get('muon_lr'), '.3g')} / {fmt(m.get('adamw_lr'), '.3g')}" for m in models]),
         ("Seeds completed", [str(len(m.get("seeds_completed", []))) for m in models]),
     ]
     headers = [arm_label(name, config) for name in names]

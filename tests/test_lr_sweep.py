@@ -1,0 +1,183 @@
+"""--lr-sweep: each arm's LR multiplier is picked by a short sweep, and the comparison trains at it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib.image
+import pytest
+import torch
+from torch import nn
+
+import training.lr_sweep
+import training.trainer
+from exp6_trainer import build_parser, config_from_args, main
+from experiment_config import ConfigError, ExperimentConfig
+from training.experiment import MODEL_BUILDERS, run_experiment
+from training.lr_sweep import UNTUNED_NOTE, best_multiplier, sweep_config, sweep_steps
+from training.plots import LR_SWEEP_PLOT
+from training.results import RESULTS_FILE
+
+MULTIPLIERS = (0.5, 2.0, 1e4)  # x1e4 (muon_lr 100, adamw_lr 10) diverges
+
+
+def _read(cfg: ExperimentConfig) -> dict[str, Any]:
+    return json.loads((Path(cfg.output_dir) / RESULTS_FILE).read_text())
+
+
+def _arm_of(model: nn.Module) -> str:
+    return next(name for name, builder in MODEL_BUILDERS.items() if type(model) is builder)
+
+
+def _capture_optimizer_lrs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, float, float]]:
+    """(arm, steps of the run, Muon base LR, AdamW base LR) handed to the optimizer builder by every train_model
+    call: the LRs that run trained at (the schedule scales them per step)."""
+    built: list[tuple[str, int, float, float]] = []
+    real = training.trainer.build_optimizers
+
+    def capturing(model: nn.Module, config: ExperimentConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+        optimizers = real(model, config, device)
+        built.append((_arm_of(model), config.max_steps, config.muon_lr, config.adamw_lr))
+        return optimizers
+
+    monkeypatch.setattr(training.trainer, "build_optimizers", capturing)
+    return built
+
+
+def test_sweep_picks_each_arms_best_multiplier_and_the_comparison_trains_at_it(config, monkeypatch):
+    cfg = config.replace(lr_sweep=True, lr_sweep_multipliers=MULTIPLIERS, lr_sweep_steps=3, sample_tokens=4)
+    built = _capture_optimizer_lrs(monkeypatch)
+    lines: list[str] = []
+    run_experiment(cfg, log=lines.append)
+    written = _read(cfg)
+    sweep = written["lr_sweep"]
+    assert sweep["tuned"] is True and "note" not in sweep
+    assert sweep["multipliers"] == list(MULTIPLIERS) and sweep["steps"] == 3 and sweep["seed"] == cfg.run_seeds[0]
+    assert list(sweep["arms"]) == list(cfg.arms)
+    for name in cfg.arms:
+        entry = sweep["arms"][name]
+        assert [r["multiplier"] for r in entry["runs"]] == list(MULTIPLIERS)
+        for run in entry["runs"]:
+            assert run["muon_lr"] == pytest.approx(cfg.muon_lr * run["multiplier"])
+            assert run["adamw_lr"] == pytest.approx(cfg.adamw_lr * run["multiplier"])
+            assert set(run) >= {"multiplier", "muon_lr", "adamw_lr", "val_loss", "status"}
+        diverged = entry["runs"][-1]
+        assert diverged["status"] == "failed" and "diverged" in diverged["failure"]
+        assert all(r["status"] == "completed" and math.isfinite(r["val_loss"]) for r in entry["runs"][:-1])
+        # the best is the argmin of the recorded losses, a failed run counting as +inf
+        losses = {r["multiplier"]: (r["val_loss"] if r["status"] == "completed" else math.inf) for r in entry["runs"]}
+        assert entry["best_multiplier"] == min(losses, key=lambda m: (losses[m], m)) != 1e4
+        assert entry["muon_lr"] == pytest.approx(cfg.muon_lr * entry["best_multiplier"])
+        assert entry["adamw_lr"] == pytest.approx(cfg.adamw_lr * entry["best_multiplier"])
+        # every sweep run really used its LRs, on the short horizon, from the first seed
+        sweep_lrs = [(muon, adamw) for arm, steps, muon, adamw in built if arm == name and steps == 3]
+        assert sweep_lrs == [(r["muon_lr"], r["adamw_lr"]) for r in entry["runs"]]
+        # the comparison's run of this arm was built with exactly the best multiplier's LRs, and says so
+        main_lrs = [(muon, adamw) for arm, steps, muon, adamw in built if arm == name and steps == cfg.max_steps]
+        assert main_lrs == [(entry["muon_lr"], entry["adamw_lr"])]
+        summary = written[name]
+        assert (summary["muon_lr"], summary["adamw_lr"], summary["lr_multiplier"]) == \
+            pytest.approx((entry["muon_lr"], entry["adamw_lr"], entry["best_multiplier"]))
+        assert summary["runs"][0]["muon_lr"] == pytest.approx(entry["muon_lr"])
+        assert len(summary["runs"]) == 1 and summary["runs"][0]["curve"]["step"][-1] == cfg.max_steps
+        sweep_lines = [line for line in lines if line.startswith(f"LR sweep {name} x")]
+        assert len(sweep_lines) == len(MULTIPLIERS)
+        assert sum(line.startswith(f"LR sweep {name}: best multiplier x{entry['best_multiplier']:g}") for line in lines) == 1
+    assert len(built) == len(cfg.arms) * (len(MULTIPLIERS) + 1)
+    # sweep runs save no model: only the comparison's runs have checkpoints
+    saved = sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir())
+    assert saved == sorted(f"{name}-seed{cfg.seed}" for name in cfg.arms)
+    image = matplotlib.image.imread(Path(cfg.output_dir) / LR_SWEEP_PLOT)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    assert any(line.startswith("LR tuned per arm (--lr-sweep): baseline x") for line in lines)
+
+
+def test_without_the_flag_the_json_says_the_lrs_were_not_tuned(config, monkeypatch):
+    cfg = config.replace(save_checkpoints=False, sample_tokens=0)
+    built = _capture_optimizer_lrs(monkeypatch)
+    lines: list[str] = []
+    run_experiment(cfg, log=lines.append)
+    written = _read(cfg)
+    assert written["lr_sweep"] == {"tuned": False, "note": UNTUNED_NOTE}
+    assert [line for line in lines if "not tuned" in line] == [f"LR: {UNTUNED_NOTE}."]
+    assert not (Path(cfg.output_dir) / LR_SWEEP_PLOT).exists()
+    assert [(muon, adamw) for _, _, muon, adamw in built] == [(cfg.muon_lr, cfg.adamw_lr)] * len(cfg.arms)
+    for name in cfg.arms:
+        assert written[name]["muon_lr"] == cfg.muon_lr and written[name]["lr_multiplier"] == 1.0
+
+
+def test_an_interrupted_sweep_keeps_the_runs_that_finished(config, monkeypatch):
+    cfg = config.replace(lr_sweep=True, lr_sweep_multipliers=(0.5, 1.0), lr_sweep_steps=2, save_checkpoints=False)
+    real = training.lr_sweep.train_model
+    calls = []
+
+    def interrupt_second(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training.lr_sweep, "train_model", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, log=lambda _: None)
+    written = _read(cfg)
+    assert written["experiment"]["status"] == "interrupted"
+    runs = written["lr_sweep"]["arms"]["baseline"]["runs"]
+    assert [r["status"] for r in runs] == ["completed", "interrupted"] and math.isfinite(runs[0]["val_loss"])
+    assert written["baseline"]["runs"] == []  # the comparison never started
+
+
+def test_best_multiplier_ignores_failed_runs_and_breaks_ties_towards_the_smaller():
+    def run(m: float, loss: float | None, status: str = "completed") -> dict[str, Any]:
+        return {"multiplier": m, "val_loss": loss, "status": status}
+
+    assert best_multiplier([run(0.5, 3.0), run(1.0, 2.0), run(2.0, 2.5)]) == 1.0
+    assert best_multiplier([run(2.0, 2.0), run(0.5, 2.0), run(1.0, 2.0)]) == 0.5  # ties: the smaller
+    assert best_multiplier([run(1.0, 3.0), run(4.0, 1.0, "failed")]) == 1.0  # a failed run counts as +inf
+    assert best_multiplier([run(1.0, math.nan), run(2.0, 3.0)]) == 2.0
+    assert best_multiplier([run(2.0, None, "failed"), run(1.0, math.inf, "failed")]) == 1.0  # all failed: smallest
+    assert best_multiplier([]) is None
+
+
+def test_sweep_horizon_defaults_to_a_quarter_of_the_steps(config):
+    assert sweep_steps(config.replace(max_steps=300)) == 75
+    assert sweep_steps(config.replace(max_steps=3)) == 1  # at least one step
+    assert sweep_steps(config.replace(max_steps=300, lr_sweep_steps=20)) == 20
+    short = sweep_config(config.replace(max_steps=300, eval_every=50, lr_sweep_steps=20))
+    assert (short.max_steps, short.eval_every, short.warmup_steps) == (20, 20, 1)
+
+
+def test_cli_flags_reach_the_config():
+    def parse(*argv: str) -> ExperimentConfig:
+        return config_from_args(build_parser().parse_args(list(argv)), cuda_available=False)[0]
+
+    plain = parse()
+    assert plain.lr_sweep is False and plain.lr_sweep_multipliers == (0.25, 0.5, 1.0, 2.0, 4.0)
+    bare = parse("--lr-sweep")
+    assert bare.lr_sweep is True and bare.lr_sweep_multipliers == plain.lr_sweep_multipliers and bare.lr_sweep_steps == 0
+    chosen = parse("--lr-sweep", "0.5", "2", "--lr-sweep-steps", "7")
+    assert (chosen.lr_sweep, chosen.lr_sweep_multipliers, chosen.lr_sweep_steps) == (True, (0.5, 2.0), 7)
+    assert "--lr-sweep" in build_parser().format_help() and "--lr-sweep-steps" in build_parser().format_help()
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--lr-sweep", "0"], "--lr-sweep"),
+    (["--lr-sweep", "1", "1"], "--lr-sweep"),
+    (["--lr-sweep", "--lr-sweep-steps", "-1"], "--lr-sweep-steps -1"),
+])
+def test_bad_sweep_flags_are_named_in_one_line(args, flag, tmp_path, capsys):
+    code = main(["--offline", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path / "out"), *args])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {flag}"), err
+
+
+def test_multipliers_round_trip_through_json():
+    cfg = ExperimentConfig(seeds=(42,), lr_sweep=True, lr_sweep_multipliers=(0.1, 1.0, 10.0), lr_sweep_steps=5)
+    again = ExperimentConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and isinstance(again.lr_sweep_multipliers, tuple)
+    assert ExperimentConfig.from_dict({"lr_sweep_multipliers": [1, 2]}).lr_sweep_multipliers == (1.0, 2.0)
+    with pytest.raises(ConfigError, match="lr_sweep_multipliers"):
+        ExperimentConfig.from_dict({"lr_sweep_multipliers": ["fast"]})

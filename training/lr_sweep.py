@@ -1,0 +1,131 @@
+"""Tuned learning rate per arm (--lr-sweep): a short sweep of LR multipliers before the main comparison.
+
+Architectures differ in their best learning rate, so a comparison at one untuned LR measures how well
+that LR fits each arm as much as the arms themselves. With --lr-sweep, every arm of config.arms is first
+trained for `sweep_steps(config)` steps (the usual warmup + cosine schedule over that short horizon) once
+per multiplier m of config.lr_sweep_multipliers, with muon_lr * m and adamw_lr * m, on one seed
+(config.run_seeds[0]), from the same initial weights and on the same batches. Each arm keeps the multiplier
+with the lowest final validation loss (ties go to the smaller multiplier). A diverged run is recorded as failed
+and counts as +inf: its training loss went non-finite, or its final validation loss is not below the
+untrained model's (the step-0 evaluation), e.g. 700 against ln(vocab) after a far too large LR; the main comparison then trains each arm at its tuned LRs.
+
+Sweep runs save no model and no greedy sample. The sweep is recorded under the results' `lr_sweep` key as
+it goes, so an interrupted sweep keeps the runs that finished.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from data.dataset import TokenData
+from experiment_config import ExperimentConfig
+from hardware import release_memory
+from models.checkpoint import ModelBuilder
+from reporting import fmt
+from training.run_guard import stop_status
+from training.trainer import NonFiniteLoss, new_run_record, train_model
+
+UNTUNED_NOTE = "LRs were not tuned: every arm used the configured muon_lr/adamw_lr; use --lr-sweep"
+FAILED, COMPLETED = "failed", "completed"
+
+
+def sweep_steps(config: ExperimentConfig) -> int:
+    """Optimizer steps of each sweep run: config.lr_sweep_steps, or max_steps // 4 (at least 1) when it is 0."""
+    return config.lr_sweep_steps or max(1, config.max_steps // 4)
+
+
+def sweep_config(config: ExperimentConfig) -> ExperimentConfig:
+    """The config of a sweep run: the short horizon (its own warmup and cosine) with evaluations inside it."""
+    steps = sweep_steps(config)
+    return config.replace(max_steps=steps, eval_every=min(config.eval_every, steps))
+
+
+def scaled_lrs(config: ExperimentConfig, multiplier: float) -> ExperimentConfig:
+    """config with both base LRs scaled by `multiplier`."""
+    return config.replace(muon_lr=config.muon_lr * multiplier, adamw_lr=config.adamw_lr * multiplier)
+
+
+def untuned() -> dict[str, Any]:
+    """The results' `lr_sweep` entry of a run without --lr-sweep."""
+    return {"tuned": False, "note": UNTUNED_NOTE}
+
+
+def best_multiplier(runs: list[dict[str, Any]]) -> float | None:
+    """The multiplier of the lowest validation loss among `runs` (failed or missing losses count as +inf;
+    ties: the smaller multiplier); None for no runs."""
+    def key(run: dict[str, Any]) -> tuple[float, float]:
+        loss = run.get("val_loss")
+        if run.get("status") != COMPLETED or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            loss = math.inf
+        return (float(loss), float(run["multiplier"]))
+
+    return min(runs, key=key)["multiplier"] if runs else None
+
+
+def run_lr_sweep(config: ExperimentConfig, data: TokenData, device: torch.device, builders: dict[str, ModelBuilder],
+                 sweep: dict[str, Any], save: Callable[[str], None],
+                 log: Callable[[str], None] = print) -> dict[str, ExperimentConfig]:
+    """Run the sweep for every arm of config.arms, filling `sweep` (the results' `lr_sweep` entry) and calling
+    save("running") after every run; returns each arm's config at its tuned LRs.
+
+    Ctrl-C / SIGTERM mark the run in progress `interrupted` / `terminated` and propagate; any other error
+    marks it failed, calls save("failed") and propagates.
+    """
+    seed = config.run_seeds[0]
+    short = sweep_config(config)
+    sweep.clear()  # drops the untuned note
+    sweep.update(tuned=True, multipliers=list(config.lr_sweep_multipliers), steps=short.max_steps, seed=seed,
+                 selection="lowest final validation loss; a diverged run counts as +inf; ties: the smaller multiplier",
+                 arms={})
+    tuned: dict[str, ExperimentConfig] = {}
+    for name in config.arms:
+        entry: dict[str, Any] = {"runs": [], "best_multiplier": None, "muon_lr": None, "adamw_lr": None}
+        sweep["arms"][name] = entry
+        for multiplier in config.lr_sweep_multipliers:
+            run_config = scaled_lrs(short, multiplier)
+            run: dict[str, Any] = {"multiplier": multiplier, "muon_lr": run_config.muon_lr,
+                                   "adamw_lr": run_config.adamw_lr, "val_loss": None, "status": "running"}
+            entry["runs"].append(run)
+            model = builders[name](config, seed=seed)  # the same initial weights for every multiplier
+            record = new_run_record(name, model, seed)
+            try:
+                train_model(model, data, run_config, seed, device, record)
+                loss, untrained = record["val_loss"], record["curve"]["val_loss"][0]
+                run["val_loss"] = loss
+                if math.isfinite(loss) and loss < untrained:
+                    run["status"] = COMPLETED
+                    log(f"LR sweep {name} x{multiplier:g} (muon_lr {run_config.muon_lr:.3g}, adamw_lr {run_config.adamw_lr:.3g}, "
+                        f"{short.max_steps} steps, seed {seed}): val loss {loss:.4f}")
+                else:
+                    run.update(status=FAILED, failure=f"diverged: final val loss {loss:.4g} is not below the untrained "
+                                                      f"model's {untrained:.4g}")
+                    log(f"LR sweep {name} x{multiplier:g}: FAILED ({run['failure']}); counted as +inf")
+            except NonFiniteLoss as failure:
+                run.update(val_loss=math.inf, status=FAILED, failure=str(failure), failed_at_step=failure.step)
+                log(f"LR sweep {name} x{multiplier:g}: FAILED ({failure}); counted as +inf")
+            except KeyboardInterrupt as stop:
+                run["status"] = stop_status(stop)
+                raise
+            except Exception as error:
+                run.update(status=FAILED, failure=f"{type(error).__name__}: {error}")
+                save("failed")
+                raise
+            finally:
+                del model
+                release_memory(device)
+            save("running")
+        best = best_multiplier(entry["runs"])
+        assert best is not None  # lr_sweep_multipliers is never empty (validated)
+        arm_config = scaled_lrs(config, best)
+        entry.update(best_multiplier=best, muon_lr=arm_config.muon_lr, adamw_lr=arm_config.adamw_lr)
+        if all(run["status"] != COMPLETED for run in entry["runs"]):
+            entry["note"] = "every sweep run failed: the smallest multiplier is used"
+        tuned[name] = arm_config
+        best_loss = next(run["val_loss"] for run in entry["runs"] if run["multiplier"] == best)
+        log(f"LR sweep {name}: best multiplier x{best:g} (val loss {fmt(best_loss, '.4f')}): "
+            f"muon_lr {arm_config.muon_lr:.3g}, adamw_lr {arm_config.adamw_lr:.3g} for the comparison")
+        save("running")
+    return tuned
