@@ -65,6 +65,8 @@ def test_adamw_is_fused_on_cuda(config):
     assert adamw.defaults["fused"] is True
     _, adamw_cpu = build_optimizers(model, config, torch.device("cpu"))
     assert not adamw_cpu.defaults["fused"]
+    (control,) = build_optimizers(model, config.replace(optimizer="adamw"), CUDA)  # the AdamW-only control
+    assert isinstance(control, torch.optim.AdamW) and control.defaults["fused"] is True
 
 
 @pytest.mark.parametrize("card,capability", [("NVIDIA GeForce RTX 4090", (8, 9)), ("NVIDIA H200", (9, 0))])
