@@ -11,15 +11,14 @@ models/ imports this file only inside functions, when a model is built, so model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from exp6_baseline_attention_model import (BaselineAttentionModel, GroupedQueryAttentionModel,
                                            MultiQueryAttentionModel)
 from exp6_flash_attention_model import FlashAttentionModel
 from experiment_config import DEFAULT_GQA_KV_HEADS, ExperimentConfig
-from models.transformer import MoELanguageModel
+from models.transformer import ModelBuilder
 
-ModelBuilder = Callable[..., MoELanguageModel]  # (config, seed=None) -> the arm's model
 
 
 @dataclass(frozen=True)

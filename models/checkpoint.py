@@ -21,14 +21,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import safetensors.torch
 import torch
 
 from atomic_files import write_atomic
 from experiment_config import ConfigError, ExperimentConfig
-from models.transformer import MoELanguageModel
+from models.transformer import ModelBuilder, MoELanguageModel
 
 FORMAT = "exp6-moe-lm"
 FORMAT_VERSION = 1
@@ -36,7 +36,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"  # a results folder keeps each run's model in checkpoints/<arm>-seed<seed>/
 
-ModelBuilder = Callable[..., MoELanguageModel]  # (config, seed=None) -> the arm's model
 
 # (our parameter name, its name in the checkpoint), both directions. {layer} and {expert} are indices;
 # {rest} is the attention module's own parameter name, kept as it is.

@@ -19,6 +19,7 @@ from models.attention import CausalSelfAttention, KVCache
 from models.moe import MixtureOfExperts
 
 AttentionFactory = Callable[[ExperimentConfig, int], CausalSelfAttention]
+ModelBuilder = Callable[..., "MoELanguageModel"]  # an arm's model class: (config, seed=None) -> the model
 NORM_EPS = 1e-6
 INIT_STD = 0.02
 

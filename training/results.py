@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from arms import BASELINE, MLA, arm_label, ordered_arms
-from experiment_config import DEFAULT_ARMS
 from reporting import fmt
 from training.stats import mean_std, paired_difference
 
 RESULTS_FILE = "exp6_attention_comparison.json"
-MODEL_NAMES = DEFAULT_ARMS  # the default arms only: a run trains config.arms (arms.py lists every arm)
 MEASURED_KV = "kv_cache_bytes_per_token_per_layer_bf16_measured"
 METRICS = ("val_loss", "val_accuracy", "val_perplexity")
 STOPPED_STATUSES = ("interrupted", "terminated")  # Ctrl-C / SIGTERM: stopped from outside, not failed
