@@ -43,6 +43,14 @@ def _assert_same_forward_and_backward(moe: MixtureOfExperts, loop: MixtureOfExpe
             torch.testing.assert_close(pm.grad, pl.grad, rtol=rtol, atol=atol, msg=name)
 
 
+def _assert_same_in_bf16(moe: MixtureOfExperts, loop: MixtureOfExperts, x: torch.Tensor) -> None:
+    """Both layers' outputs under CPU bf16 autocast agree within bf16 tolerance."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = moe(x)
+        expected, _ = loop(x)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("dispatch,expected", [("grouped_mm", GROUPED_CPU), ("sorted", SORTED_SPLIT)])
 @pytest.mark.parametrize("top_k,num_experts", [(2, 4), (1, 3), (3, 8)])
 def test_dispatch_matches_loop_forward_and_backward(config, dispatch, expected, top_k, num_experts):
@@ -68,12 +76,8 @@ def test_bf16_grouped_mm_matches_loop_on_cpu(config):
     """The bf16 grouped GEMM that CUDA runs, here on the CPU under the same autocast."""
     config = config.replace(expert_top_k=2, num_experts=8, router_noise_std=0.0)
     moe, loop = _pair(config, "auto", uneven=True)
-    x = torch.randn(2, 9, config.d_model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_m, _ = moe(x)
-        out_l, _ = loop(x)
+    _assert_same_in_bf16(moe, loop, torch.randn(2, 9, config.d_model))
     assert moe.dispatch_used == GROUPED_CPU
-    torch.testing.assert_close(out_m.float(), out_l.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("capability,dtype,requested,expected", [
@@ -96,12 +100,8 @@ def test_dims_that_break_the_16_byte_stride_rule_take_the_sorted_split(config):
     assert plan_dispatch("grouped_mm", torch.device("cpu"), torch.bfloat16, 32, 100, None) == SORTED_SPLIT
     config = config.replace(d_ff=100, router_noise_std=0.0)
     moe, loop = _pair(config, "grouped_mm", uneven=False)
-    x = torch.randn(2, 5, config.d_model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = moe(x)
-        expected, _ = loop(x)
+    _assert_same_in_bf16(moe, loop, torch.randn(2, 5, config.d_model))
     assert moe.dispatch_used == SORTED_SPLIT
-    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_each_token_mixes_exactly_its_top_k_experts(config):

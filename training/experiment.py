@@ -190,7 +190,8 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
                 header.setdefault("arm_order", {})[str(seed)] = order
                 for name in order:
                     model = builders[name](config, seed=seed)
-                    costs.setdefault(name, cost_report(model))
+                    if name not in costs:  # once per arm, not per seed: the report builds and measures a cache
+                        costs[name] = cost_report(model)
                     record = new_run_record(name, model, seed)
                     arm_config = arm_configs.get(name, config)
                     record.update(muon_lr=arm_config.muon_lr, adamw_lr=arm_config.adamw_lr,
