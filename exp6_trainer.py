@@ -1,6 +1,8 @@
 """Compare DeepSeek-V3 MLA (via FlashAttention-2) with standard multi-head attention in one MoE LM.
 
     python exp6_trainer.py            # the full experiment on a CUDA GPU; the CPU preset without one
+    torchrun --nproc_per_node 2 exp6_trainer.py --seeds 42 43   # one seed per GPU (--parallel seeds)
+    torchrun --nproc_per_node 2 exp6_trainer.py --parallel data # every batch split over both GPUs
 
 Results: exp6_results/exp6_attention_comparison.json and two loss plots beside it; the trained models
 in exp6_results/checkpoints/ (unless --no-save).
@@ -9,13 +11,14 @@ in exp6_results/checkpoints/ (unless --no-save).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from experiment_config import (ATTENTION_BACKENDS, MOE_DISPATCHES, OPTIMIZERS, PRECISIONS, PRESETS, ConfigError,
-                               ExperimentConfig)
+from experiment_config import (ATTENTION_BACKENDS, MOE_DISPATCHES, OPTIMIZERS, PARALLEL_MODES, PRECISIONS, PRESETS,
+                               ConfigError, ExperimentConfig)
 
 
 FULL_DEFAULTS = PRESETS["full"](ExperimentConfig())
@@ -42,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and compare validation loss, speed and cost.",
         epilog="With no arguments: the full experiment on a CUDA GPU, or the labelled CPU preset when there is none.",
     )
+    parser.add_argument("--config", metavar="JSON", help="start from the settings in this file instead of a preset: a results "
+                        "JSON (reruns its experiment), a saved model's config.json, or an object of settings; flags override it")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="full: the experiment as published (default on CUDA); "
                         "cpu: a scaled-down run that finishes in minutes on 2 cores (default without CUDA)")
     parser.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps per model ({_default('max_steps')})")
@@ -91,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", help=f"where the JSON and plots go (default {FULL_DEFAULTS.output_dir}); "
                         "one run at a time per folder")
     parser.add_argument("--cache-dir", help=f"where tokenized data is cached (default {FULL_DEFAULTS.cache_dir})")
+    parser.add_argument("--parallel", choices=PARALLEL_MODES,
+                        help="under torchrun (several processes): seeds = each rank trains whole seeds (every arm), rank 0 "
+                             "gathers the results; data = every run trained by all ranks with DistributedDataParallel, the "
+                             "global --batch-size split over them; auto = seeds when there are at least as many seeds as "
+                             f"ranks, else data (default {FULL_DEFAULTS.parallel}; ignored by a single process)")
+    parser.add_argument("--dist-timeout", type=float, metavar="MIN",
+                        help="under torchrun: minutes a rank waits for the others in one collective before the job stops "
+                             f"(default {FULL_DEFAULTS.dist_timeout_minutes:g}; raise it when one model's run takes longer)")
     parser.add_argument("--no-save", action="store_true", help="do not save the trained models (by default each completed "
                         "run saves its weights, config and tokenizer to OUTPUT_DIR/checkpoints/<model>-seed<seed>/)")
     return parser
@@ -101,12 +114,17 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
     notice = None
     preset = args.preset
     wants_cuda = args.device in (None, "auto") and cuda_available or (args.device or "").startswith("cuda")
-    if preset is None:
+    if args.config is not None:
+        if preset is not None:
+            raise ConfigError("--config and --preset together: the config file already holds every setting; drop one")
+        config = load_config_file(args.config)
+    elif preset is None:
         preset = "full" if wants_cuda else "cpu"
         if preset == "cpu":
             notice = ("No CUDA GPU: running the CPU preset (a scaled-down model, a few minutes); "
                       "the full experiment needs a GPU (force it with --preset full --device cpu).")
-    config = PRESETS[preset](ExperimentConfig())
+    if args.config is None:
+        config = PRESETS[preset or "full"](ExperimentConfig())
     overrides = {
         "max_steps": args.steps, "batch_size": args.batch_size, "max_seq_len": args.seq_len,
         "eval_every": args.eval_every, "max_tokens": args.max_tokens, "num_documents": args.num_documents,
@@ -119,6 +137,7 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
         "lr_sweep": True if args.lr_sweep is not None else None,
         "lr_sweep_multipliers": tuple(args.lr_sweep) if args.lr_sweep else None,
         "lr_sweep_steps": args.lr_sweep_steps,
+        "parallel": args.parallel, "dist_timeout_minutes": args.dist_timeout,
     }
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     if args.eval_every is None and args.steps is not None:
@@ -126,27 +145,59 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
     return config, notice
 
 
+def load_config_file(path: str) -> ExperimentConfig:
+    """The config in a JSON file: a results file (its experiment.config), a saved model's config.json (its
+    "config" entry), or a plain object of ExperimentConfig settings; settings it lacks take their defaults."""
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"--config {path}: cannot read it as JSON ({error}); give a results JSON or a config.json") from None
+    if isinstance(values, dict) and isinstance(values.get("experiment"), dict):  # a results file
+        values = values["experiment"].get("config")
+    elif isinstance(values, dict) and isinstance(values.get("config"), dict):  # a saved model's config.json
+        values = values["config"]
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of settings")
+    try:
+        return ExperimentConfig.from_dict(values)
+    except ConfigError as error:
+        raise ConfigError(f"--config {path}: {error}") from None
+    except TypeError as error:
+        raise ConfigError(f"--config {path}: {error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from training.experiment import run_experiment  # after argparse, so --help is instant
+    from training.distributed import RankFailed, SharedConfigError, launch_from_env  # after argparse: --help is instant
+    from training.experiment import run_experiment
     from training.results import RESULTS_FILE
     from training.run_guard import RunTerminated
 
     saved = ""
+    rank = 0
     try:
+        rank = launch_from_env().rank  # under torchrun, rank 0 speaks for the job
         config, notice = config_from_args(args, torch.cuda.is_available())
         saved = f"; any runs that finished are in {Path(config.output_dir) / RESULTS_FILE}"
-        if notice:
+        if notice and rank == 0:
             print(notice)
         run_experiment(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except ConfigError as error:  # every rank stops; one that alone hit its error says so itself
+        if rank == 0 or not isinstance(error, SharedConfigError):
+            print(f"error: {f'rank {rank}: ' if rank and not isinstance(error, SharedConfigError) else ''}{error}",
+                  file=sys.stderr)
         return 2
+    except RankFailed as failure:  # the failing rank prints its own traceback; rank 0 says what happened
+        if rank == 0:
+            print(f"error: {failure}", file=sys.stderr)
+        return 1
     except RunTerminated:  # SIGTERM, turned into an exception by run_experiment: 128 + 15, as the shell reports it
-        print(f"Stopped by SIGTERM{saved}.", file=sys.stderr)
+        if rank == 0:
+            print(f"Stopped by SIGTERM{saved}.", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(f"Stopped by Ctrl-C{saved}.", file=sys.stderr)
+        if rank == 0:
+            print(f"Stopped by Ctrl-C{saved}.", file=sys.stderr)
         return 130
     return 0
 

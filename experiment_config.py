@@ -18,6 +18,7 @@ from typing import Any, Mapping
 ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa", "eager")
 PRECISIONS = ("auto", "bf16", "fp32")
 MOE_DISPATCHES = ("auto", "grouped_mm", "sorted", "loop")
+PARALLEL_MODES = ("auto", "seeds", "data")  # --parallel under torchrun: one seed per rank, or one batch split over ranks
 OPTIMIZERS = ("muon", "adamw")  # --optimizer: per-matrix Muon for the block matrices, or an AdamW-only control
 DEFAULT_ARMS = ("baseline", "deepseek")  # the experiment's two arms; arms.py lists every arm
 DEFAULT_GQA_KV_HEADS = 2
@@ -96,6 +97,10 @@ class ExperimentConfig:
     save_checkpoints: bool = True  # each completed model run saves its weights under output_dir/checkpoints/
     sample_prompt: str = "The"  # each completed model's greedy continuation of it goes into the JSON
     sample_tokens: int = 32
+
+    # Several processes started by torchrun (training/distributed.py); a single process ignores these
+    parallel: str = "auto"  # auto: seeds when there are at least as many seeds as ranks, else data
+    dist_timeout_minutes: float = 30.0  # longest a rank waits for the others in one collective before the job stops
 
     @property
     def run_seeds(self) -> tuple[int, ...]:
@@ -203,6 +208,9 @@ class ExperimentConfig:
              f"--precision {self.precision}: must be one of {', '.join(PRECISIONS)}"),
             (self.moe_dispatch in MOE_DISPATCHES,
              f"--moe-dispatch {self.moe_dispatch}: must be one of {', '.join(MOE_DISPATCHES)}"),
+            (self.parallel in PARALLEL_MODES, f"--parallel {self.parallel}: must be one of {', '.join(PARALLEL_MODES)}"),
+            (math.isfinite(self.dist_timeout_minutes) and self.dist_timeout_minutes > 0,
+             f"--dist-timeout {self.dist_timeout_minutes}: must be a positive number of minutes"),
             (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"--device {self.device}: must be auto, cpu, cuda or cuda:N"),
             (len(set(self.run_seeds)) == len(self.run_seeds),

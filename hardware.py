@@ -18,13 +18,33 @@ from experiment_config import ConfigError, ExperimentConfig
 BF16, FP32 = "bf16", "fp32"
 
 
-def resolve_device(config: ExperimentConfig) -> torch.device:
-    """config.device as a torch.device; auto means the CUDA GPU when one is visible, else the CPU."""
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(config: ExperimentConfig, local_rank: int | None = None) -> torch.device:
+    """config.device as a torch.device; auto means the CUDA GPU when one is visible, else the CPU.
+
+    `local_rank` (a process started by torchrun): auto and cuda mean this rank's own GPU,
+    cuda:LOCAL_RANK, and a fixed cuda:N is refused, since it would put every rank on one card.
+    """
+    wants_cuda = config.device.startswith("cuda") or config.device == "auto" and torch.cuda.is_available()
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {config.device} was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(config.device)
+    if not wants_cuda:
+        return torch.device("cpu")
+    if local_rank is None:
+        return torch.device("cuda" if config.device == "auto" else config.device)
+    if config.device not in ("auto", "cuda"):
+        raise ConfigError(f"--device {config.device} under torchrun would put every rank on one GPU; "
+                          "use --device cuda (each rank takes cuda:LOCAL_RANK)")
+    visible = torch.cuda.device_count()
+    if local_rank >= visible:
+        raise ConfigError(f"local rank {local_rank} needs GPU cuda:{local_rank} but this node shows {visible}; "
+                          f"start at most {visible} processes per node (torchrun --nproc_per_node {visible})")
+    return torch.device("cuda", local_rank)
+
+
+def use_cuda_device(device: torch.device) -> None:
+    """Make `device` this process's current CUDA device (NCCL and the caching allocator use it); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def resolve_precision(config: ExperimentConfig, device: torch.device) -> str:

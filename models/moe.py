@@ -9,6 +9,8 @@ every path computes the same thing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,10 +55,15 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def load_balancing_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch Transformer loss E * sum_e f_e * P_e; equals 1 when routing is perfectly balanced."""
-    counts = expert_counts(expert_ids, num_experts).to(router_probs.dtype)
-    fraction_routed = counts / expert_ids.numel()
+def load_balancing_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,
+                        counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer loss E * sum_e f_e * P_e; equals 1 when routing is perfectly balanced.
+
+    `counts`: the assignments per expert that f_e is taken from, when they are not this batch's own
+    (under data-parallel, summed over every rank's slice of the global batch)."""
+    if counts is None:
+        counts = expert_counts(expert_ids, num_experts)
+    fraction_routed = counts.to(router_probs.dtype) / counts.sum()
     return num_experts * (fraction_routed * router_probs.mean(dim=0)).sum()
 
 
@@ -121,6 +128,9 @@ class MixtureOfExperts(nn.Module):
         self.dispatch = config.moe_dispatch  # what was asked for: auto | grouped_mm | sorted | loop
         self.planned: dict[tuple[str, str, torch.dtype], str] = {}  # (dispatch, device, dtype) -> path; plan()
         self.dispatch_used: str | None = None  # what really ran in the last forward pass
+        # Data-parallel training sets this to a sum over ranks, so that f_e in the load-balancing loss is the
+        # global batch's, as in one process (each rank's P_e is averaged with the gradients); never in eval.
+        self.expert_count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def plan(self, device: torch.device, dtype: torch.dtype, capability: tuple[int, int] | None) -> str:
         """Fix the path for this device and compute dtype ahead of time (no CUDA query inside forward)."""
@@ -146,7 +156,10 @@ class MixtureOfExperts(nn.Module):
         else:
             out = self._grouped_dispatch(flat, weights, expert_ids)
         self.dispatch_used = path
-        return out.view_as(x), load_balancing_loss(probs, expert_ids, self.num_experts)
+        counts = None
+        if self.training and self.expert_count_reducer is not None:
+            counts = self.expert_count_reducer(expert_counts(expert_ids, self.num_experts))
+        return out.view_as(x), load_balancing_loss(probs, expert_ids, self.num_experts, counts)
 
     def _grouped_dispatch(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Sort (token, slot) pairs by expert once, run every expert as one grouped GEMM, unsort."""

@@ -1,12 +1,15 @@
 """The whole experiment: check the setup, load data, train every arm (config.arms) per seed, write results.
 
 Results are written atomically after every model run, so a failure or Ctrl-C later on keeps what
-finished; a non-finite loss fails that run only and the experiment goes on.
+finished; a non-finite loss fails that run only and the experiment goes on. Under torchrun the runs
+are shared out over the ranks (training/distributed.py) and rank 0 writes the same results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
@@ -30,6 +33,8 @@ from training.lr_sweep import run_lr_sweep, untuned
 from training.plots import plot_results
 from arms import ordered_arms
 from training.results import RESULTS_FILE, check_writable, comparison, format_table, summarise_model
+from training.distributed import (Distributed, Job, RankFailed, SharedConfigError, Trained, init_distributed,
+                                  launch_from_env, resolve_parallel, run_jobs, shutdown)
 from training.run_guard import output_dir_lock, sigterm_raises_run_terminated, stop_status
 from training.trainer import NonFiniteLoss, new_run_record, train_model
 
@@ -37,10 +42,11 @@ MODEL_BUILDERS: dict[str, ModelBuilder] = arm_builders()
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def preflight(config: ExperimentConfig) -> torch.device:
-    """Every check that can fail before any data is loaded or any step is trained."""
+def preflight(config: ExperimentConfig, local_rank: int | None = None) -> torch.device:
+    """Every check that can fail before any data is loaded or any step is trained (`local_rank`: this
+    process's rank on its node, under torchrun)."""
     config.validate()
-    device = resolve_device(config)
+    device = resolve_device(config, local_rank)
     if config.attention_backend == "flash-attn":
         if not flash_attn_installed():
             raise ConfigError(f"--attention-backend flash-attn: flash-attn is not installed; run `{FLASH_ATTN_INSTALL}` or use --attention-backend auto")
@@ -85,7 +91,8 @@ def _git_commit() -> str | None:
     return commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
-def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.device) -> dict[str, Any]:
+def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.device,
+                       dist: Distributed) -> dict[str, Any]:
     n_val_windows = len(validation_windows(data.val, config.max_seq_len)[0])
     return {
         "question": "Does DeepSeek-V3 MLA (via FlashAttention-2) beat standard multi-head attention in the same MoE LM?",
@@ -101,6 +108,7 @@ def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.
         "device_name": device_name(device),
         "precision": precision_label(resolve_precision(config, device)),
         "compile": config.compile,
+        "distributed": dist.record(),
         "library_versions": _library_versions(),
         "git_commit": _git_commit(),
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -110,10 +118,10 @@ def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.
 
 
 def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
-                        config: ExperimentConfig, log: Callable[[str], None]) -> None:
+                        config: ExperimentConfig) -> None:
     """Save a completed run's model, config and tokenizer to OUTPUT_DIR/checkpoints/<name>-seed<seed>/ and
-    note it in `record["checkpoint"]`. A failure is recorded (`checkpoint_error`) and logged, never raised:
-    the run's results matter more than its weights."""
+    note it in `record["checkpoint"]`. A failure is recorded (`checkpoint_error`, with `checkpoint_directory`),
+    never raised: the run's results matter more than its weights."""
     directory = run_checkpoint_dir(Path(config.output_dir), name, seed)
     try:
         # a Hub tokenizer that is not in the local cache is saved as its name alone
@@ -125,12 +133,9 @@ def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: d
         if "file" in tokenizer:
             files[TOKENIZER_FILE] = (directory / TOKENIZER_FILE).stat().st_size
     except Exception as error:  # noqa: BLE001 - disk full, permissions, ...: keep the results, say so, go on
-        record["checkpoint_error"] = f"{type(error).__name__}: {error}"
-        log(f"{name} (seed {seed}): saving the model to {directory} FAILED ({record['checkpoint_error']}); "
-            "its results are kept and the experiment goes on.")
+        record.update(checkpoint_error=f"{type(error).__name__}: {error}", checkpoint_directory=str(directory))
         return
     record["checkpoint"] = {"directory": str(directory), "bytes": sum(files.values()), "files": files}
-    log(f"{name} (seed {seed}): model saved to {directory} ({record['checkpoint']['bytes'] / 1e6:.1f} MB)")
 
 
 def greedy_sample(model: MoELanguageModel, data: TokenData, config: ExperimentConfig,
@@ -146,89 +151,160 @@ def greedy_sample(model: MoELanguageModel, data: TokenData, config: ExperimentCo
 
 def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train every arm of config.arms once per seed and write JSON, plots and the table; returns the results."""
+    """Train every arm of config.arms once per seed and write JSON, plots and the table; returns the results.
+
+    Started by torchrun, this process is one rank of several (training/distributed.py): rank 0 logs and
+    writes, and the others train their share of the runs (--parallel seeds) or of every batch (--parallel data).
+    """
     builders = builders or MODEL_BUILDERS
-    device = preflight(config)
-    missing = [arm for arm in config.arms if arm not in builders]
-    if missing:
-        raise ConfigError(f"--arms {' '.join(config.arms)}: no model class for {', '.join(missing)}")
+    launch = launch_from_env()
+    try:  # follows from the config and the world size alone: every rank raises it alike
+        config.validate()
+        mode = resolve_parallel(config, launch.world_size)
+        missing = [arm for arm in config.arms if arm not in builders]
+        if missing:
+            raise ConfigError(f"--arms {' '.join(config.arms)}: no model class for {', '.join(missing)}")
+    except ConfigError as error:
+        raise (SharedConfigError(str(error)) if launch.several else error) from None
+    device = resolve_device(config, launch.local_rank if launch.several else None)
+    dist = init_distributed(config, launch, mode, device)
+    try:
+        return _run(config, builders, log if dist.is_main else _quiet, dist, device)
+    finally:
+        shutdown(dist)
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0: rank 0 alone speaks for the job."""
+
+
+def data_fingerprint(data: TokenData) -> str:
+    """SHA-256 of the train and validation tokens and the vocabulary size: equal on ranks that loaded the same data."""
+    digest = hashlib.sha256(f"{data.vocab_size}:{len(data.train)}:{len(data.val)}".encode())
+    for part in (data.train, data.val):
+        digest.update(part.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _same_data_everywhere(data: TokenData, dist: Distributed) -> None:
+    if not dist.several:
+        return
+    prints = dist.gather(data_fingerprint(data))
+    for rank, other in enumerate(prints):
+        if other != prints[0]:
+            raise ConfigError(f"rank {rank} loaded other tokens than rank 0 (one reached the Hub, the other did not, or "
+                              "their --data files differ); give every node the same --data or --offline")
+
+
+def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Callable[[str], None],
+         dist: Distributed, device: torch.device) -> dict[str, Any]:
+    dist.agree(lambda: preflight(config, dist.local_rank if dist.several else None))
+    lock = contextlib.ExitStack()
     # One run per output folder: a second one stops here, before any data is loaded, naming this one's pid.
     # SIGTERM (timeout, a scheduler) raises RunTerminated, which the Ctrl-C branch below records.
-    with output_dir_lock(Path(config.output_dir)), sigterm_raises_run_terminated():
-        data = prepare_data(config, log)
+    with lock, sigterm_raises_run_terminated():
+        dist.agree(lambda: lock.enter_context(output_dir_lock(Path(config.output_dir))) if dist.is_main else None)
+        data = dist.in_turn(lambda: prepare_data(config, log))  # each node's first rank fills the cache
+        dist.agree(lambda: _same_data_everywhere(data, dist))
         if config.vocab_size is not None and config.vocab_size < data.vocab_size:
             raise ConfigError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {data.vocab_size}; leave it unset")
         config = config.replace(vocab_size=config.vocab_size or data.vocab_size)
         output_dir = Path(config.output_dir)
         results_path = output_dir / RESULTS_FILE
 
-        header = _experiment_header(config, data, device)
+        header = _experiment_header(config, data, device, dist)
         log(f"Device: {header['device_name']}; preset: {config.preset}; seeds: {list(config.run_seeds)}; results: {results_path}")
+        if dist.several:
+            log(parallel_line(dist, config))
         log(exposure_line(header["data"], config.max_seq_len))
         if len(config.run_seeds) == 1:
             log("One seed: differences smaller than the seed-to-seed spread cannot be separated (use --seeds 42 43 44).")
 
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ordered_arms(config.arms)}  # JSON: registry order
+        arms = ordered_arms(config.arms)  # JSON: registry order
+        records: dict[tuple[str, int], dict[str, Any]] = {}  # (arm, seed) -> its run, listed in seed order
         costs: dict[str, dict[str, Any]] = {}
         results: dict[str, Any] = {"experiment": header, "lr_sweep": untuned()}
         arm_configs: dict[str, ExperimentConfig] = {}  # --lr-sweep: each arm's config at its tuned LRs
 
+        def runs_of(name: str) -> list[dict[str, Any]]:
+            return [records[(name, seed)] for seed in config.run_seeds if (name, seed) in records]
+
         def save(status: str) -> None:
-            for name in runs:
+            if not dist.is_main:
+                return
+            runs = {name: runs_of(name) for name in arms}
+            for name in arms:
                 results[name] = summarise_model(runs[name], costs.get(name))
-            results["comparison"] = comparison(runs, {name: results[name] for name in runs})
+            results["comparison"] = comparison(runs, {name: results[name] for name in arms})
             header["status"] = status
             header["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if status != "running" else None
             write_json_atomic(results_path, results)
 
+        def train(job: Job) -> Trained:
+            name, seed = job.name, job.seed
+            model = builders[name](config, seed=seed)
+            if dist.is_main and name not in costs:  # once per arm, not per seed: the report builds and measures a cache
+                costs[name] = cost_report(model)
+            record = new_run_record(name, model, seed)
+            arm_config = arm_configs.get(name, config)
+            record.update(muon_lr=arm_config.muon_lr, adamw_lr=arm_config.adamw_lr,
+                          lr_multiplier=results["lr_sweep"]["arms"][name]["best_multiplier"] if name in arm_configs else 1.0,
+                          **run_placement(dist))
+            records[(name, seed)] = record  # the run in progress is in the JSON too, so a stop keeps its curve
+            try:
+                train_model(model, data, arm_config, seed, device, record, dist)
+            except NonFiniteLoss as failure:
+                record.update(status="failed", failure=str(failure), failed_at_step=failure.step)
+            except Exception as error:  # noqa: BLE001 - stops the experiment (run_jobs), but is recorded first
+                record.update(status="failed", failure=f"{type(error).__name__}: {error}")
+                return record, error
+            writes = dist.is_main or not dist.data_parallel  # under data-parallel every rank holds the same model
+            if record["status"] == "completed" and config.sample_tokens > 0 and writes:
+                record["sample"] = greedy_sample(model, data, config, device)
+            if config.save_checkpoints and record["status"] == "completed" and writes:
+                save_run_checkpoint(model, name, seed, record, data, config)
+            del model
+            release_memory(device)
+            return record, None
+
+        def absorb(job: Job, record: dict[str, Any]) -> None:
+            records[(job.name, job.seed)] = record
+            if record["status"] == "failed" and "failed_at_step" not in record:
+                return  # a crash: fail() below says it
+            for line in run_lines(job, record, dist):
+                log(line)
+            save("running")
+
+        def fail(job: Job, message: str) -> None:
+            save("failed")
+            if not dist.several:  # the traceback follows; several ranks: RankFailed's message, from rank 0
+                log(f"{job.label} crashed; the runs finished so far are saved in {results_path}")
+
         try:
             if config.lr_sweep:
-                arm_configs = run_lr_sweep(config, data, device, builders, results["lr_sweep"], save, log)
-            for index, seed in enumerate(config.run_seeds):
-                arms = list(config.arms)  # seed index i starts with arm i mod k: no arm always trains first
-                order = arms[index % len(arms):] + arms[:index % len(arms)]
-                header.setdefault("arm_order", {})[str(seed)] = order
-                for name in order:
-                    model = builders[name](config, seed=seed)
-                    if name not in costs:  # once per arm, not per seed: the report builds and measures a cache
-                        costs[name] = cost_report(model)
-                    record = new_run_record(name, model, seed)
-                    arm_config = arm_configs.get(name, config)
-                    record.update(muon_lr=arm_config.muon_lr, adamw_lr=arm_config.adamw_lr,
-                                  lr_multiplier=results["lr_sweep"]["arms"][name]["best_multiplier"] if name in arm_configs else 1.0)
-                    runs[name].append(record)
-                    try:
-                        train_model(model, data, arm_config, seed, device, record)
-                        log(f"{name} (seed {seed}): val loss {record['val_loss']:.4f}, accuracy {record['val_accuracy']:.4f}, "
-                            f"{record['training_time_minutes'] * 60:.1f} s training, attention {', '.join(record['attention_backend'])}")
-                    except NonFiniteLoss as failure:
-                        record.update(status="failed", failure=str(failure), failed_at_step=failure.step)
-                        log(f"{name} (seed {seed}) FAILED: {failure}; its run is marked failed and the experiment goes on.")
-                    except Exception as error:  # anything else stops the experiment, but is recorded first
-                        record.update(status="failed", failure=f"{type(error).__name__}: {error}")
-                        save("failed")
-                        log(f"{name} (seed {seed}) crashed; the runs finished so far are saved in {results_path}")
-                        raise
-                    if record["status"] == "completed" and config.sample_tokens > 0:
-                        record["sample"] = greedy_sample(model, data, config, device)
-                        log(f"{name} (seed {seed}) greedy sample: {config.sample_prompt}{record['sample']['text']!r}")
-                    if config.save_checkpoints and record["status"] == "completed":
-                        save_run_checkpoint(model, name, seed, record, data, config, log)
-                    del model
-                    release_memory(device)
-                    save("running")
+                arm_configs = run_lr_sweep(config, data, device, builders, results["lr_sweep"], save, log, dist)
+            header["arm_order"] = {str(seed): seed_arm_order(config.arms, index) for index, seed in enumerate(config.run_seeds)}
+            run_jobs(dist, comparison_jobs(config, dist), train, absorb, fail)
         except KeyboardInterrupt as stop:  # Ctrl-C, or RunTerminated from SIGTERM
             status = stop_status(stop)  # "interrupted" or "terminated"; the run in progress is that, not failed
-            for name in runs:
-                for record in runs[name]:
-                    if record["status"] == "running":
-                        record["status"] = status
+            for record in records.values():
+                if record["status"] == "running":
+                    record["status"] = status
+            cause = dist.failure_note() if dist.several else None  # a peer failed, and the launcher stopped this rank
+            if cause:
+                header["failure"] = cause
             save(status)
             what = "Terminated by SIGTERM" if status == "terminated" else "Interrupted"
-            log(f"{what}: the runs finished so far are saved in {results_path}")
+            log(f"{what}{f' after {cause}' if cause else ''}: the runs finished so far are saved in {results_path}")
             raise
+        except RankFailed as failure:
+            header["failure"] = str(failure)
+            save("failed")
+            raise RankFailed(f"{failure}; every rank stopped, and the runs finished so far are saved in {results_path}") from None
 
         save("completed")
+        if not dist.is_main:
+            return results
         plots = plot_results(results, output_dir)
         log("\n" + format_table(results))
         if config.lr_sweep:
@@ -239,9 +315,64 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
         else:
             log(f"LR: {untuned()['note']}.")
         log(f"Results: {results_path}; plots: {', '.join(str(p) for p in plots)}")
-        saved = [record["checkpoint"]["directory"] for name in runs for record in runs[name] if record["checkpoint"]]
+        saved = [record["checkpoint"]["directory"] for name in arms for record in runs_of(name) if record["checkpoint"]]
         if saved:
             log(f"Models saved: {', '.join(saved)}")
         elif not config.save_checkpoints:
             log("Models not saved (--no-save).")
         return results
+
+
+def seed_arm_order(arms: tuple[str, ...], seed_index: int) -> list[str]:
+    """The order the arms train in on the seed_index-th seed: starting with arm seed_index mod k, so that no
+    arm always trains first (a warm cache, a cooler GPU)."""
+    shift = seed_index % len(arms)
+    return list(arms[shift:] + arms[:shift])
+
+
+def comparison_jobs(config: ExperimentConfig, dist: Distributed) -> list[Job]:
+    """Every (arm, seed) run in the sequential order; under seed-parallel, seed i belongs to rank i mod world size."""
+    jobs: list[Job] = []
+    for index, seed in enumerate(config.run_seeds):
+        for name in seed_arm_order(config.arms, index):
+            jobs.append(Job(index=len(jobs), name=name, seed=seed, owner=index % dist.world_size,
+                            label=f"{name} (seed {seed})"))
+    return jobs
+
+
+def run_placement(dist: Distributed) -> dict[str, Any]:
+    """Where a run was trained, for its record: the rank (None: all ranks, under data-parallel) and how many ranks."""
+    if dist.data_parallel:
+        return {"rank": None, "world_size": dist.world_size}
+    return {"rank": dist.rank, "world_size": 1}
+
+
+def run_lines(job: Job, record: dict[str, Any], dist: Distributed) -> list[str]:
+    """What rank 0 says about a run that ended: its result (or failure), its greedy sample, its saved model."""
+    where = f"{job.label} [rank {record['rank']}]" if dist.seed_parallel else job.label
+    if record["status"] == "failed":
+        return [f"{where} FAILED: {record['failure']}; its run is marked failed and the experiment goes on."]
+    lines = [f"{where}: val loss {record['val_loss']:.4f}, accuracy {record['val_accuracy']:.4f}, "
+             f"{record['training_time_minutes'] * 60:.1f} s training, attention {', '.join(record['attention_backend'])}"]
+    if record.get("sample"):
+        lines.append(f"{job.label} greedy sample: {record['sample']['prompt']}{record['sample']['text']!r}")
+    if record.get("checkpoint"):
+        lines.append(f"{job.label}: model saved to {record['checkpoint']['directory']} "
+                     f"({record['checkpoint']['bytes'] / 1e6:.1f} MB)")
+    if record.get("checkpoint_error"):
+        lines.append(f"{job.label}: saving the model to {record['checkpoint_directory']} FAILED "
+                     f"({record['checkpoint_error']}); its results are kept and the experiment goes on.")
+    return lines
+
+
+def parallel_line(dist: Distributed, config: ExperimentConfig) -> str:
+    """The one log line that says how the ranks share the work."""
+    devices = sorted({rank["device_name"] for rank in dist.devices})
+    hosts = len({rank["host"] for rank in dist.devices})
+    where = f"{dist.world_size} ranks on {hosts} node{'s' if hosts > 1 else ''} ({dist.backend}; {', '.join(devices)})"
+    if dist.seed_parallel:
+        return (f"Parallel: seeds over {where}: seed i trains on rank i mod {dist.world_size}, every arm of it, "
+                "exactly as one process would")
+    local = config.batch_size // dist.world_size
+    return (f"Parallel: data over {where}: each global batch of {config.batch_size} is split into "
+            f"{dist.world_size} x {local} sequences, gradients averaged by DistributedDataParallel")

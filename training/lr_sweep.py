@@ -25,6 +25,7 @@ from experiment_config import ExperimentConfig
 from hardware import release_memory
 from models.checkpoint import ModelBuilder
 from reporting import fmt
+from training.distributed import SINGLE, Distributed, Job, Trained, run_jobs
 from training.run_guard import stop_status
 from training.trainer import NonFiniteLoss, new_run_record, train_model
 
@@ -65,58 +66,85 @@ def best_multiplier(runs: list[dict[str, Any]]) -> float | None:
     return min(runs, key=key)["multiplier"] if runs else None
 
 
+def sweep_jobs(config: ExperimentConfig, world_size: int) -> list[Job]:
+    """Every (arm, multiplier) sweep run on the first seed, arm by arm; under seed-parallel, run k trains on
+    rank k mod world size."""
+    seed = config.run_seeds[0]
+    pairs = [(name, multiplier) for name in config.arms for multiplier in config.lr_sweep_multipliers]
+    return [Job(index=k, name=name, seed=seed, owner=k % world_size, label=f"LR sweep {name} x{multiplier:g}",
+                multiplier=multiplier) for k, (name, multiplier) in enumerate(pairs)]
+
+
 def run_lr_sweep(config: ExperimentConfig, data: TokenData, device: torch.device, builders: dict[str, ModelBuilder],
                  sweep: dict[str, Any], save: Callable[[str], None],
-                 log: Callable[[str], None] = print) -> dict[str, ExperimentConfig]:
+                 log: Callable[[str], None] = print, dist: Distributed = SINGLE) -> dict[str, ExperimentConfig]:
     """Run the sweep for every arm of config.arms, filling `sweep` (the results' `lr_sweep` entry) and calling
-    save("running") after every run; returns each arm's config at its tuned LRs.
+    save("running") after every run; returns each arm's config at its tuned LRs (the same on every rank).
 
-    Ctrl-C / SIGTERM mark the run in progress `interrupted` / `terminated` and propagate; any other error
-    marks it failed, calls save("failed") and propagates.
+    Under seed-parallel the sweep runs are shared out over the ranks; under data-parallel each is trained by
+    all of them. Ctrl-C / SIGTERM mark the run in progress `interrupted` / `terminated` and propagate; any
+    other error marks it failed, calls save("failed") and stops the experiment (run_jobs).
     """
     seed = config.run_seeds[0]
     short = sweep_config(config)
     sweep.clear()  # drops the untuned note
     sweep.update(tuned=True, multipliers=list(config.lr_sweep_multipliers), steps=short.max_steps, seed=seed,
                  selection="lowest final validation loss; a diverged run counts as +inf; ties: the smaller multiplier",
-                 arms={})
+                 arms={name: {"runs": [], "best_multiplier": None, "muon_lr": None, "adamw_lr": None}
+                       for name in config.arms})
+    order = list(config.lr_sweep_multipliers)
+
+    def place(job: Job, run: dict[str, Any]) -> None:
+        """Put `run` into its arm's list, in multiplier order, replacing the same run in progress."""
+        runs = [r for r in sweep["arms"][job.name]["runs"] if r["multiplier"] != job.multiplier] + [run]
+        sweep["arms"][job.name]["runs"] = sorted(runs, key=lambda r: order.index(r["multiplier"]))
+
+    def train(job: Job) -> Trained:
+        run_config = scaled_lrs(short, job.multiplier)
+        run: dict[str, Any] = {"multiplier": job.multiplier, "muon_lr": run_config.muon_lr,
+                               "adamw_lr": run_config.adamw_lr, "val_loss": None, "status": "running"}
+        place(job, run)
+        model = builders[job.name](config, seed=seed)  # the same initial weights for every multiplier
+        record = new_run_record(job.name, model, seed)
+        try:
+            train_model(model, data, run_config, seed, device, record, dist)
+            loss, untrained = record["val_loss"], record["curve"]["val_loss"][0]
+            run["val_loss"] = loss
+            if math.isfinite(loss) and loss < untrained:
+                run["status"] = COMPLETED
+            else:
+                run.update(status=FAILED, failure=f"diverged: final val loss {loss:.4g} is not below the untrained "
+                                                  f"model's {untrained:.4g}")
+        except NonFiniteLoss as failure:
+            run.update(val_loss=math.inf, status=FAILED, failure=str(failure), failed_at_step=failure.step)
+        except KeyboardInterrupt as stop:
+            run["status"] = stop_status(stop)
+            raise
+        except Exception as error:  # noqa: BLE001 - stops the experiment (run_jobs), but is recorded first
+            run.update(status=FAILED, failure=f"{type(error).__name__}: {error}")
+            return run, error
+        finally:
+            del model
+            release_memory(device)
+        return run, None
+
+    def absorb(job: Job, run: dict[str, Any]) -> None:
+        place(job, run)
+        rate = f"muon_lr {run['muon_lr']:.3g}, adamw_lr {run['adamw_lr']:.3g}"
+        if run["status"] == COMPLETED:
+            log(f"{job.label} ({rate}, {short.max_steps} steps, seed {seed}): val loss {run['val_loss']:.4f}")
+        elif "failed_at_step" in run or str(run.get("failure", "")).startswith("diverged"):
+            log(f"{job.label}: FAILED ({run['failure']}); counted as +inf")
+        save("running")
+
+    def fail(job: Job, message: str) -> None:
+        save("failed")
+
+    run_jobs(dist, sweep_jobs(config, dist.world_size if dist.seed_parallel else 1), train, absorb, fail)
+
     tuned: dict[str, ExperimentConfig] = {}
     for name in config.arms:
-        entry: dict[str, Any] = {"runs": [], "best_multiplier": None, "muon_lr": None, "adamw_lr": None}
-        sweep["arms"][name] = entry
-        for multiplier in config.lr_sweep_multipliers:
-            run_config = scaled_lrs(short, multiplier)
-            run: dict[str, Any] = {"multiplier": multiplier, "muon_lr": run_config.muon_lr,
-                                   "adamw_lr": run_config.adamw_lr, "val_loss": None, "status": "running"}
-            entry["runs"].append(run)
-            model = builders[name](config, seed=seed)  # the same initial weights for every multiplier
-            record = new_run_record(name, model, seed)
-            try:
-                train_model(model, data, run_config, seed, device, record)
-                loss, untrained = record["val_loss"], record["curve"]["val_loss"][0]
-                run["val_loss"] = loss
-                if math.isfinite(loss) and loss < untrained:
-                    run["status"] = COMPLETED
-                    log(f"LR sweep {name} x{multiplier:g} (muon_lr {run_config.muon_lr:.3g}, adamw_lr {run_config.adamw_lr:.3g}, "
-                        f"{short.max_steps} steps, seed {seed}): val loss {loss:.4f}")
-                else:
-                    run.update(status=FAILED, failure=f"diverged: final val loss {loss:.4g} is not below the untrained "
-                                                      f"model's {untrained:.4g}")
-                    log(f"LR sweep {name} x{multiplier:g}: FAILED ({run['failure']}); counted as +inf")
-            except NonFiniteLoss as failure:
-                run.update(val_loss=math.inf, status=FAILED, failure=str(failure), failed_at_step=failure.step)
-                log(f"LR sweep {name} x{multiplier:g}: FAILED ({failure}); counted as +inf")
-            except KeyboardInterrupt as stop:
-                run["status"] = stop_status(stop)
-                raise
-            except Exception as error:
-                run.update(status=FAILED, failure=f"{type(error).__name__}: {error}")
-                save("failed")
-                raise
-            finally:
-                del model
-                release_memory(device)
-            save("running")
+        entry = sweep["arms"][name]
         best = best_multiplier(entry["runs"])
         assert best is not None  # lr_sweep_multipliers is never empty (validated)
         arm_config = scaled_lrs(config, best)
@@ -127,5 +155,5 @@ def run_lr_sweep(config: ExperimentConfig, data: TokenData, device: torch.device
         best_loss = next(run["val_loss"] for run in entry["runs"] if run["multiplier"] == best)
         log(f"LR sweep {name}: best multiplier x{best:g} (val loss {fmt(best_loss, '.4f')}): "
             f"muon_lr {arm_config.muon_lr:.3g}, adamw_lr {arm_config.adamw_lr:.3g} for the comparison")
-        save("running")
+    save("running")
     return tuned

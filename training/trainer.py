@@ -3,6 +3,10 @@
 The hot path has no host-device synchronisation: losses are accumulated on the device and read
 back only at logging steps (every `log_every` steps), which is also where a non-finite loss is
 noticed. Training time excludes evaluation.
+
+Under data-parallel (`--parallel data`, training/distributed.py) the same loop runs on every rank:
+DistributedDataParallel averages the gradients, each rank takes its slice of every global batch and
+of the validation windows, and the logged losses and metrics are reduced over the ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from data.dataset import TokenData, batch_starts, training_batch, validation_win
 from experiment_config import ExperimentConfig
 from hardware import (BF16, autocast, peak_memory_mb, precision_label, reset_peak_memory, resolve_precision,
                       synchronize)
+from models.moe import MASK_LOOP
 from models.transformer import MoELanguageModel
+from training.distributed import SINGLE, Distributed, shard_batch, shard_rows
 from training.optim import build_optimizers, build_schedulers
 
 
@@ -45,8 +51,10 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
-             device: torch.device, precision: str) -> dict[str, float]:
-    """Token-weighted loss, next-token accuracy and perplexity over the whole fixed validation set."""
+             device: torch.device, precision: str, dist: Distributed = SINGLE) -> dict[str, float]:
+    """Token-weighted loss, next-token accuracy and perplexity over the whole fixed validation set.
+
+    Under data-parallel each rank passes its share of the windows and the sums are added over ranks."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -58,9 +66,12 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
         loss_sum += F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum")
         correct += (logits.argmax(dim=-1) == y).sum()
     model.train(was_training)
-    count = targets.numel()
-    loss = loss_sum.item() / count
-    return {"val_loss": loss, "val_accuracy": correct.item() / count, "val_perplexity": perplexity(loss)}
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)])
+    if dist.data_parallel:
+        dist.all_reduce(totals)
+    loss_total, correct_total, count = totals.tolist()
+    loss = loss_total / count
+    return {"val_loss": loss, "val_accuracy": correct_total / count, "val_perplexity": perplexity(loss)}
 
 
 def forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig,
@@ -111,41 +122,57 @@ def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
     }
 
 
-def prepare_model(model: MoELanguageModel, config: ExperimentConfig, device: torch.device, precision: str) -> None:
-    """Move to the device, fix each MoE layer's dispatch for the compute dtype, compile if asked.
+def prepare_model(model: MoELanguageModel, config: ExperimentConfig, device: torch.device, precision: str) -> list[str]:
+    """Move to the device, fix each MoE layer's dispatch for the compute dtype, compile if asked; returns
+    the MoE paths planned.
 
     Blocks are compiled one by one, in place, so parameter names (and the Muon/AdamW split) are unchanged.
     """
     model.to(device).train()
-    model.plan_moe_dispatch(device, torch.bfloat16 if precision == BF16 else torch.float32)
+    paths = model.plan_moe_dispatch(device, torch.bfloat16 if precision == BF16 else torch.float32)
     if config.compile:
         for block in model.transformer_blocks():
             block.compile()
+    return paths
 
 
 def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConfig, seed: int,
-                device: torch.device, record: dict[str, Any]) -> dict[str, Any]:
+                device: torch.device, record: dict[str, Any], dist: Distributed = SINGLE) -> dict[str, Any]:
     """Train `model` for config.max_steps optimizer steps, filling `record` as it goes.
 
     `record` is updated in place so that a caller still holds the partial curve when this raises
-    (NonFiniteLoss, KeyboardInterrupt).
+    (NonFiniteLoss, KeyboardInterrupt). Under data-parallel (`dist`) every rank calls this for the same
+    run and the model is trained by all of them; the record holds the global batch's numbers.
     """
-    torch.manual_seed(seed)  # dropout and router noise: the same stream for both models
+    torch.manual_seed(dist.training_seed(seed))  # dropout and router noise: the same stream for every arm
     precision = resolve_precision(config, device)
-    prepare_model(model, config, device, precision)
+    paths = prepare_model(model, config, device, precision)
+    net = dist.wrap(model, find_unused_parameters=MASK_LOOP in paths)  # DDP under data-parallel, else the model
     record.update(precision=precision_label(precision), compiled=config.compile)
     optimizers = build_optimizers(model, config, device)
     schedulers = build_schedulers(optimizers, config)
     train_tokens = data.train.to(device)
-    starts = batch_starts(len(data.train), config, seed).to(device)
-    val_x, val_y = (t.to(device) for t in validation_windows(data.val, config.max_seq_len))
-    tokens_per_step = config.batch_size * config.max_seq_len
+    starts = batch_starts(len(data.train), config, seed)  # the global batches, (max_steps, batch_size)
+    if dist.data_parallel:
+        starts = shard_batch(starts, dist.rank, dist.world_size)
+    starts = starts.to(device)
+    val_x, val_y = validation_windows(data.val, config.max_seq_len)
+    n_val_windows = len(val_x)
+    if dist.data_parallel:
+        val_x, val_y = shard_rows(val_x, dist.rank, dist.world_size), shard_rows(val_y, dist.rank, dist.world_size)
+    val_x, val_y = val_x.to(device), val_y.to(device)
+    tokens_per_step = config.batch_size * config.max_seq_len  # the global batch
     reset_peak_memory(device)
+
+    def wait_for_all() -> None:
+        """The device's queued work done on every rank: the point a training timer may start or stop."""
+        synchronize(device)
+        dist.barrier()
 
     curve = record["curve"]
 
     def add_point(step: int, seconds: float, train_loss: float | None) -> dict[str, float]:
-        metrics = evaluate(model, val_x, val_y, config.batch_size, device, precision)
+        metrics = evaluate(model, val_x, val_y, config.batch_size, device, precision, dist)
         for key, value in (("step", step), ("training_seconds", seconds), ("tokens_seen", step * tokens_per_step),
                            ("train_loss", train_loss), ("val_loss", metrics["val_loss"]),
                            ("val_accuracy", metrics["val_accuracy"])):
@@ -153,20 +180,20 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
         record["attention_backend"] = model.attention_backends()
         return metrics
 
-    warm_up(model, *training_batch(train_tokens, starts[0], config.max_seq_len), config, device, precision)
-    torch.manual_seed(seed)  # reseed: training's random stream must not depend on the warm-up
+    warm_up(net, *training_batch(train_tokens, starts[0], config.max_seq_len), config, device, precision)
+    torch.manual_seed(dist.training_seed(seed))  # reseed: training's random stream must not depend on the warm-up
     add_point(0, 0.0, None)  # curves start at 0 s, before any update
     loss_sum = torch.zeros((), device=device)
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     steps_in_window, training_seconds = 0, 0.0
     progress = tqdm(total=config.max_steps, desc=f"{record['model_name']} (seed {seed})", unit="step",
-                    dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    synchronize(device)
+                    dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not dist.is_main)
+    wait_for_all()
     segment_start = time.perf_counter()
     try:
         for step in range(config.max_steps):
             x, y = training_batch(train_tokens, starts[step], config.max_seq_len)
-            loss_detached = training_step(model, optimizers, schedulers, x, y, config, device, precision)
+            loss_detached = training_step(net, optimizers, schedulers, x, y, config, device, precision)
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_detached),
                                          torch.full_like(first_bad_step, step), first_bad_step)
             loss_sum += loss_detached
@@ -174,9 +201,14 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
             done = step + 1
             is_eval = done % config.eval_every == 0 or done == config.max_steps
             if done % config.log_every == 0 or is_eval:  # the only host syncs of the loop
-                synchronize(device)
+                wait_for_all()
                 now = time.perf_counter()
                 seconds = training_seconds + (now - segment_start)
+                if dist.data_parallel:  # every rank must stop at the same step, and log the global batch's loss
+                    first_bad_step = torch.where(first_bad_step < 0, config.max_steps, first_bad_step)
+                    dist.all_reduce(first_bad_step, "min")
+                    first_bad_step = torch.where(first_bad_step == config.max_steps, -1, first_bad_step)
+                    dist.all_reduce(loss_sum.div_(dist.world_size))
                 if (bad := int(first_bad_step)) >= 0:
                     raise NonFiniteLoss(bad)
                 progress.set_postfix(loss=f"{loss_detached.item():.3f}", tok_s=f"{done * tokens_per_step / seconds:,.0f}",
@@ -193,10 +225,11 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
                     steps_in_window = 0
                     record["tokens_seen"] = done * tokens_per_step
                     record["training_time_minutes"] = training_seconds / 60
-                    synchronize(device)
+                    wait_for_all()
                     segment_start = time.perf_counter()
     finally:
         progress.close()
+        dist.unwrap(model)
 
     record.update(
         status="completed",
@@ -208,6 +241,6 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
         tokens_per_second=record["tokens_seen"] / training_seconds if training_seconds > 0 else None,
         peak_gpu_memory_mb=peak_memory_mb(device),
         moe_dispatch=model.moe_dispatch_used(),
-        validation_set=f"all {len(val_x)} non-overlapping {config.max_seq_len}-token windows of the validation split",
+        validation_set=f"all {n_val_windows} non-overlapping {config.max_seq_len}-token windows of the validation split",
     )
     return record

@@ -1,0 +1,352 @@
+"""The experiment on several processes started by torchrun: seed-parallel or data-parallel.
+
+torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT) starts
+one process per GPU. Each one joins a torch.distributed process group: NCCL on CUDA, one GPU per local
+rank; gloo on CPU. Records and errors travel through object collectives on a gloo group, so no file
+system has to be shared. Plain `python exp6_trainer.py` is one process and starts no process group.
+
+- `--parallel seeds`: ranks take the seeds round-robin and train every arm of their seeds, each on its
+  own device, exactly as one process would; after every run the ranks exchange their records
+  (all_gather_object) and rank 0 writes the one JSON.
+- `--parallel data`: every run is trained by all ranks together under DistributedDataParallel; each
+  rank takes its slice of the global batch (shard_batch) and of the validation windows, and the
+  gradients and the metrics are averaged over ranks.
+
+A rank that fails tells the others (in the seed-parallel exchange, or through the rendezvous store
+under data-parallel, where the others are waiting inside a collective) and the job stops on every rank
+with one message naming it. Every collective has a timeout (--dist-timeout), so no rank waits forever.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from experiment_config import ConfigError, ExperimentConfig
+from hardware import device_name, use_cuda_device
+from models.moe import MixtureOfExperts
+
+NONE, SEEDS, DATA = "none", "seeds", "data"  # the parallel modes that run (config.parallel "auto" resolves to one)
+FAILURE_KEY = "exp6/failure"  # in the rendezvous store: the first failure, "rank R failed during ...: error"
+FAILURE_NOTE_WAIT_S = 5.0  # how long a rank that lost a peer waits for that peer's failure note
+RANK_SEED_STRIDE = 1_000_003  # data-parallel: rank r draws dropout and router noise from seed + r * this
+
+T = TypeVar("T")
+
+
+class RankFailed(RuntimeError):
+    """A rank failed, so every rank stops; the message names the rank and what it was doing."""
+
+
+class SharedConfigError(ConfigError):
+    """A configuration error every rank raised alike (it follows from the config and the world size, or
+    agree() shared it), so rank 0 alone reports it."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process stands, read from the launcher's environment before any process group exists."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def several(self) -> bool:
+        return self.world_size > 1
+
+
+def launch_from_env(environ: Mapping[str, str] | None = None) -> Launch:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them; a plain process is rank 0 of 1."""
+    environ = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in environ:
+        return Launch()
+    try:
+        world_size = int(environ["WORLD_SIZE"])
+        rank = int(environ.get("RANK", "0"))
+        local_rank = int(environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as error:
+        raise ConfigError(f"the launcher's RANK/WORLD_SIZE/LOCAL_RANK are not integers ({error}); start with torchrun") from error
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise ConfigError(f"the launcher gave RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank}; start with torchrun")
+    return Launch(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def resolve_parallel(config: ExperimentConfig, world_size: int) -> str:
+    """The parallel mode that runs: none for one process; for several, config.parallel with auto meaning
+    seeds when there are at least as many seeds as ranks, else data. Raises ConfigError, on every rank
+    alike, for a split that cannot work."""
+    if world_size <= 1:
+        return NONE
+    seeds = len(config.run_seeds)
+    mode = config.parallel if config.parallel != "auto" else (SEEDS if seeds >= world_size else DATA)
+    if mode == SEEDS and seeds < world_size:
+        raise ConfigError(f"--parallel seeds: {seeds} seed(s) on {world_size} ranks would leave {world_size - seeds} "
+                          f"rank(s) idle; give at least {world_size} seeds (--seeds) or use --parallel data")
+    if mode == DATA and config.batch_size % world_size:
+        smaller = config.batch_size // world_size * world_size
+        options = " or ".join(str(b) for b in (smaller, smaller + world_size) if b > 0)
+        raise ConfigError(f"--parallel data: --batch-size {config.batch_size} does not split evenly over {world_size} ranks; "
+                          f"use a multiple of {world_size} (e.g. --batch-size {options})")
+    return mode
+
+
+def shard_batch(starts: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's contiguous slice of every global batch (the last dimension of `starts`): rank r takes
+    sequences r*b .. (r+1)*b - 1 with b = batch / world_size, so the ranks' slices put together, in rank
+    order, are exactly the batches one process would train on."""
+    batch = starts.shape[-1]
+    if batch % world_size:
+        raise ValueError(f"a batch of {batch} does not split over {world_size} ranks")
+    local = batch // world_size
+    return starts[..., rank * local:(rank + 1) * local]
+
+
+def shard_rows(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's contiguous share of the rows of `tensor` (the shares differ by at most one row)."""
+    return tensor.tensor_split(world_size)[rank]
+
+
+@dataclass
+class Distributed:
+    """This process's place in the job and the collectives the experiment uses; rank 0 of 1 runs none."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    mode: str = NONE
+    backend: str | None = None
+    timeout: dt.timedelta | None = None
+    store: Any = None  # the rendezvous store (a c10d Store) when several ranks run
+    object_group: Any = None  # gloo group for object collectives (the default group when it is gloo)
+    devices: list[dict[str, Any]] = field(default_factory=list)  # every rank's device, filled by describe_ranks
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def seed_parallel(self) -> bool:
+        return self.several and self.mode == SEEDS
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.several and self.mode == DATA
+
+    def record(self) -> dict[str, Any]:
+        """What the results header says about the processes that ran."""
+        return {"world_size": self.world_size, "parallel": self.mode, "backend": self.backend,
+                "timeout_minutes": self.timeout.total_seconds() / 60 if self.timeout else None,
+                "ranks": self.devices}
+
+    # --- collectives -----------------------------------------------------------------------------
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's `obj`, in rank order, on every rank (all_gather_object); [obj] for one process."""
+        if not self.several:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.object_group)
+        return gathered
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place over all ranks (sum, min or max); unchanged for one process."""
+        if self.several:
+            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        return tensor
+
+    def barrier(self) -> None:
+        if self.several:
+            dist.barrier()
+
+    def agree(self, step: Callable[[], T]) -> T:
+        """Run `step` on every rank and stop every rank if it failed on any: a ConfigError on rank r is raised
+        on all ranks (naming r when r is not 0), so rank 0 can say it; any other error raises RankFailed."""
+        try:
+            result, failure = step(), None
+        except ConfigError as error:
+            result, failure = None, ("config", str(error))
+        except Exception as error:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+            result, failure = None, ("error", f"{type(error).__name__}: {error}")
+        failures = self.gather(failure)
+        for rank, bad in enumerate(failures):
+            if bad is not None:
+                kind, message = bad
+                where = f"rank {rank}: " if rank != 0 and self.several else ""
+                if kind == "config":
+                    raise SharedConfigError(where + message)
+                raise RankFailed(f"rank {rank} failed: {message}")
+        return result  # type: ignore[return-value]  # set whenever no rank failed
+
+    def in_turn(self, step: Callable[[], T]) -> T:
+        """Run `step` first on each node's local rank 0, then on the other ranks (e.g. fill a cache once
+        per node, then read it); failures stop every rank as in agree."""
+        first = self.local_rank == 0
+        early = self.agree(lambda: step() if first else None)
+        late = self.agree(lambda: None if first else step())
+        return early if first else late  # type: ignore[return-value]
+
+    # --- failures --------------------------------------------------------------------------------
+    def post_failure(self, message: str) -> str:
+        """Leave `message` for the other ranks (the first failure posted wins) and return the one that stands."""
+        if self.store is None:
+            return message
+        try:
+            return bytes(self.store.compare_set(FAILURE_KEY, "", message)).decode()
+        except Exception:  # noqa: BLE001 - the store itself may be gone; our own message is still true
+            return message
+
+    def failure_note(self, wait_s: float = 0.0) -> str | None:
+        """The failure another rank posted, waiting up to `wait_s` for it; None when there is none."""
+        if self.store is None:
+            return None
+        try:
+            if not self.store.check([FAILURE_KEY]):
+                if wait_s <= 0:
+                    return None
+                self.store.set_timeout(dt.timedelta(seconds=wait_s))
+                self.store.wait([FAILURE_KEY])
+            return bytes(self.store.get(FAILURE_KEY)).decode()
+        except Exception:  # noqa: BLE001 - nothing posted in time, or the store is gone
+            return None
+
+    # --- data-parallel training -------------------------------------------------------------------
+    def wrap(self, model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+        """The model as this rank trains it: DistributedDataParallel under --parallel data, else itself.
+
+        Its MoE layers then take the load-balancing loss's routed fractions over the global batch (expert
+        counts summed over ranks in training mode), as one process would; unwrap() undoes that.
+        `find_unused_parameters` for a model that may leave parameters out of a step (the mask-loop MoE
+        skips experts that get no tokens)."""
+        if not self.data_parallel:
+            return model
+        for module in model.modules():
+            if isinstance(module, MixtureOfExperts):
+                module.expert_count_reducer = self.summed_over_ranks
+        device = next(model.parameters()).device
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                       find_unused_parameters=find_unused_parameters)
+
+    def unwrap(self, model: nn.Module) -> None:
+        """Make `model` a one-process model again (no collective in its forward), e.g. before rank 0 samples from it."""
+        for module in model.modules():
+            if isinstance(module, MixtureOfExperts):
+                module.expert_count_reducer = None
+
+    def summed_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` summed over every rank (all ranks must call it alike)."""
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    def training_seed(self, seed: int) -> int:
+        """The seed of this rank's dropout and router noise: the run's seed on rank 0 (and in one process);
+        under data-parallel each other rank draws its own stream for its own slice of the batch."""
+        return seed + RANK_SEED_STRIDE * self.rank if self.data_parallel else seed
+
+
+SINGLE = Distributed()
+
+
+def _object_group(backend: str, timeout: dt.timedelta) -> Any:
+    """A gloo group for object collectives: records stay on the CPU even when the training group is NCCL."""
+    return None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+
+
+def init_distributed(config: ExperimentConfig, launch: Launch, mode: str, device: torch.device) -> Distributed:
+    """Join the process group (NCCL for CUDA, gloo for the CPU) when several ranks run; SINGLE otherwise."""
+    if not launch.several:
+        return SINGLE
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = dt.timedelta(minutes=config.dist_timeout_minutes)
+    use_cuda_device(device)
+    store, rank, world_size = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size,
+                                                   timeout=timeout))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
+    context = Distributed(rank=rank, world_size=world_size, local_rank=launch.local_rank, mode=mode, backend=backend,
+                          timeout=timeout, store=store, object_group=_object_group(backend, timeout))
+    context.devices = context.gather({"rank": rank, "host": socket.gethostname(), "device": str(device),
+                                      "device_name": device_name(device)})
+    return context
+
+
+def shutdown(context: Distributed) -> None:
+    """Leave the process group (no collective: safe after a failure)."""
+    if context.several and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the experiment: an arm on a seed (or, in the LR sweep, at an LR multiplier)."""
+
+    index: int  # its place in the sequential order; results are listed in that order whoever trained it
+    name: str  # the arm
+    seed: int
+    owner: int  # the rank that trains it under seed-parallel
+    label: str  # for messages, e.g. "deepseek (seed 43)"
+    multiplier: float = 1.0  # LR sweep only
+
+
+Trained = tuple[dict[str, Any], BaseException | None]  # a job's record, and the error that stopped it (None: it ended)
+
+
+def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained],
+             absorb: Callable[[Job, dict[str, Any]], None], fail: Callable[[Job, str], None]) -> None:
+    """Train every job once; `absorb(job, record)` runs on every rank for every record, in job order per turn.
+
+    One process or data-parallel: every rank trains every job in order (under data-parallel, together).
+    Seed-parallel: each rank trains the jobs it owns, in order; after every turn the ranks exchange the
+    records (all_gather_object), so rank 0 sees each run as soon as it ends.
+
+    `train` returns a record and the error that stopped the run (a crash; a non-finite loss is a failed
+    record, not an error). An error stops every rank: `fail(job, message)` runs (rank 0 saves), then the
+    failing rank re-raises its error and the others raise RankFailed(message). Under data-parallel the
+    others learn of it through the rendezvous store, since they are waiting in a collective.
+    """
+    if not dist.seed_parallel:
+        for job in jobs:
+            record, error = train(job)
+            if error is not None:
+                own = f"rank {dist.rank} failed during {job.label}: {type(error).__name__}: {error}"
+                standing = (dist.failure_note() or dist.post_failure(own)) if dist.several else own
+                if standing != own:  # a peer failed first: this rank's error is its consequence
+                    record["failure"] = standing
+                absorb(job, record)
+                fail(job, standing)
+                if standing == own:
+                    raise error
+                raise RankFailed(standing)
+            absorb(job, record)
+        return
+    mine = [job for job in jobs if job.owner == dist.rank]
+    turns = max(sum(1 for job in jobs if job.owner == rank) for rank in range(dist.world_size))
+    for turn in range(turns):
+        current = mine[turn] if turn < len(mine) else None
+        record, error = train(current) if current is not None else ({}, None)
+        message = None if current is None or error is None else \
+            f"rank {dist.rank} failed during {current.label}: {type(error).__name__}: {error}"
+        shared = dist.gather((current.index if current is not None else None, record, message))
+        for index, their_record, _ in shared:
+            if index is not None:
+                absorb(jobs[index], their_record)
+        failures = [(index, failure) for index, _, failure in shared if failure and index is not None]
+        if failures:
+            failed_index, first = failures[0]
+            fail(jobs[failed_index], first)
+            if error is not None and first == message:
+                raise error
+            raise RankFailed(first)
