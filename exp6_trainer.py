@@ -14,8 +14,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from models.transformer import ModelBuilder
 
 from experiment_config import (ATTENTION_BACKENDS, MOE_DISPATCHES, OPTIMIZERS, PARALLEL_MODES, PRECISIONS, PRESETS,
                                ConfigError, ExperimentConfig)
@@ -166,7 +170,9 @@ def load_config_file(path: str) -> ExperimentConfig:
         raise ConfigError(f"--config {path}: {error}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, builders: dict[str, ModelBuilder] | None = None) -> int:
+    """The command line: run the experiment, report errors in one line, return the exit status.
+    `builders`: the arms' model classes, when not the registry's (tests inject faults through it)."""
     args = build_parser().parse_args(argv)
     from training.distributed import RankFailed, SharedConfigError, launch_from_env  # after argparse: --help is instant
     from training.experiment import run_experiment
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = f"; any runs that finished are in {Path(config.output_dir) / RESULTS_FILE}"
         if notice and rank == 0:
             print(notice)
-        run_experiment(config)
+        run_experiment(config, builders)
     except ConfigError as error:  # every rank stops; one that alone hit its error says so itself
         if rank == 0 or not isinstance(error, SharedConfigError):
             print(f"error: {f'rank {rank}: ' if rank and not isinstance(error, SharedConfigError) else ''}{error}",

@@ -92,7 +92,7 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, capsys):
 def test_ctrl_c_exits_130(monkeypatch, tmp_path, capsys):
     import training.experiment
 
-    def interrupted(config):
+    def interrupted(config, builders=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training.experiment, "run_experiment", interrupted)

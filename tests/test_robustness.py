@@ -145,7 +145,7 @@ def test_sigterm_is_recorded_as_terminated_and_the_old_handler_comes_back(config
 def test_main_exits_130_for_ctrl_c_and_143_for_sigterm_with_one_line(stop, code, words, monkeypatch, tmp_path, capsys):
     import training.experiment
 
-    def stopped(config: ExperimentConfig) -> None:
+    def stopped(config: ExperimentConfig, builders: object = None) -> None:
         raise stop
 
     monkeypatch.setattr(training.experiment, "run_experiment", stopped)

@@ -223,7 +223,7 @@ class Distributed:
             return None
 
     # --- data-parallel training -------------------------------------------------------------------
-    def wrap(self, model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+    def wrap(self, model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
         """The model as this rank trains it: DistributedDataParallel under --parallel data, else itself.
 
         Its MoE layers then take the load-balancing loss's routed fractions over the global batch (expert
@@ -235,7 +235,6 @@ class Distributed:
         for module in model.modules():
             if isinstance(module, MixtureOfExperts):
                 module.expert_count_reducer = self.summed_over_ranks
-        device = next(model.parameters()).device
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                        find_unused_parameters=find_unused_parameters)
 

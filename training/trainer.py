@@ -147,7 +147,7 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
     torch.manual_seed(dist.training_seed(seed))  # dropout and router noise: the same stream for every arm
     precision = resolve_precision(config, device)
     paths = prepare_model(model, config, device, precision)
-    net = dist.wrap(model, find_unused_parameters=MASK_LOOP in paths)  # DDP under data-parallel, else the model
+    net = dist.wrap(model, device, find_unused_parameters=MASK_LOOP in paths)  # DDP under data-parallel, else the model
     record.update(precision=precision_label(precision), compiled=config.compile)
     optimizers = build_optimizers(model, config, device)
     schedulers = build_schedulers(optimizers, config)
@@ -165,9 +165,11 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
     reset_peak_memory(device)
 
     def wait_for_all() -> None:
-        """The device's queued work done on every rank: the point a training timer may start or stop."""
+        """The device's queued work done (on every rank, under data-parallel): where a training timer may
+        start or stop. Seed-parallel ranks train different runs and never wait for each other here."""
         synchronize(device)
-        dist.barrier()
+        if dist.data_parallel:
+            dist.barrier()
 
     curve = record["curve"]
 

@@ -1,0 +1,253 @@
+"""torchrun: seed-parallel and data-parallel runs on 2 CPU processes (gloo), against one process.
+
+The multi-process tests start `python -m torch.distributed.run --standalone --nproc_per_node 2`, the
+command torchrun is, on the real CLI (exp6_trainer.py) or on tests/distributed_worker.py, which injects a
+fault on one rank. Each takes a few seconds; the whole file stays well within a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import training.distributed as distributed
+from experiment_config import ConfigError, ExperimentConfig
+from hardware import resolve_device
+from tests.conftest import tiny_config
+from tests.fake_cuda import install_fake_cuda
+from training.distributed import (DATA, NONE, SEEDS, Distributed, Launch, launch_from_env, resolve_parallel, shard_batch,
+                                  shard_rows)
+from training.experiment import comparison_jobs, run_experiment
+from training.results import RESULTS_FILE
+
+REPO = Path(__file__).resolve().parent.parent
+TIMING_KEYS = {"training_time_minutes", "training_seconds", "tokens_per_second", "started_at", "finished_at",
+               "training_time_minutes_std", "tokens_per_second_std"}
+PLACEMENT_KEYS = {"distributed", "rank", "world_size"}  # where a run trained: differs by design
+PATH_KEYS = {"output_dir", "cache_dir", "directory", "cache_hit", "cache_file", "description", "corpus_description"}
+
+
+# --- planning: pure functions, no processes -------------------------------------------------------------
+
+def test_launch_is_read_from_torchruns_environment():
+    assert launch_from_env({}) == Launch(rank=0, world_size=1, local_rank=0)
+    assert launch_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Launch(3, 4, 1)
+    with pytest.raises(ConfigError, match="torchrun"):
+        launch_from_env({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+
+
+def test_auto_picks_seeds_when_every_rank_gets_one_else_data():
+    config = ExperimentConfig(seeds=(42, 43), batch_size=64)
+    assert resolve_parallel(config, 1) == NONE
+    assert resolve_parallel(config, 2) == SEEDS
+    assert resolve_parallel(config, 4) == DATA
+    assert resolve_parallel(config.replace(parallel="data"), 2) == DATA
+
+
+def test_impossible_splits_fail_before_training_with_the_fix():
+    with pytest.raises(ConfigError, match=r"--batch-size 30 does not split evenly over 4 ranks.*--batch-size 28 or 32"):
+        resolve_parallel(ExperimentConfig(batch_size=30, parallel="data"), 4)
+    with pytest.raises(ConfigError, match=r"2 seed\(s\) on 4 ranks would leave 2 rank\(s\) idle"):
+        resolve_parallel(ExperimentConfig(seeds=(1, 2), parallel="seeds"), 4)
+
+
+def test_data_parallel_slices_put_together_are_the_single_process_batches():
+    starts = torch.arange(5 * 8).view(5, 8)  # 5 steps of a global batch of 8
+    slices = [shard_batch(starts, rank, 4) for rank in range(4)]
+    assert all(s.shape == (5, 2) for s in slices)
+    assert torch.equal(torch.cat(slices, dim=1), starts)  # disjoint, complete, in order
+    rows = torch.arange(13)
+    assert torch.equal(torch.cat([shard_rows(rows, rank, 2) for rank in range(2)]), rows)
+    with pytest.raises(ValueError):
+        shard_batch(starts, 0, 3)
+
+
+def test_seeds_go_round_robin_and_keep_the_sequential_arm_rotation(tmp_path):
+    config = tiny_config(tmp_path, seeds=(42, 43, 44))
+    jobs = comparison_jobs(config, Distributed(rank=0, world_size=2, mode=SEEDS))
+    assert [(job.seed, job.name, job.owner) for job in jobs] == [
+        (42, "baseline", 0), (42, "deepseek", 0), (43, "deepseek", 1), (43, "baseline", 1),
+        (44, "baseline", 0), (44, "deepseek", 0)]
+
+
+# --- CUDA branches, driven on the CPU -----------------------------------------------------------------
+
+def test_each_rank_takes_its_own_gpu_and_nccl(monkeypatch):
+    calls = install_fake_cuda(monkeypatch, name="NVIDIA H200", capability=(9, 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
+    config = ExperimentConfig(seeds=(1, 2))
+    assert resolve_device(config, local_rank=1) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="--device cuda:0 under torchrun would put every rank on one GPU"):
+        resolve_device(config.replace(device="cuda:0"), local_rank=1)
+    with pytest.raises(ConfigError, match="local rank 2 needs GPU cuda:2 but this node shows 2"):
+        resolve_device(config, local_rank=2)
+
+    joined: dict[str, Any] = {}
+    monkeypatch.setattr(distributed.dist, "rendezvous", lambda url, rank, world_size, timeout: iter([("store", rank, world_size)]))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kwargs: joined.update(backend=backend, **kwargs))
+    monkeypatch.setattr(distributed.dist, "new_group", lambda backend, timeout: f"{backend} group")
+    monkeypatch.setattr(distributed.dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(slice(None), [obj] * len(out)))
+    context = distributed.init_distributed(config, Launch(rank=1, world_size=2, local_rank=1), SEEDS, torch.device("cuda", 1))
+    assert joined["backend"] == "nccl" and joined["device_id"] == torch.device("cuda", 1) and joined["rank"] == 1
+    assert chosen == [torch.device("cuda", 1)]
+    assert context.object_group == "gloo group"  # records travel on the CPU, not through NCCL
+    assert context.devices[0]["device_name"] == "NVIDIA H200 (sm90)"
+    assert context.record()["backend"] == "nccl" and context.record()["world_size"] == 2
+    assert calls.name == "NVIDIA H200"
+
+
+def test_data_parallel_wraps_the_model_in_ddp_on_its_gpu(monkeypatch, tmp_path):
+    wrapped: dict[str, Any] = {}
+
+    def fake_ddp(module: torch.nn.Module, device_ids: Any = None, find_unused_parameters: bool = False) -> torch.nn.Module:
+        wrapped.update(device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+        return module
+
+    monkeypatch.setattr(distributed, "DistributedDataParallel", fake_ddp)
+    from training.experiment import MODEL_BUILDERS
+    model = MODEL_BUILDERS["deepseek"](tiny_config(tmp_path, vocab_size=64), seed=0)
+    context = Distributed(rank=0, world_size=2, mode=DATA)
+    context.wrap(model, torch.device("cuda", 1), find_unused_parameters=True)
+    assert wrapped == {"device_ids": [torch.device("cuda", 1)], "find_unused_parameters": True}
+    assert all(moe.expert_count_reducer is not None for moe in model.moe_layers())
+    context.unwrap(model)
+    assert all(moe.expert_count_reducer is None for moe in model.moe_layers())
+
+
+# --- two real processes -------------------------------------------------------------------------------
+
+def _torchrun(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _config_file(config: ExperimentConfig, path: Path) -> str:
+    path.write_text(json.dumps(config.to_dict()))
+    return str(path)
+
+
+def _results(config: ExperimentConfig) -> dict[str, Any]:
+    return json.loads((Path(config.output_dir) / RESULTS_FILE).read_text())
+
+
+def _sequential(config: ExperimentConfig) -> dict[str, Any]:
+    """One process, one thread, as each torchrun rank runs (CPU results then match bit for bit)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_experiment(config, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    return _results(config)
+
+
+def _without(value: Any, keys: set[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [_without(v, keys) for v in value]
+    return value
+
+
+def _differences(ours: Any, theirs: Any, path: str = "") -> list[str]:
+    """The paths at which two JSON values differ."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return [difference for key in sorted(set(ours) | set(theirs))
+                for difference in (_differences(ours.get(key), theirs.get(key), f"{path}/{key}")
+                                   if key in ours and key in theirs else [f"{path}/{key} (on one side only)"])]
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        return [d for i, (a, b) in enumerate(zip(ours, theirs)) for d in _differences(a, b, f"{path}[{i}]")]
+    return [] if ours == theirs else [f"{path}: {str(ours)[:60]} != {str(theirs)[:60]}"]
+
+
+def test_seed_parallel_writes_the_sequential_results(tmp_path):
+    config = tiny_config(tmp_path, seeds=(42, 43), lr_sweep=True, lr_sweep_multipliers=(0.5, 2.0), lr_sweep_steps=3,
+                         save_checkpoints=False, sample_tokens=4)
+    sequential = _sequential(config.replace(output_dir=str(tmp_path / "sequential")))
+    run = _torchrun(["exp6_trainer.py", "--config", _config_file(config, tmp_path / "config.json")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    parallel = _results(config)
+    assert parallel["experiment"]["distributed"]["world_size"] == 2
+    assert parallel["experiment"]["distributed"]["parallel"] == "seeds"
+    assert parallel["experiment"]["distributed"]["backend"] == "gloo"
+    assert [run["rank"] for run in parallel["baseline"]["runs"]] == [0, 1]  # seed 43 was trained by rank 1
+    assert parallel["lr_sweep"]["tuned"] and len(parallel["lr_sweep"]["arms"]["deepseek"]["runs"]) == 2
+    ignored = TIMING_KEYS | PLACEMENT_KEYS | PATH_KEYS
+    assert _differences(_without(parallel, ignored), _without(sequential, ignored)) == []  # every loss, sample, statistic
+    assert "Parallel: seeds over 2 ranks" in run.stdout and run.stdout.count("Results:") == 1  # rank 0 alone speaks
+    assert (Path(config.output_dir) / "exp6_loss_vs_step.png").is_file()
+
+
+@pytest.mark.parametrize("optimizer, tolerance", [("adamw", 2e-5), ("muon", 1e-3)])
+def test_data_parallel_matches_one_process(tmp_path, optimizer, tolerance):
+    """Dropout and router noise off (each rank draws its own): the only differences left are the order of
+    floating-point reductions, amplified under Muon by its bf16 Newton-Schulz iteration."""
+    config = tiny_config(tmp_path, dropout=0.0, router_noise_std=0.0, optimizer=optimizer, max_steps=8, eval_every=4,
+                         save_checkpoints=False, sample_tokens=0)
+    sequential = _sequential(config.replace(output_dir=str(tmp_path / "sequential")))
+    run = _torchrun(["exp6_trainer.py", "--config", _config_file(config, tmp_path / "config.json"),
+                     "--parallel", "data"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    parallel = _results(config)
+    assert parallel["experiment"]["distributed"]["parallel"] == "data"
+    for arm in ("baseline", "deepseek"):
+        ours, one = parallel[arm]["runs"][0], sequential[arm]["runs"][0]
+        assert ours["world_size"] == 2 and ours["tokens_seen"] == one["tokens_seen"]  # the global batch
+        assert ours["curve"]["step"] == one["curve"]["step"]
+        assert ours["curve"]["val_loss"][0] == pytest.approx(one["curve"]["val_loss"][0], abs=1e-6)  # sharded eval
+        for key in ("val_loss", "train_loss"):
+            assert ours["curve"][key][1:] == pytest.approx(one["curve"][key][1:], abs=tolerance), (arm, key)
+
+
+def test_a_bad_batch_split_stops_before_training(tmp_path):
+    config = tiny_config(tmp_path, batch_size=3)
+    run = _torchrun(["exp6_trainer.py", "--config", _config_file(config, tmp_path / "config.json"), "--parallel", "data"])
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --parallel data: --batch-size 3 does not split evenly over 2 ranks; "
+                      "use a multiple of 2 (e.g. --batch-size 2 or 4)"]  # said once, by rank 0
+    assert not (Path(config.output_dir) / RESULTS_FILE).exists()
+
+
+def _fault(tmp_path: Path, config: ExperimentConfig, rank: int, run: int, *options: str) -> subprocess.CompletedProcess[str]:
+    return _torchrun(["-m", "tests.distributed_worker", str(rank), str(run),
+                      "--config", _config_file(config, tmp_path / "config.json"), *options])
+
+
+def test_a_failing_rank_stops_seed_parallel_and_finished_seeds_are_kept(tmp_path):
+    config = tiny_config(tmp_path, seeds=(42, 43, 44, 45), save_checkpoints=False, sample_tokens=0)
+    run = _fault(tmp_path, config, 1, 2)  # rank 1's second MLA run: deepseek on seed 45, in the third turn
+    assert run.returncode != 0
+    message = ("error: rank 1 failed during deepseek (seed 45): RuntimeError: injected fault; every rank stopped, "
+               f"and the runs finished so far are saved in {Path(config.output_dir) / RESULTS_FILE}")
+    assert [line for line in run.stderr.splitlines() if line.startswith("error:")] == [message]
+    written = _results(config)
+    assert written["experiment"]["status"] == "failed"
+    assert written["experiment"]["failure"].startswith("rank 1 failed during deepseek (seed 45)")
+    assert written["baseline"]["seeds_completed"] == [42, 43, 44] and written["deepseek"]["seeds_completed"] == [42, 43]
+    failed = written["deepseek"]["runs"][-1]
+    assert (failed["seed"], failed["status"], failed["rank"]) == (45, "failed", 1)
+
+
+def test_a_failing_rank_stops_data_parallel_and_names_the_rank(tmp_path):
+    config = tiny_config(tmp_path, save_checkpoints=False, sample_tokens=0)
+    run = _fault(tmp_path, config, 1, 1, "--parallel", "data")  # rank 1 raises mid-way through the MLA run
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: rank 1 failed during deepseek (seed {config.seed}): RuntimeError: injected fault; every rank stopped")
+    written = _results(config)
+    assert written["experiment"]["status"] == "failed"
+    assert written["baseline"]["runs"][0]["status"] == "completed"  # the finished run is kept
+    assert written["deepseek"]["runs"][0]["failure"].startswith("rank 1 failed during deepseek")
