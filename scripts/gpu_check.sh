@@ -8,6 +8,9 @@
 #                                                                       -> OUTDIR/decode.{json,png,log}
 #   5. the full experiment     (python exp6_trainer.py --offline)       -> OUTDIR/exp6_results, OUTDIR/experiment.log
 #   6. generation from its saved models (python -m inference.generate) -> OUTDIR/generate.log
+#   7. only when more than one GPU is visible: torchrun on 2 GPUs, 200 steps of the full sizes, once
+#      seed-parallel (--seeds 42 43) and once data-parallel (one seed, the batch split over both)
+#                                                                       -> OUTDIR/two_gpu_{seeds,data}{,.log}
 # Every stage runs under `timeout`; a failed stage does not stop the later ones. The summary of exit
 # codes goes to stdout and OUTDIR/summary.txt; the script exits non-zero if any stage failed.
 #
@@ -15,7 +18,8 @@
 #
 # Environment: PYTHON (default: python3), TESTS_TIMEOUT / BENCHMARK_TIMEOUT / DISPATCH_TIMEOUT /
 # DECODE_TIMEOUT / EXPERIMENT_TIMEOUT / GENERATE_TIMEOUT in seconds (defaults 90 / 120 / 30 each /
-# 60 / 200 / 20: with the 5 s kill grace each, at most 9.8 minutes in all). Stage 3 tells which MoE dispatch is faster on this card: on sm90+ grouped_mm
+# 60 / 200 / 20: with the 5 s kill grace each, at most 9.8 minutes in all; TWO_GPU_TIMEOUT, default 120
+# for each of stage 7's two runs, adds up to 4.2 minutes on a machine with several GPUs). Stage 3 tells which MoE dispatch is faster on this card: on sm90+ grouped_mm
 # is the fused kernel; on sm80/sm89 it is PyTorch's per-group fallback, against the sorted split that
 # `--moe-dispatch auto` picks there.
 set -euo pipefail
@@ -114,6 +118,21 @@ run_stage "experiment" "$EXPERIMENT_TIMEOUT" "$OUTDIR/experiment.log" \
 run_stage "generate" "$GENERATE_TIMEOUT" "$OUTDIR/generate.log" \
     "$PYTHON" -m inference.generate --checkpoint "$OUTDIR/exp6_results" --prompt "The" --greedy \
     --max-new-tokens 32 --device cuda
+
+GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+if [[ "$GPUS" -gt 1 ]]; then
+    for mode in seeds data; do
+        seeds=(42)
+        [[ $mode == seeds ]] && seeds=(42 43)
+        run_stage "2-GPU $mode" "${TWO_GPU_TIMEOUT:-120}" "$OUTDIR/two_gpu_$mode.log" \
+            "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 2 exp6_trainer.py --offline \
+            --parallel "$mode" --seeds "${seeds[@]}" --steps 200 --no-save \
+            --output-dir "$OUTDIR/two_gpu_$mode" --cache-dir "$OUTDIR/data_cache"
+    done
+else
+    echo
+    echo "== 2-GPU stages: skipped ($GPUS GPU visible) =="
+fi
 
 failed=0
 {

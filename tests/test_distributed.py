@@ -204,6 +204,7 @@ def test_data_parallel_matches_one_process(tmp_path, optimizer, tolerance):
     for arm in ("baseline", "deepseek"):
         ours, one = parallel[arm]["runs"][0], sequential[arm]["runs"][0]
         assert ours["world_size"] == 2 and ours["tokens_seen"] == one["tokens_seen"]  # the global batch
+        assert ours["replicas_identical"] is True  # both ranks stepped Muon/AdamW on the same averaged gradients
         assert ours["curve"]["step"] == one["curve"]["step"]
         assert ours["curve"]["val_loss"][0] == pytest.approx(one["curve"]["val_loss"][0], abs=1e-6)  # sharded eval
         for key in ("val_loss", "train_loss"):

@@ -23,7 +23,7 @@ import datetime as dt
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -116,7 +116,7 @@ def shard_rows(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
     return tensor.tensor_split(world_size)[rank]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Distributed:
     """This process's place in the job and the collectives the experiment uses; rank 0 of 1 runs none."""
 
@@ -173,7 +173,10 @@ class Distributed:
 
     def agree(self, step: Callable[[], T]) -> T:
         """Run `step` on every rank and stop every rank if it failed on any: a ConfigError on rank r is raised
-        on all ranks (naming r when r is not 0), so rank 0 can say it; any other error raises RankFailed."""
+        on all ranks (naming r when r is not 0), so rank 0 can say it; any other error raises RankFailed.
+        One process just runs it."""
+        if not self.several:
+            return step()
         try:
             result, failure = step(), None
         except ConfigError as error:
@@ -184,7 +187,7 @@ class Distributed:
         for rank, bad in enumerate(failures):
             if bad is not None:
                 kind, message = bad
-                where = f"rank {rank}: " if rank != 0 and self.several else ""
+                where = f"rank {rank}: " if rank != 0 else ""
                 if kind == "config":
                     raise SharedConfigError(where + message)
                 raise RankFailed(f"rank {rank} failed: {message}")
@@ -244,6 +247,13 @@ class Distributed:
             if isinstance(module, MixtureOfExperts):
                 module.expert_count_reducer = None
 
+    def replicas_identical(self, model: nn.Module) -> bool:
+        """Whether every rank holds the same weights, compared through each tensor's float64 sum: DDP
+        synchronises gradients, not weights, so replicas that drifted apart would train different models."""
+        sums = torch.stack([param.detach().double().sum() for param in model.parameters()])
+        low, high = self.all_reduce(sums.clone(), "min"), self.all_reduce(sums.clone(), "max")
+        return bool(torch.equal(low, high))
+
     def summed_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         """A copy of `tensor` summed over every rank (all ranks must call it alike)."""
         total = tensor.clone()
@@ -277,9 +287,9 @@ def init_distributed(config: ExperimentConfig, launch: Launch, mode: str, device
                             device_id=device if device.type == "cuda" else None)
     context = Distributed(rank=rank, world_size=world_size, local_rank=launch.local_rank, mode=mode, backend=backend,
                           timeout=timeout, store=store, object_group=_object_group(backend, timeout))
-    context.devices = context.gather({"rank": rank, "host": socket.gethostname(), "device": str(device),
-                                      "device_name": device_name(device)})
-    return context
+    devices = context.gather({"rank": rank, "host": socket.gethostname(), "device": str(device),
+                              "device_name": device_name(device)})
+    return replace(context, devices=devices)
 
 
 def shutdown(context: Distributed) -> None:

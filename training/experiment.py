@@ -174,6 +174,11 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
         shutdown(dist)
 
 
+def check_vocab_size(config: ExperimentConfig, data: TokenData) -> None:
+    if config.vocab_size is not None and config.vocab_size < data.vocab_size:
+        raise ConfigError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {data.vocab_size}; leave it unset")
+
+
 def _quiet(line: str) -> None:
     """The log of ranks other than 0: rank 0 alone speaks for the job."""
 
@@ -206,8 +211,7 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
         dist.agree(lambda: lock.enter_context(output_dir_lock(Path(config.output_dir))) if dist.is_main else None)
         data = dist.in_turn(lambda: prepare_data(config, log))  # each node's first rank fills the cache
         dist.agree(lambda: _same_data_everywhere(data, dist))
-        if config.vocab_size is not None and config.vocab_size < data.vocab_size:
-            raise ConfigError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {data.vocab_size}; leave it unset")
+        dist.agree(lambda: check_vocab_size(config, data))
         config = config.replace(vocab_size=config.vocab_size or data.vocab_size)
         output_dir = Path(config.output_dir)
         results_path = output_dir / RESULTS_FILE
@@ -276,9 +280,13 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
             save("running")
 
         def fail(job: Job, message: str) -> None:
+            if dist.several:
+                header["failure"] = message
             save("failed")
-            if not dist.several:  # the traceback follows; several ranks: RankFailed's message, from rank 0
+            if not dist.several:  # the traceback follows
                 log(f"{job.label} crashed; the runs finished so far are saved in {results_path}")
+            elif message.startswith(f"rank {dist.rank} "):  # rank 0's own run: its traceback follows
+                log(f"{message}; every rank stops, and the runs finished so far are saved in {results_path}")
 
         try:
             if config.lr_sweep:
@@ -297,9 +305,7 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
             what = "Terminated by SIGTERM" if status == "terminated" else "Interrupted"
             log(f"{what}{f' after {cause}' if cause else ''}: the runs finished so far are saved in {results_path}")
             raise
-        except RankFailed as failure:
-            header["failure"] = str(failure)
-            save("failed")
+        except RankFailed as failure:  # another rank's run crashed; fail() has saved the results
             raise RankFailed(f"{failure}; every rank stopped, and the runs finished so far are saved in {results_path}") from None
 
         save("completed")
@@ -354,6 +360,9 @@ def run_lines(job: Job, record: dict[str, Any], dist: Distributed) -> list[str]:
         return [f"{where} FAILED: {record['failure']}; its run is marked failed and the experiment goes on."]
     lines = [f"{where}: val loss {record['val_loss']:.4f}, accuracy {record['val_accuracy']:.4f}, "
              f"{record['training_time_minutes'] * 60:.1f} s training, attention {', '.join(record['attention_backend'])}"]
+    if record.get("replicas_identical") is False:
+        lines.append(f"{job.label}: WARNING: the data-parallel replicas ended with different weights "
+                     "(a nondeterministic kernel?); rank 0's model is the one evaluated and saved.")
     if record.get("sample"):
         lines.append(f"{job.label} greedy sample: {record['sample']['prompt']}{record['sample']['text']!r}")
     if record.get("checkpoint"):

@@ -243,6 +243,7 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
         tokens_per_second=record["tokens_seen"] / training_seconds if training_seconds > 0 else None,
         peak_gpu_memory_mb=peak_memory_mb(device),
         moe_dispatch=model.moe_dispatch_used(),
+        **({"replicas_identical": dist.replicas_identical(model)} if dist.data_parallel else {}),
         validation_set=f"all {n_val_windows} non-overlapping {config.max_seq_len}-token windows of the validation split",
     )
     return record
