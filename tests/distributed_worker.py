@@ -1,14 +1,16 @@
 """exp6_trainer.main with a fault injected on one rank, for tests/test_distributed.py.
 
-    torchrun --standalone --nproc_per_node 2 -m tests.distributed_worker RANK RUN [exp6_trainer options]
+    torchrun --standalone --nproc_per_node 2 -m tests.distributed_worker RANK RUN FAULT [exp6_trainer options]
 
-On rank RANK, the RUN-th deepseek model that rank trains (1-based) raises RuntimeError("injected fault")
-at its 5th training forward pass (step 3, after the untimed warm-up pass); every other run is untouched.
+On rank RANK, the RUN-th deepseek model that rank trains (1-based) meets FAULT at its 5th training
+forward pass (step 3, after the untimed warm-up pass): `raise` raises RuntimeError("injected fault"),
+`sigterm` sends the process SIGTERM, as a scheduler killing one rank would. Every other run is untouched.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -25,7 +27,7 @@ FAULT = "injected fault"
 class FailsOnOneRank(FlashAttentionModel):
     """The MLA model; its `fail_run`-th instance on rank `fail_rank` raises mid-training."""
 
-    fail_rank, fail_run, built = -1, 1, 0
+    fail_rank, fail_run, fault, built = -1, 1, "raise", 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -37,11 +39,13 @@ class FailsOnOneRank(FlashAttentionModel):
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and self.faulty:
             self.calls += 1
-            if self.calls == 5:
+            if self.calls == 5 and self.fault == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # the experiment's handler raises RunTerminated right here
+            elif self.calls == 5:
                 raise RuntimeError(FAULT)
         return super().forward(input_ids, caches, last_only)
 
 
 if __name__ == "__main__":
-    FailsOnOneRank.fail_rank, FailsOnOneRank.fail_run = int(sys.argv[1]), int(sys.argv[2])
-    sys.exit(main(sys.argv[3:], builders={**MODEL_BUILDERS, "deepseek": FailsOnOneRank}))
+    FailsOnOneRank.fail_rank, FailsOnOneRank.fail_run, FailsOnOneRank.fault = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    sys.exit(main(sys.argv[4:], builders={**MODEL_BUILDERS, "deepseek": FailsOnOneRank}))

@@ -221,14 +221,15 @@ def test_a_bad_batch_split_stops_before_training(tmp_path):
     assert not (Path(config.output_dir) / RESULTS_FILE).exists()
 
 
-def _fault(tmp_path: Path, config: ExperimentConfig, rank: int, run: int, *options: str) -> subprocess.CompletedProcess[str]:
-    return _torchrun(["-m", "tests.distributed_worker", str(rank), str(run),
+def _fault(tmp_path: Path, config: ExperimentConfig, rank: int, run: int, fault: str,
+           *options: str) -> subprocess.CompletedProcess[str]:
+    return _torchrun(["-m", "tests.distributed_worker", str(rank), str(run), fault,
                       "--config", _config_file(config, tmp_path / "config.json"), *options])
 
 
 def test_a_failing_rank_stops_seed_parallel_and_finished_seeds_are_kept(tmp_path):
     config = tiny_config(tmp_path, seeds=(42, 43, 44, 45), save_checkpoints=False, sample_tokens=0)
-    run = _fault(tmp_path, config, 1, 2)  # rank 1's second MLA run: deepseek on seed 45, in the third turn
+    run = _fault(tmp_path, config, 1, 2, "raise")  # rank 1's second MLA run: deepseek on seed 45, in the third turn
     assert run.returncode != 0
     message = ("error: rank 1 failed during deepseek (seed 45): RuntimeError: injected fault; every rank stopped, "
                f"and the runs finished so far are saved in {Path(config.output_dir) / RESULTS_FILE}")
@@ -243,7 +244,7 @@ def test_a_failing_rank_stops_seed_parallel_and_finished_seeds_are_kept(tmp_path
 
 def test_a_failing_rank_stops_data_parallel_and_names_the_rank(tmp_path):
     config = tiny_config(tmp_path, save_checkpoints=False, sample_tokens=0)
-    run = _fault(tmp_path, config, 1, 1, "--parallel", "data")  # rank 1 raises mid-way through the MLA run
+    run = _fault(tmp_path, config, 1, 1, "raise", "--parallel", "data")  # rank 1 raises mid-way through the MLA run
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(
@@ -252,3 +253,21 @@ def test_a_failing_rank_stops_data_parallel_and_names_the_rank(tmp_path):
     assert written["experiment"]["status"] == "failed"
     assert written["baseline"]["runs"][0]["status"] == "completed"  # the finished run is kept
     assert written["deepseek"]["runs"][0]["failure"].startswith("rank 1 failed during deepseek")
+
+
+@pytest.mark.parametrize("parallel", ["seeds", "data"])
+def test_a_rank_stopped_by_sigterm_stops_the_job_and_is_named(tmp_path, parallel):
+    seeds, run, seed = ((42, 43, 44, 45), 2, 45) if parallel == "seeds" else ((42,), 1, 42)  # a later turn's MLA run
+    config = tiny_config(tmp_path, seeds=seeds, save_checkpoints=False, sample_tokens=0)
+    result = _fault(tmp_path, config, 1, run, "sigterm", "--parallel", parallel)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: rank 1 was stopped by SIGTERM during deepseek (seed {seed}); every rank stopped"), result.stderr[-2000:]
+    written = _results(config)
+    assert written["experiment"]["failure"] == f"rank 1 was stopped by SIGTERM during deepseek (seed {seed})"
+    assert written["experiment"]["status"] in ("failed", "terminated")  # rank 0 lost rank 1, or torchrun stopped it
+    finished = [42, 43] if parallel == "seeds" else [42]
+    assert written["baseline"]["seeds_completed"][:len(finished)] == finished  # runs of earlier turns are kept
+    if parallel == "seeds":
+        assert written["deepseek"]["seeds_completed"][:2] == [42, 43]

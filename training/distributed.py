@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from experiment_config import ConfigError, ExperimentConfig
 from hardware import device_name, use_cuda_device
 from models.moe import MixtureOfExperts
+from training.run_guard import stop_status
 
 NONE, SEEDS, DATA = "none", "seeds", "data"  # the parallel modes that run (config.parallel "auto" resolves to one)
 FAILURE_KEY = "exp6/failure"  # in the rendezvous store: the first failure, "rank R failed during ...: error"
@@ -324,14 +325,17 @@ def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained]
     `train` returns a record and the error that stopped the run (a crash; a non-finite loss is a failed
     record, not an error). An error stops every rank: `fail(job, message)` runs (rank 0 saves), then the
     failing rank re-raises its error and the others raise RankFailed(message). Under data-parallel the
-    others learn of it through the rendezvous store, since they are waiting in a collective.
+    others learn of it through the rendezvous store, since they are waiting in a collective; a rank
+    stopped by Ctrl-C or SIGTERM leaves its note there too, and one that loses contact with the others
+    raises RankFailed with the note it finds (or, when a peer vanished without one, says so).
     """
     if not dist.seed_parallel:
         for job in jobs:
-            record, error = train(job)
+            record, error = _train_noting_stops(dist, train, job)
             if error is not None:
                 own = f"rank {dist.rank} failed during {job.label}: {type(error).__name__}: {error}"
-                standing = (dist.failure_note() or dist.post_failure(own)) if dist.several else own
+                # a peer that failed first has left its note (give it a moment): this rank's error is its consequence
+                standing = (dist.failure_note(FAILURE_NOTE_WAIT_S) or dist.post_failure(own)) if dist.several else own
                 if standing != own:  # a peer failed first: this rank's error is its consequence
                     record["failure"] = standing
                 absorb(job, record)
@@ -345,10 +349,14 @@ def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained]
     turns = max(sum(1 for job in jobs if job.owner == rank) for rank in range(dist.world_size))
     for turn in range(turns):
         current = mine[turn] if turn < len(mine) else None
-        record, error = train(current) if current is not None else ({}, None)
+        record, error = _train_noting_stops(dist, train, current) if current is not None else ({}, None)
         message = None if current is None or error is None else \
             f"rank {dist.rank} failed during {current.label}: {type(error).__name__}: {error}"
-        shared = dist.gather((current.index if current is not None else None, record, message))
+        try:
+            shared = dist.gather((current.index if current is not None else None, record, message))
+        except Exception as lost:  # noqa: BLE001 - a peer died or was stopped: say which, if it left word
+            raise RankFailed(dist.failure_note(FAILURE_NOTE_WAIT_S) or f"rank {dist.rank} lost contact with the other "
+                             f"ranks after turn {turn + 1} ({type(lost).__name__}: {str(lost)[:200]})") from lost
         for index, their_record, _ in shared:
             if index is not None:
                 absorb(jobs[index], their_record)
@@ -359,3 +367,14 @@ def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained]
             if error is not None and first == message:
                 raise error
             raise RankFailed(first)
+
+
+def _train_noting_stops(dist: Distributed, train: Callable[[Job], Trained], job: Job) -> Trained:
+    """train(job); a Ctrl-C or SIGTERM on this rank is first noted for the other ranks, then propagates."""
+    try:
+        return train(job)
+    except KeyboardInterrupt as stop:
+        if dist.several:
+            how = "stopped by SIGTERM" if stop_status(stop) == "terminated" else "interrupted (Ctrl-C)"
+            dist.post_failure(f"rank {dist.rank} was {how} during {job.label}")
+        raise

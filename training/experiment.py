@@ -298,14 +298,18 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
             for record in records.values():
                 if record["status"] == "running":
                     record["status"] = status
-            cause = dist.failure_note() if dist.several else None  # a peer failed, and the launcher stopped this rank
-            if cause:
+            cause = dist.failure_note() if dist.several else None  # another rank failed or was stopped first
+            if cause and not cause.startswith(f"rank {dist.rank} "):
                 header["failure"] = cause
+                save(status)
+                raise RankFailed(f"{cause}; every rank stopped, and the runs finished so far are saved in {results_path}") from None
             save(status)
             what = "Terminated by SIGTERM" if status == "terminated" else "Interrupted"
-            log(f"{what}{f' after {cause}' if cause else ''}: the runs finished so far are saved in {results_path}")
+            log(f"{what}: the runs finished so far are saved in {results_path}")
             raise
-        except RankFailed as failure:  # another rank's run crashed; fail() has saved the results
+        except RankFailed as failure:  # another rank crashed, was stopped or vanished
+            header["failure"] = str(failure)
+            save("failed")
             raise RankFailed(f"{failure}; every rank stopped, and the runs finished so far are saved in {results_path}") from None
 
         save("completed")
