@@ -169,3 +169,45 @@ def test_an_unknown_choice_is_refused_by_its_flag(flag, capsys):
     with pytest.raises(SystemExit) as stop:
         build_parser().parse_args([flag, "magic"])
     assert stop.value.code == 2 and f"argument {flag}: invalid choice" in capsys.readouterr().err
+
+
+def test_config_file_from_a_results_json_a_checkpoint_or_plain_settings(tmp_path):
+    """--config reruns an experiment from what it wrote; flags still override it."""
+    import json
+
+    from tests.conftest import tiny_config
+
+    original = tiny_config(tmp_path, seeds=(5, 6), arms=("baseline", "deepseek", "mqa"), parallel="data")
+    shapes = {
+        "results.json": {"experiment": {"config": original.to_dict(), "status": "completed"}},
+        "config.json": {"arm": "deepseek", "config": original.to_dict()},  # a saved model's
+        "plain.json": original.to_dict(),
+    }
+    for name, content in shapes.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        config, notice = config_from_args(build_parser().parse_args(["--config", str(tmp_path / name)]), cuda_available=False)
+        assert config == original and notice is None, name
+    overridden, _ = config_from_args(build_parser().parse_args(["--config", str(tmp_path / "plain.json"), "--steps", "9",
+                                                               "--parallel", "seeds"]), cuda_available=True)
+    assert (overridden.max_steps, overridden.parallel, overridden.d_model) == (9, "seeds", original.d_model)
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", "cannot read it as JSON"),
+    ('{"d_model": 32, "no_such_setting": 1}', "unknown config key(s) no_such_setting"),
+    ('{"d_model": "wide"}', "config key d_model='wide': expected int"),
+    ("[1, 2]", "expected a JSON object of settings"),
+])
+def test_a_bad_config_file_is_one_error_line(tmp_path, capsys, content, words):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert main(["--config", str(path), "--output-dir", str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: --config {path}: ") and words in err[0], err
+
+
+def test_config_and_preset_together_are_refused(tmp_path, capsys):
+    path = tmp_path / "plain.json"
+    path.write_text("{}")
+    assert main(["--config", str(path), "--preset", "cpu"]) == 2
+    assert "--config and --preset together" in capsys.readouterr().err

@@ -96,8 +96,10 @@ def test_each_rank_takes_its_own_gpu_and_nccl(monkeypatch):
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kwargs: joined.update(backend=backend, **kwargs))
     monkeypatch.setattr(distributed.dist, "new_group", lambda backend, timeout: f"{backend} group")
     monkeypatch.setattr(distributed.dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(slice(None), [obj] * len(out)))
-    context = distributed.init_distributed(config, Launch(rank=1, world_size=2, local_rank=1), SEEDS, torch.device("cuda", 1))
-    assert joined["backend"] == "nccl" and joined["device_id"] == torch.device("cuda", 1) and joined["rank"] == 1
+    context = distributed.init_distributed(config, Launch(rank=1, world_size=2, local_rank=1), SEEDS, "cuda")
+    assert joined["backend"] == "nccl" and joined["rank"] == 1 and joined["world_size"] == 2
+    assert chosen == []  # the rank's GPU is set once every rank has agreed it has one
+    context = distributed.on_device(context, resolve_device(config, local_rank=1))
     assert chosen == [torch.device("cuda", 1)]
     assert context.object_group == "gloo group"  # records travel on the CPU, not through NCCL
     assert context.devices[0]["device_name"] == "NVIDIA H200 (sm90)"

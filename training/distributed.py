@@ -275,20 +275,28 @@ def _object_group(backend: str, timeout: dt.timedelta) -> Any:
     return None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
 
 
-def init_distributed(config: ExperimentConfig, launch: Launch, mode: str, device: torch.device) -> Distributed:
-    """Join the process group (NCCL for CUDA, gloo for the CPU) when several ranks run; SINGLE otherwise."""
+def init_distributed(config: ExperimentConfig, launch: Launch, mode: str, device_type: str) -> Distributed:
+    """Join the process group when several ranks run (NCCL when they train on CUDA, gloo on the CPU);
+    SINGLE otherwise. Each rank's own device is chosen afterwards (on_device), so that a rank without
+    its GPU can say so through agree() rather than leave the others waiting at the rendezvous."""
     if not launch.several:
         return SINGLE
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = "nccl" if device_type == "cuda" else "gloo"
     timeout = dt.timedelta(minutes=config.dist_timeout_minutes)
-    use_cuda_device(device)
     store, rank, world_size = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size,
                                                    timeout=timeout))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
-    context = Distributed(rank=rank, world_size=world_size, local_rank=launch.local_rank, mode=mode, backend=backend,
-                          timeout=timeout, store=store, object_group=_object_group(backend, timeout))
-    devices = context.gather({"rank": rank, "host": socket.gethostname(), "device": str(device),
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    return Distributed(rank=rank, world_size=world_size, local_rank=launch.local_rank, mode=mode, backend=backend,
+                       timeout=timeout, store=store, object_group=_object_group(backend, timeout))
+
+
+def on_device(context: Distributed, device: torch.device) -> Distributed:
+    """Under torchrun, make `device` (cuda:LOCAL_RANK) this rank's CUDA device, as NCCL and the allocator
+    need, and record every rank's device; one process is left as it is."""
+    if not context.several:
+        return context
+    use_cuda_device(device)
+    devices = context.gather({"rank": context.rank, "host": socket.gethostname(), "device": str(device),
                               "device_name": device_name(device)})
     return replace(context, devices=devices)
 

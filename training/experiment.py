@@ -34,7 +34,7 @@ from training.plots import plot_results
 from arms import ordered_arms
 from training.results import RESULTS_FILE, check_writable, comparison, format_table, summarise_model
 from training.distributed import (Distributed, Job, RankFailed, SharedConfigError, Trained, init_distributed,
-                                  launch_from_env, resolve_parallel, run_jobs, shutdown)
+                                  launch_from_env, on_device, resolve_parallel, run_jobs, shutdown)
 from training.run_guard import output_dir_lock, sigterm_raises_run_terminated, stop_status
 from training.trainer import NonFiniteLoss, new_run_record, train_model
 
@@ -164,11 +164,14 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
         missing = [arm for arm in config.arms if arm not in builders]
         if missing:
             raise ConfigError(f"--arms {' '.join(config.arms)}: no model class for {', '.join(missing)}")
+        device_type = resolve_device(config).type  # cuda or cpu; each rank's own GPU is chosen after joining
     except ConfigError as error:
         raise (SharedConfigError(str(error)) if launch.several else error) from None
-    device = resolve_device(config, launch.local_rank if launch.several else None)
-    dist = init_distributed(config, launch, mode, device)
+    dist = init_distributed(config, launch, mode, device_type)
     try:
+        # every check that can fail on one rank alone (its GPU, its folders) is agreed, so rank 0 can say it
+        device = dist.agree(lambda: preflight(config, dist.local_rank if dist.several else None))
+        dist = on_device(dist, device)
         return _run(config, builders, log if dist.is_main else _quiet, dist, device)
     finally:
         shutdown(dist)
@@ -203,7 +206,6 @@ def _same_data_everywhere(data: TokenData, dist: Distributed) -> None:
 
 def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Callable[[str], None],
          dist: Distributed, device: torch.device) -> dict[str, Any]:
-    dist.agree(lambda: preflight(config, dist.local_rank if dist.several else None))
     lock = contextlib.ExitStack()
     # One run per output folder: a second one stops here, before any data is loaded, naming this one's pid.
     # SIGTERM (timeout, a scheduler) raises RunTerminated, which the Ctrl-C branch below records.
