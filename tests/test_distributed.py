@@ -273,3 +273,41 @@ def test_a_rank_stopped_by_sigterm_stops_the_job_and_is_named(tmp_path, parallel
     assert written["baseline"]["seeds_completed"][:len(finished)] == finished  # runs of earlier turns are kept
     if parallel == "seeds":
         assert written["deepseek"]["seeds_completed"][:2] == [42, 43]
+
+
+def _two_ranks_where_rank_1_reports(monkeypatch: pytest.MonkeyPatch, rank_1_failure: Any) -> Distributed:
+    """Rank 0 of a fake 2-rank job whose gathers hand back rank 1's `rank_1_failure`."""
+    monkeypatch.setattr(distributed.dist, "all_gather_object",
+                        lambda out, obj, group=None: out.__setitem__(slice(None), [obj, rank_1_failure]))
+    return Distributed(rank=0, world_size=2, mode=SEEDS)
+
+
+def test_an_error_on_one_rank_stops_every_rank_and_rank_0_names_it(monkeypatch):
+    context = _two_ranks_where_rank_1_reports(monkeypatch, ("config", "cannot write results to '/x'"))
+    with pytest.raises(distributed.SharedConfigError, match=r"^rank 1: cannot write results to '/x'$"):
+        context.agree(lambda: "fine here")
+    context = _two_ranks_where_rank_1_reports(monkeypatch, ("error", "OSError: disk on fire"))
+    with pytest.raises(distributed.RankFailed, match="rank 1 failed: OSError: disk on fire"):
+        context.agree(lambda: "fine here")
+    context = _two_ranks_where_rank_1_reports(monkeypatch, None)
+    assert context.agree(lambda: "fine here") == "fine here"
+
+
+@pytest.mark.parametrize("rank, shared, printed", [
+    ("0", True, "error: every rank hit this"), ("1", True, None),  # rank 0 speaks for an error all ranks share
+    ("1", False, "error: rank 1: only rank 1 hit this"),  # an error of one rank alone: it says so itself
+])
+def test_the_cli_prints_an_error_once(monkeypatch, capsys, tmp_path, rank, shared, printed):
+    import training.experiment
+    from exp6_trainer import main
+
+    def failing(config: ExperimentConfig, builders: Any = None) -> None:
+        raise distributed.SharedConfigError("every rank hit this") if shared else ConfigError("only rank 1 hit this")
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    monkeypatch.setattr(training.experiment, "run_experiment", failing)
+    assert main(["--output-dir", str(tmp_path)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ([printed] if printed else [])
