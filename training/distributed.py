@@ -129,7 +129,7 @@ class Distributed:
     timeout: dt.timedelta | None = None
     store: Any = None  # the rendezvous store (a c10d Store) when several ranks run
     object_group: Any = None  # gloo group for object collectives (the default group when it is gloo)
-    devices: list[dict[str, Any]] = field(default_factory=list)  # every rank's device, filled by describe_ranks
+    devices: list[dict[str, Any]] = field(default_factory=list)  # every rank's host and device, filled by on_device()
 
     @property
     def is_main(self) -> bool:

@@ -206,6 +206,8 @@ def _same_data_everywhere(data: TokenData, dist: Distributed) -> None:
 
 def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Callable[[str], None],
          dist: Distributed, device: torch.device) -> dict[str, Any]:
+    """The experiment as this rank runs it, once it has joined the job and has its device: every step
+    that could fail on one rank alone goes through dist.agree, so that all ranks stop together."""
     lock = contextlib.ExitStack()
     # One run per output folder: a second one stops here, before any data is loaded, naming this one's pid.
     # SIGTERM (timeout, a scheduler) raises RunTerminated, which the Ctrl-C branch below records.
