@@ -7,6 +7,7 @@ fault on one rank. Each takes a few seconds; the whole file stays well within a 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -98,6 +99,7 @@ def test_each_rank_takes_its_own_gpu_and_nccl(monkeypatch):
     monkeypatch.setattr(distributed.dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(slice(None), [obj] * len(out)))
     context = distributed.init_distributed(config, Launch(rank=1, world_size=2, local_rank=1), SEEDS, "cuda")
     assert joined["backend"] == "nccl" and joined["rank"] == 1 and joined["world_size"] == 2
+    assert joined["timeout"] == dt.timedelta(minutes=config.dist_timeout_minutes)  # no collective waits forever
     assert chosen == []  # the rank's GPU is set once every rank has agreed it has one
     context = distributed.on_device(context, resolve_device(config, local_rank=1))
     assert chosen == [torch.device("cuda", 1)]
