@@ -4,7 +4,8 @@
 
 On rank RANK, the RUN-th deepseek model that rank trains (1-based) meets FAULT at its 5th training
 forward pass (step 3, after the untimed warm-up pass): `raise` raises RuntimeError("injected fault"),
-`sigterm` sends the process SIGTERM, as a scheduler killing one rank would. Every other run is untouched.
+`sigterm` sends the process SIGTERM, as a scheduler killing one rank would, and `nan` returns NaN logits
+(that rank's loss goes non-finite). Every other run is untouched.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class FailsOnOneRank(FlashAttentionModel):
             self.calls += 1
             if self.calls == 5 and self.fault == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)  # the experiment's handler raises RunTerminated right here
+            elif self.calls == 5 and self.fault == "nan":
+                logits, aux = super().forward(input_ids, caches, last_only)
+                return logits * float("nan"), aux
             elif self.calls == 5:
                 raise RuntimeError(FAULT)
         return super().forward(input_ids, caches, last_only)

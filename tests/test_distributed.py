@@ -313,3 +313,16 @@ def test_the_cli_prints_an_error_once(monkeypatch, capsys, tmp_path, rank, share
     assert main(["--output-dir", str(tmp_path)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err == ([printed] if printed else [])
+
+
+def test_a_nan_on_one_rank_fails_that_run_on_every_rank_at_the_same_step(tmp_path):
+    """Under data-parallel a non-finite loss on one rank's slice fails the run (not the job) everywhere at once,
+    so the ranks go on to the next run together."""
+    config = tiny_config(tmp_path, seeds=(42, 43), save_checkpoints=False, sample_tokens=0)
+    run = _fault(tmp_path, config, 1, 1, "nan", "--parallel", "data")  # MLA on seed 42, rank 1's slice only
+    assert run.returncode == 0, run.stderr[-2000:]
+    written = _results(config)
+    assert written["experiment"]["status"] == "completed"
+    failed = written["deepseek"]["runs"][0]
+    assert (failed["seed"], failed["status"], failed["failed_at_step"]) == (42, "failed", 3)  # rank 1's step, not later
+    assert written["deepseek"]["seeds_completed"] == [43] and written["baseline"]["seeds_completed"] == [42, 43]

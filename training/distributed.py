@@ -20,6 +20,7 @@ with one message naming it. Every collective has a timeout (--dist-timeout), so 
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -302,8 +303,11 @@ def on_device(context: Distributed, device: torch.device) -> Distributed:
 
 
 def shutdown(context: Distributed) -> None:
-    """Leave the process group (no collective: safe after a failure)."""
+    """Leave the process group (no collective: safe after a failure). Unreachable DDP wrappers (e.g. of a
+    run stopped by a non-finite loss, kept alive by a reference cycle through its traceback) are freed
+    first: destroyed after their process group, they abort the process ("terminate called ...")."""
     if context.several and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -206,11 +206,10 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
                 wait_for_all()
                 now = time.perf_counter()
                 seconds = training_seconds + (now - segment_start)
-                if dist.data_parallel:  # every rank must stop at the same step, and log the global batch's loss
+                if dist.data_parallel:  # every rank stops at the same (first) bad step
                     first_bad_step = torch.where(first_bad_step < 0, config.max_steps, first_bad_step)
                     dist.all_reduce(first_bad_step, "min")
                     first_bad_step = torch.where(first_bad_step == config.max_steps, -1, first_bad_step)
-                    dist.all_reduce(loss_sum.div_(dist.world_size))
                 if (bad := int(first_bad_step)) >= 0:
                     raise NonFiniteLoss(bad)
                 progress.set_postfix(loss=f"{loss_detached.item():.3f}", tok_s=f"{done * tokens_per_step / seconds:,.0f}",
@@ -221,7 +220,10 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
                     progress.n = done  # close() draws the final 100% line, once
                 if is_eval:
                     training_seconds = seconds
-                    mean_train = (loss_sum / steps_in_window).item()
+                    window_loss = loss_sum / steps_in_window
+                    if dist.data_parallel:  # the global batch's loss: the mean of the ranks' equal slices
+                        dist.all_reduce(window_loss.div_(dist.world_size))
+                    mean_train = window_loss.item()
                     add_point(done, training_seconds, mean_train)
                     loss_sum.zero_()
                     steps_in_window = 0
