@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None, builders: dict[str, ModelBuilder] | None
         run_experiment(config, builders)
     except ConfigError as error:  # every rank stops; one that alone hit its error says so itself
         if rank == 0 or not isinstance(error, SharedConfigError):
-            print(f"error: {f'rank {rank}: ' if rank and not isinstance(error, SharedConfigError) else ''}{error}",
-                  file=sys.stderr)
+            print(f"error: {f'rank {rank}: ' if rank else ''}{error}", file=sys.stderr)
         return 2
     except RankFailed as failure:  # the failing rank prints its own traceback; rank 0 says what happened
         if rank == 0:

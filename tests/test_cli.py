@@ -164,7 +164,7 @@ def test_each_bad_flag_is_named_in_its_error(args, flag, tmp_path, capsys):
     assert not (tmp_path / "out" / "exp6_attention_comparison.json").exists()
 
 
-@pytest.mark.parametrize("flag", ["--attention-backend", "--precision", "--moe-dispatch"])
+@pytest.mark.parametrize("flag", ["--attention-backend", "--precision", "--moe-dispatch", "--parallel"])
 def test_an_unknown_choice_is_refused_by_its_flag(flag, capsys):
     with pytest.raises(SystemExit) as stop:
         build_parser().parse_args([flag, "magic"])

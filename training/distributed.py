@@ -345,7 +345,7 @@ def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained]
         for job in jobs:
             record, error = _train_noting_stops(dist, train, job)
             if error is not None:
-                own = f"rank {dist.rank} failed during {job.label}: {type(error).__name__}: {error}"
+                own = _failure_message(dist, job, error)
                 # a peer that failed first has left its note (give it a moment): this rank's error is its consequence
                 standing = (dist.failure_note(FAILURE_NOTE_WAIT_S) or dist.post_failure(own)) if dist.several else own
                 if standing != own:  # a peer failed first: this rank's error is its consequence
@@ -362,8 +362,7 @@ def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained]
     for turn in range(turns):
         current = mine[turn] if turn < len(mine) else None
         record, error = _train_noting_stops(dist, train, current) if current is not None else ({}, None)
-        message = None if current is None or error is None else \
-            f"rank {dist.rank} failed during {current.label}: {type(error).__name__}: {error}"
+        message = None if current is None or error is None else _failure_message(dist, current, error)
         try:
             shared = dist.gather((current.index if current is not None else None, record, message))
         except Exception as lost:  # noqa: BLE001 - a peer died or was stopped: say which, if it left word
@@ -379,6 +378,10 @@ def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained]
             if error is not None and first == message:
                 raise error
             raise RankFailed(first)
+
+
+def _failure_message(dist: Distributed, job: Job, error: BaseException) -> str:
+    return f"rank {dist.rank} failed during {job.label}: {type(error).__name__}: {error}"
 
 
 def _train_noting_stops(dist: Distributed, train: Callable[[Job], Trained], job: Job) -> Trained:

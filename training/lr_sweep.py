@@ -140,7 +140,7 @@ def run_lr_sweep(config: ExperimentConfig, data: TokenData, device: torch.device
     def fail(job: Job, message: str) -> None:
         save("failed")
 
-    run_jobs(dist, sweep_jobs(config, dist.world_size if dist.seed_parallel else 1), train, absorb, fail)
+    run_jobs(dist, sweep_jobs(config, dist.world_size), train, absorb, fail)
 
     tuned: dict[str, ExperimentConfig] = {}
     for name in config.arms:
