@@ -11,14 +11,18 @@ in the kernel that computes softmax(q k^T / sqrt(d_nope + d_rope)) v.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.attention import CausalSelfAttention, KVCache
+from hardware import cuda_capability
 from models.attention_ops import (
+    CACHED_ATTENTION_KERNELS,
+    FLASH_ATTN_NOT_INSTALLED,
     cached_causal_attention,
     eager_causal_attention,
     flash_attn_causal_attention,
-    flash_attn_installed,
+    flash_attn_unusable,
     half_precision_cuda,
     sdpa_causal_attention,
 )
@@ -27,6 +31,23 @@ from experiment_config import ExperimentConfig
 
 NORM_EPS = 1e-6
 LATENT_QUERY_CHUNK = 512  # queries per attention call when prefilling through the latent cache
+
+
+def device_type(x: torch.Tensor) -> str:
+    """The device type a kernel choice was planned for ("cuda", "cpu")."""
+    return x.device.type
+
+
+def _norm_in_float32(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm computed in float32 (as DeepSeek computes its latent norms), returned in x's dtype.
+
+    Under bf16 autocast x is a bf16 projection output; in a module cast to bf16 (no autocast) both x and
+    the gain are bf16. Either way the norm runs fused on float32 operands, and the result goes back to
+    x's dtype, so the next projection gets the dtype its weight has (a float32 result would meet a bf16
+    weight and matmul would refuse it).
+    """
+    normed = F.rms_norm(x.float(), norm.normalized_shape, None if norm.weight is None else norm.weight.float(), norm.eps)
+    return normed.to(x.dtype)
 
 
 class DeepseekV3Attention(CausalSelfAttention):
@@ -87,10 +108,7 @@ class DeepseekV3Attention(CausalSelfAttention):
     def query(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """x (batch, seq, d) -> q_nope (batch, heads, seq, d_nope), rotated q_rope (batch, heads, seq, d_rope)."""
         batch, seq, _ = x.shape
-        # The two latent norms run in float32 (as DeepSeek's RMSNorm computes them): under bf16 autocast
-        # the projections return bf16, and nn.RMSNorm with a bf16 input and a float32 gain falls back
-        # from its fused kernel to several unfused ones.
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x).float()))
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(_norm_in_float32(self.q_a_layernorm, self.q_a_proj(x)))
         q = q.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         cos, sin = self.rope(seq, start)
@@ -101,7 +119,7 @@ class DeepseekV3Attention(CausalSelfAttention):
         everything MLA's keys and values are made of, and all its latent cache keeps."""
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         cos, sin = self.rope(x.shape[1], start)
-        return self.kv_a_layernorm(latent.float()), apply_rope_interleaved(k_rope, cos, sin)
+        return _norm_in_float32(self.kv_a_layernorm, latent), apply_rope_interleaved(k_rope, cos, sin)
 
     def project_qkv(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (batch, seq, d) -> q, k (batch, heads, seq, d_nope + d_rope) and v (batch, heads, seq, d_v)."""
@@ -128,7 +146,7 @@ class DeepseekV3Attention(CausalSelfAttention):
             q, k, v = self.project_qkv(x, start=cache.length)
             cached = cache.update(k=k.transpose(1, 2), v=v.transpose(1, 2))
             out = cached_causal_attention(q, cached["k"].transpose(1, 2), cached["v"].transpose(1, 2), self.softmax_scale)
-            self.backend_used = "sdpa[auto], expanded cache"
+            self.backend_used = f"{CACHED_ATTENTION_KERNELS}, expanded cache"
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim))
 
     def attend_latent_cache(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -142,7 +160,7 @@ class DeepseekV3Attention(CausalSelfAttention):
         """
         q_nope, q_rope = self.query(x, start=cache.length)
         latent, k_rope = self.latent(x, start=cache.length)
-        cached = cache.update(latent_rope=torch.cat([latent.to(k_rope.dtype), k_rope], dim=-1))["latent_rope"]
+        cached = cache.update(latent_rope=torch.cat([latent, k_rope], dim=-1))["latent_rope"]
         weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_k, w_v = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         queries = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_k), q_rope], dim=-1)
@@ -156,26 +174,47 @@ class DeepseekV3Attention(CausalSelfAttention):
                                     keys[:, :, : past + start + LATENT_QUERY_CHUNK],
                                     values[:, :, : past + start + LATENT_QUERY_CHUNK], self.softmax_scale)
             for start in range(0, queries.shape[2], LATENT_QUERY_CHUNK)], dim=2)
-        self.backend_used = "sdpa[auto], latent cache (absorbed)"
+        self.backend_used = f"{CACHED_ATTENTION_KERNELS}, latent cache (absorbed)"
         return torch.einsum("bhtr,hvr->bhtv", out_latent, w_v)
 
 
 class DeepseekV3FlashAttention2(DeepseekV3Attention):
-    """MLA through FlashAttention-2: flash-attn when installed (fp16/bf16 on CUDA), else causal SDPA
-    pinned to PyTorch's FlashAttention backend where it applies, else plain SDPA (e.g. on CPU)."""
+    """MLA through FlashAttention-2: flash-attn when it can run here (fp16/bf16 on an sm80-sm90 GPU, the
+    package importable), else causal SDPA pinned to PyTorch's FlashAttention backend where it applies,
+    else plain SDPA (e.g. on CPU)."""
 
     def __init__(self, config: ExperimentConfig, layer_idx: int = 0) -> None:
         super().__init__(config, layer_idx)
         self.backend = config.attention_backend  # auto | flash-attn | sdpa | eager
+        self.flash_attn_unusable: dict[str, str | None] = {}  # device type -> why flash-attn cannot run there; plan()
+
+    def plan(self, device: torch.device) -> str | None:
+        """Decide ahead of time whether flash-attn can run on `device` (no CUDA query or import inside
+        forward, so a compiled block never traces one); returns why not, or None."""
+        reason = flash_attn_unusable(cuda_capability(device))
+        self.flash_attn_unusable[device.type] = reason
+        return reason
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         flash_ok = half_precision_cuda(q, k, v)
         if self.backend == "eager":
             return super().attend(q, k, v)
-        if self.backend == "flash-attn" or (self.backend == "auto" and flash_ok and flash_attn_installed()):
+        if self.backend == "flash-attn":
             if not flash_ok:
                 raise RuntimeError("flash-attn needs fp16/bf16 tensors on a CUDA GPU; use --attention-backend sdpa")
             self.backend_used = "flash_attn.flash_attn_func"
             return flash_attn_causal_attention(q, k, v, self.softmax_scale)
-        self.backend_used = "sdpa[FLASH_ATTENTION]" if flash_ok else "sdpa[auto]"
-        return sdpa_causal_attention(q, k, v, self.softmax_scale, force_flash=flash_ok)
+        if not flash_ok:
+            self.backend_used = "sdpa[auto]"
+            return sdpa_causal_attention(q, k, v, self.softmax_scale)
+        why = ""
+        if self.backend == "auto":
+            planned = device_type(q) in self.flash_attn_unusable  # else a module used on its own: plan now
+            reason = self.flash_attn_unusable[device_type(q)] if planned else self.plan(q.device)
+            if reason is None:
+                self.backend_used = "flash_attn.flash_attn_func"
+                return flash_attn_causal_attention(q, k, v, self.softmax_scale)
+            if reason != FLASH_ATTN_NOT_INSTALLED:  # not installed is the documented default; anything else is news
+                why = f" (flash-attn not used: {reason})"
+        self.backend_used = f"sdpa[FLASH_ATTENTION]{why}"
+        return sdpa_causal_attention(q, k, v, self.softmax_scale, force_flash=True)

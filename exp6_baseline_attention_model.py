@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from models.attention import CausalSelfAttention, KVCache
-from models.attention_ops import (cached_causal_attention, eager_causal_attention, half_precision_cuda,
-                                  sdpa_causal_attention)
+from models.attention_ops import (CACHED_ATTENTION_KERNELS, cached_causal_attention, eager_causal_attention,
+                                  half_precision_cuda, sdpa_causal_attention)
 from models.rope import RotaryEmbedding, apply_rope_half
 from models.transformer import AttentionFactory, MoELanguageModel
 from experiment_config import ConfigError, ExperimentConfig
@@ -75,7 +75,7 @@ class MultiHeadAttention(CausalSelfAttention):
         if cache is not None:  # stored (batch, tokens, kv heads, d); attended as (batch, kv heads, tokens, d) views
             cached = cache.update(k=k.transpose(1, 2), v=v.transpose(1, 2))
             out = cached_causal_attention(q, cached["k"].transpose(1, 2), cached["v"].transpose(1, 2), self.scale)
-            self.backend_used = "sdpa[auto], kv cache"
+            self.backend_used = f"{CACHED_ATTENTION_KERNELS}, kv cache"
         elif self.backend == "eager":
             groups = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hardware import check_gpu_usable
+
 if TYPE_CHECKING:
     from models.transformer import ModelBuilder
 
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None, builders: dict[str, ModelBuilder] | None
     try:
         rank = launch_from_env().rank  # under torchrun, rank 0 speaks for the job
         config, notice = config_from_args(args, torch.cuda.is_available())
+        check_gpu_usable(config.device)  # a GPU that PyTorch cannot use is named before the CPU preset's notice
         saved = f"; any runs that finished are in {Path(config.output_dir) / RESULTS_FILE}"
         if notice and rank == 0:
             print(notice)

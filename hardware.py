@@ -10,12 +10,66 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import torch
 
 from experiment_config import ConfigError, ExperimentConfig
 
 BF16, FP32 = "bf16", "fp32"
+
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")  # present whenever the NVIDIA kernel driver is loaded
+# What to install when the default wheel (torch==2.13.0 from PyPI: the CUDA 13.0 build, which needs an
+# R580+ driver) cannot use the card: PyTorch's own build for CUDA 12.8, which older drivers run.
+TORCH_CUDA12_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+
+def nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA driver's version (e.g. "570.86.15"), or None when this machine has no NVIDIA driver.
+
+    Read from /proc/driver/nvidia/version, else asked of nvidia-smi; neither needs PyTorch to see the GPU."""
+    try:
+        match = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", NVIDIA_DRIVER_FILE.read_text())
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        answer = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    versions = answer.stdout.split()
+    return versions[0] if answer.returncode == 0 and versions else None
+
+
+def unusable_gpu_error(device_setting: str) -> str | None:
+    """The one-line error for a machine whose NVIDIA GPU PyTorch cannot use (e.g. the CUDA 13 wheel on a driver
+    older than R580), unless the CPU was asked for on purpose; None when the GPU works or there is none.
+
+    Without it a user with a GPU would silently get the CPU preset."""
+    if device_setting == "cpu" or torch.cuda.is_available():
+        return None
+    driver = nvidia_driver_version()
+    if driver is None:
+        return None
+    built_for = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
+    needs = " (CUDA 13 builds need an R580 or newer driver)" if (torch.version.cuda or "").startswith("13") else ""
+    return (f"this machine has an NVIDIA GPU (driver {driver}) but PyTorch {torch.__version__}, built for {built_for}, "
+            f"cannot use it{needs}; install PyTorch's CUDA 12.8 build: `{TORCH_CUDA12_INSTALL}` "
+            "(README: Install), update the driver, or run on the CPU on purpose with --device cpu")
+
+
+def check_gpu_usable(device_setting: str) -> None:
+    """Raise ConfigError (before anything else runs) when a GPU is present that PyTorch cannot use."""
+    error = unusable_gpu_error(device_setting)
+    if error:
+        raise ConfigError(error)
 
 
 def resolve_device(config: ExperimentConfig, local_rank: int | None = None) -> torch.device:
@@ -24,6 +78,7 @@ def resolve_device(config: ExperimentConfig, local_rank: int | None = None) -> t
     `local_rank` (a process started by torchrun): auto and cuda mean this rank's own GPU,
     cuda:LOCAL_RANK, and a fixed cuda:N is refused, since it would put every rank on one card.
     """
+    check_gpu_usable(config.device)
     wants_cuda = config.device.startswith("cuda") or config.device == "auto" and torch.cuda.is_available()
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {config.device} was asked for but no CUDA GPU is visible; use --device cpu")

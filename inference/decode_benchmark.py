@@ -44,6 +44,7 @@ from experiment_config import PRECISIONS, ConfigError, ExperimentConfig, cpu_pre
 from hardware import (BF16, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
                       resolve_device as experiment_device, resolve_precision, synchronize)
 from models.attention import KVCache
+from models.attention_ops import CACHED_ATTENTION_BACKENDS
 from models.checkpoint import arm_builders, load_checkpoint
 from models.transformer import MoELanguageModel
 from reporting import fmt, guarded, release, render_table, write_json_atomic
@@ -273,6 +274,8 @@ def benchmark_row(bench: BenchModel, mode: str, context: int, batch: int, new_to
         "decode_peak_memory_mb": peaks["decode"],
         "peak_memory_mb": max(known_peaks) if known_peaks else None,
         "attention_backend": model.attention_backends(),
+        # the explicit SDPA backend choice prefill and decode ran under (no cuDNN: per-shape plans)
+        "sdpa_backends": [backend.name for backend in CACHED_ATTENTION_BACKENDS],
         "moe_dispatch": model.moe_dispatch_used(),
     }
 

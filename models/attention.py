@@ -74,6 +74,11 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"{type(self).__name__} has no {mode!r} cache; choose one of {', '.join(self.cache_modes)}")
         return KVCache(mode, capacity)
 
+    def plan(self, device: torch.device) -> str | None:
+        """Choose ahead of time anything that depends on the device (called before training or
+        compiling, so forward never queries the runtime); returns a note on the choice, or None."""
+        return None
+
     def kv_cache_values_per_token(self, mode: str | None = None) -> int:
         """Values a decoder keeps per token in this layer's KV cache (the analytic count)."""
         raise NotImplementedError

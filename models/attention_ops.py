@@ -7,6 +7,7 @@ fused kernels. Which one really ran is reported by the caller, never assumed.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 
@@ -15,11 +16,46 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation"
+FLASH_ATTN_NOT_INSTALLED = "flash-attn is not installed"
+
+# Prefill and decode through a cache: SDPA may pick among these, in PyTorch's order (flash first where its
+# constraints hold, e.g. equal head dims and no mask; memory-efficient for masks and MLA's unequal dims;
+# math last). cuDNN attention is left out on purpose: on sm90+ with a CUDA 13 build PyTorch prefers it,
+# and its plans are cached per exact shape, so each decode step at a new length could build a new plan
+# and the decode timings would measure plan building.
+CACHED_ATTENTION_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+CACHED_ATTENTION_KERNELS = "sdpa[" + "|".join(b.name for b in CACHED_ATTENTION_BACKENDS) + "]"
+
+
+@functools.cache
+def flash_attn_import_error() -> str | None:
+    """None when `import flash_attn` works; else why not, in one line. Tried once per process (preflight
+    does it before any data is loaded): a wheel built for another torch or CUDA is found by pip but fails
+    to import, and must not crash the MLA arm at its first forward pass."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return FLASH_ATTN_NOT_INSTALLED
+    try:
+        import flash_attn  # noqa: F401  (optional dependency)
+    except Exception as error:  # ImportError, OSError (undefined symbol), RuntimeError, ...
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"flash-attn is installed but fails to import ({type(error).__name__}: {detail})"
+    return None
+
+
+def flash_attn_unusable(capability: tuple[int, int] | None) -> str | None:
+    """Why flash-attn 2 cannot run on a device of this compute capability (None: not a CUDA device), or
+    None when it can. FlashAttention-2 supports sm80 to sm90 (A100, RTX 30xx/40xx, H100/H200); on
+    Blackwell (sm100+) the safe path, PyTorch's SDPA, is preferred until a test on such a card passes."""
+    if capability is None:
+        return "flash-attn needs a CUDA GPU"
+    if not (8, 0) <= capability < (10, 0):
+        return f"flash-attn 2 supports sm80 to sm90 GPUs, not sm{capability[0]}{capability[1]}"
+    return flash_attn_import_error()
 
 
 def flash_attn_installed() -> bool:
-    """True when the flash-attn package can be imported (checked without importing it)."""
-    return importlib.util.find_spec("flash_attn") is not None
+    """True when flash-attn imports (a broken install counts as not installed)."""
+    return flash_attn_import_error() is None
 
 
 def half_precision_cuda(*tensors: torch.Tensor) -> bool:
@@ -59,7 +95,8 @@ def sdpa_causal_attention(
 
 
 def cached_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal SDPA for new queries at the end of a longer key sequence (decoding with a cache).
+    """Causal SDPA for new queries at the end of a longer key sequence (decoding with a cache), run
+    under an explicit backend choice (CACHED_ATTENTION_BACKENDS: no cuDNN).
 
     The queries are the last q_len positions of the k_len keys, so the mask is aligned bottom-right;
     SDPA's is_causal aligns top-left, right only when q_len == k_len. One new token sees every key.
@@ -67,6 +104,11 @@ def cached_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     one K/V head is broadcast as a view, never copied per head. With several K/V heads (GQA), the
     query heads of a group are folded into the query positions instead, so the cache is never copied either.
     """
+    with sdpa_kernel(list(CACHED_ATTENTION_BACKENDS)):
+        return _cached_attention(q, k, v, scale)
+
+
+def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     q_len, k_len = q.shape[-2], k.shape[-2]
     heads, kv_heads = q.shape[1], k.shape[1]
     if kv_heads not in (1, heads):
@@ -83,7 +125,7 @@ def cached_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
 
 def _grouped_cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """cached_causal_attention for kv_heads dividing q's heads: query head h uses K/V head h // group.
+    """_cached_attention for kv_heads dividing q's heads: query head h uses K/V head h // group.
 
     The group's query heads become extra query positions of their K/V head: q (batch, heads, q_len, d) ->
     (batch, kv_heads, group * q_len, d), with the bottom-right causal mask repeated per group member.

@@ -91,8 +91,11 @@ def plan_dispatch(requested: str, device: torch.device, dtype: torch.dtype, d_mo
     PyTorch's grouped_mm runs one fused kernel only on CUDA compute capability 9.x/10.x with bf16
     operands; on other cards (A100 sm80, RTX 4090 sm89) it copies the group offsets to the host and
     loops one matmul per group, a host sync on every call (forward and backward). There `auto` takes
-    the sorted split instead, which syncs once per layer forward. Shapes that break grouped_mm's
-    16-byte stride rule, or a dtype it lacks, fall back to the sorted split instead of crashing.
+    the sorted split instead, which syncs once per layer forward. On Blackwell (sm100+) PyTorch has open
+    bugs in the fused kernel (wrong gradients for empty experts; NaN backward on sm103), so `auto` takes
+    the safe sorted split there too until a test on such a card passes (`grouped_mm`, asked for, runs it).
+    Shapes that break grouped_mm's 16-byte stride rule, or a dtype it lacks, fall back to the sorted
+    split instead of crashing.
     """
     if requested == "loop":
         return MASK_LOOP
@@ -101,8 +104,9 @@ def plan_dispatch(requested: str, device: torch.device, dtype: torch.dtype, d_mo
     usable = grouped_mm is not None and grouped_mm_strides_ok(dtype, d_model, d_ff)
     if device.type == "cuda":
         fused = capability is not None and capability[0] in (9, 10) and dtype == torch.bfloat16
+        trusted = capability is not None and capability[0] == 9 or requested == "grouped_mm"
         usable = usable and dtype in (torch.bfloat16, torch.float16, torch.float32)
-        if usable and fused:
+        if usable and fused and trusted:
             return GROUPED_FUSED
         return GROUPED_PER_GROUP if usable and requested == "grouped_mm" else SORTED_SPLIT
     usable = usable and dtype in (torch.bfloat16, torch.float32)

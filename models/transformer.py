@@ -101,6 +101,11 @@ class MoELanguageModel(nn.Module):
         capability = cuda_capability(device)
         return sorted({moe.plan(device, compute_dtype, capability) for moe in self.moe_layers()})
 
+    def plan_attention(self, device: torch.device) -> None:
+        """Let each attention module fix its device-dependent kernel choice before training (or compiling)."""
+        for attention in self.attention_modules():
+            attention.plan(device)
+
     def moe_dispatch_used(self) -> list[str]:
         """The MoE paths that really ran in the last forward passes."""
         return sorted({moe.dispatch_used or "not run yet" for moe in self.moe_layers()})

@@ -67,7 +67,7 @@ def _run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args,message", [
     (["--steps", "0"], "--steps 0"),
     (["--batch-size", "0"], "--batch-size 0"),
-    (["--attention-backend", "flash-attn"], "pip install flash-attn"),
+    (["--attention-backend", "flash-attn"], "flash-attn needs a CUDA GPU"),
     (["--device", "cuda"], "no CUDA GPU"),
     (["--data", "/nonexistent/corpus.txt"], "no such file"),
     (["--compile", "--device", "cpu"], "--compile needs bf16"),  # fp32 on CPU; --precision bf16 allows it

@@ -99,6 +99,7 @@ def test_small_run_writes_json_and_png_with_positive_timings(fp32_run: tuple[dic
         assert row["precision"] == "float32"
         assert row["peak_memory_mb"] is None and row["decode_peak_memory_mb"] is None  # CPU: no CUDA memory stats
         assert row["attention_backend"] and row["moe_dispatch"]
+        assert row["sdpa_backends"] == ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]  # pinned: no cuDNN
     assert saved["config"]["preset"] == "cpu" and saved["config"]["vocab_size"] == 2048
     for key in ("device_name", "torch_version", "date_utc", "method", "cache_bytes_note"):
         assert saved[key]

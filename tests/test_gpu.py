@@ -1,28 +1,66 @@
-"""CUDA-only checks: bf16 kernel parity, proof of which attention kernel ran, full-model training
-steps under autocast, and a sync-free MoE training step. Skipped as a whole without a CUDA GPU."""
+"""The GPU's own checks, each run twice: on a CUDA GPU when there is one, and as a CPU twin that CI runs.
+
+Every test body takes the device as a parameter, so the code under test (and the test's own code) runs
+on the CPU in every CI run. Where a kernel exists only on CUDA, the CPU twin runs the same code path up
+to that kernel and checks the same numerics on the CPU's kernel:
+- PyTorch's FlashAttention SDPA backend: the CPU has its own (`_scaled_dot_product_flash_attention_for_cpu`);
+  the attention modules are told that CPU bf16 tensors qualify for it, as CUDA bf16 tensors do;
+- flash-attn: a stand-in `flash_attn` module with `flash_attn_func`'s signature, layout and dtype rules,
+  computing with the plain-math reference attention (the real package is CUDA-only);
+- the fused grouped_mm (sm90 only): the CPU's grouped_mm kernel;
+- `torch.cuda.set_sync_debug_mode("error")`: the CPU stand-in in tests/host_sync.py.
+The CUDA runs are skipped without a GPU; a CUDA flash-attn case is skipped, and named, without flash-attn.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import deepseek_modeling
+import exp6_baseline_attention_model
 from deepseek_modeling import DeepseekV3Attention, DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
-from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_installed, sdpa_causal_attention
-from models.moe import GROUPED_FUSED, GROUPED_PER_GROUP, MASK_LOOP, SORTED_SPLIT, MixtureOfExperts
-from tests.moe_routing import force_uneven_routing
 from experiment_config import ExperimentConfig
+from hardware import cuda_capability
+from models.attention_ops import FLASH_ATTN_INSTALL, eager_causal_attention, flash_attn_import_error, sdpa_causal_attention
+from models.moe import GROUPED_CPU, GROUPED_FUSED, GROUPED_PER_GROUP, MASK_LOOP, SORTED_SPLIT, MixtureOfExperts
+from tests.host_sync import HostSyncDetector
+from tests.moe_routing import force_uneven_routing
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
-DEVICE = "cuda"
 BF16_ATOL, BF16_RTOL = 2e-2, 2e-2
-SDPA_FLASH_OP = "aten::_scaled_dot_product_flash_attention"
+SDPA_FLASH_OP = {"cuda": "aten::_scaled_dot_product_flash_attention",
+                 "cpu": "aten::_scaled_dot_product_flash_attention_for_cpu"}
+VOCAB_SIZE = 1000
+
+
+def _half(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The device a test runs on. On the CPU, CPU half-precision tensors count as FlashAttention-eligible
+    (on CUDA, CUDA half tensors do), so both arms take the pinned-flash path and PyTorch's CPU flash
+    kernel runs; flash-attn is judged by its import alone, as on an sm80-sm90 card."""
+    if request.param == "cpu":
+        for module in (deepseek_modeling, exp6_baseline_attention_model):
+            monkeypatch.setattr(module, "half_precision_cuda", _half)
+        monkeypatch.setattr(deepseek_modeling, "flash_attn_unusable", lambda capability: flash_attn_import_error())
+    return str(request.param)
 
 
 def _flash_attn_importable() -> bool:
@@ -33,9 +71,37 @@ def _flash_attn_importable() -> bool:
     return True
 
 
-needs_flash_attn = pytest.mark.skipif(
-    not _flash_attn_importable(), reason=f"flash-attn is not importable ({FLASH_ATTN_INSTALL})"
-)
+def _stand_in_flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                              softmax_scale: float | None = None, causal: bool = False) -> torch.Tensor:
+    """flash_attn_func on the CPU: (batch, seq, heads, d) in and out, fp16/bf16 only, one head dim for q, k
+    and v (flash-attn 2's rules, which the caller must meet), computed by the plain-math reference."""
+    assert q.dtype == k.dtype == v.dtype and _half(q), f"flash-attn takes fp16/bf16, got {q.dtype}"
+    assert q.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1], "flash-attn needs one head dim for q, k, v"
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1, "flash-attn needs a contiguous last dim"
+    assert causal and dropout_p == 0.0
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    return eager_causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)
+
+
+@pytest.fixture
+def flash_attn(device: str, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """The flash_attn module: the real package on CUDA (skipped, and named, when it is not importable); on
+    the CPU a stand-in module whose flash_attn_func checks flash-attn's rules and computes the reference."""
+    if device == "cuda":
+        if not _flash_attn_importable():
+            pytest.skip(f"flash-attn is not importable ({FLASH_ATTN_INSTALL})")
+        import flash_attn as real
+
+        return real
+    stand_in = types.ModuleType("flash_attn")
+    stand_in.flash_attn_func = _stand_in_flash_attn_func  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flash_attn", stand_in)
+    monkeypatch.setattr(deepseek_modeling, "flash_attn_unusable", lambda capability: None)
+    return stand_in
+
+
+def _autocast(device: str) -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast(device, dtype=torch.bfloat16)
 
 
 def _randomize_(module: torch.nn.Module, seed: int) -> None:
@@ -50,26 +116,29 @@ def _randomize_(module: torch.nn.Module, seed: int) -> None:
             p.copy_(values.to(device=p.device, dtype=p.dtype))
 
 
-def _mla_pair(attention_backend: str, seed: int = 0):
-    """(fp32 eager reference, bf16 eager, bf16 DeepseekV3FlashAttention2) with the same bf16-exact weights."""
-    config = ExperimentConfig(vocab_size=1000, attention_backend=attention_backend)
+def _mla_pair(attention_backend: str, device: str, seed: int = 0) -> tuple[
+        ExperimentConfig, DeepseekV3Attention, DeepseekV3Attention, DeepseekV3FlashAttention2]:
+    """(fp32 eager reference, bf16 eager, bf16 DeepseekV3FlashAttention2) with the same bf16-exact weights.
+    The bf16 modules are cast to bf16 and called without autocast."""
+    config = ExperimentConfig(vocab_size=VOCAB_SIZE, attention_backend=attention_backend)
     reference = DeepseekV3Attention(config)
     _randomize_(reference, seed)
     with torch.no_grad():
         for p in reference.parameters():
             p.copy_(p.to(torch.bfloat16).float())  # so the fp32 reference uses exactly the bf16 weights
-    reference = reference.to(DEVICE).eval()
+    reference = reference.to(device).eval()
     eager = DeepseekV3Attention(config)
     eager.load_state_dict(reference.state_dict(), strict=True)
     flash = DeepseekV3FlashAttention2(config)
     flash.load_state_dict(reference.state_dict(), strict=True)
-    return config, reference, eager.to(DEVICE, torch.bfloat16).eval(), flash.to(DEVICE, torch.bfloat16).eval()
+    return config, reference, eager.to(device, torch.bfloat16).eval(), flash.to(device, torch.bfloat16).eval()
 
 
-def _bf16_input(config: ExperimentConfig, batch: int = 4, seq: int | None = None, seed: int = 1) -> torch.Tensor:
+def _bf16_input(config: ExperimentConfig, device: str, batch: int = 4, seq: int | None = None,
+                seed: int = 1) -> torch.Tensor:
     seq = seq or config.max_seq_len
     x = torch.randn(batch, seq, config.d_model, generator=torch.Generator().manual_seed(seed))
-    return x.to(DEVICE, torch.bfloat16)
+    return x.to(device, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,10 +149,12 @@ EXPECTED_BACKEND_USED = {"sdpa": "sdpa[FLASH_ATTENTION]", "flash-attn": "flash_a
 
 
 @pytest.mark.parametrize("seq", [1, 77, 256])
-@pytest.mark.parametrize("attention_backend", ["sdpa", pytest.param("flash-attn", marks=needs_flash_attn)])
-def test_mla_bf16_kernels_agree_with_eager(attention_backend, seq):
-    config, reference, eager, flash = _mla_pair(attention_backend)
-    x = _bf16_input(config, seq=seq)
+@pytest.mark.parametrize("attention_backend", ["sdpa", "flash-attn"])
+def test_mla_bf16_kernels_agree_with_eager(device, attention_backend, seq, request):
+    if attention_backend == "flash-attn":
+        request.getfixturevalue("flash_attn")
+    config, reference, eager, flash = _mla_pair(attention_backend, device)
+    x = _bf16_input(config, device, seq=seq)
     with torch.no_grad():
         ref = reference(x.float())
         out_eager = eager(x)
@@ -101,15 +172,15 @@ def test_mla_bf16_kernels_agree_with_eager(attention_backend, seq):
 # --------------------------------------------------------------------------------------------
 
 
-def test_sdpa_path_runs_pytorch_flash_kernel():
-    config, _, _, flash = _mla_pair("sdpa")
-    x = _bf16_input(config)
+def test_sdpa_path_runs_pytorch_flash_kernel(device):
+    config, _, _, flash = _mla_pair("sdpa", device)
+    x = _bf16_input(config, device)
     with torch.no_grad():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             out = flash(x)
         assert flash.backend_used == "sdpa[FLASH_ATTENTION]"
         ops = {event.key for event in prof.key_averages()}
-        assert SDPA_FLASH_OP in ops, f"PyTorch's flash SDPA op did not run; ops seen: {sorted(ops)}"
+        assert SDPA_FLASH_OP[device] in ops, f"PyTorch's flash SDPA op did not run; ops seen: {sorted(ops)}"
 
         # The pinned call itself: sdpa_kernel([FLASH_ATTENTION]) would raise if flash could not run.
         q, k, v = flash.project_qkv(x)
@@ -121,20 +192,31 @@ def test_sdpa_path_runs_pytorch_flash_kernel():
         torch.testing.assert_close(flash.o_proj(o_in), out, atol=0, rtol=0)
 
 
-def test_sdpa_flash_pin_is_binding():
-    """Where PyTorch's flash backend cannot run (float32), the pinned call raises instead of falling back."""
-    q = torch.randn(2, 4, 16, 96, device=DEVICE)
-    k = torch.randn(2, 4, 16, 96, device=DEVICE)
-    v = torch.randn(2, 4, 16, 64, device=DEVICE)
+def _strided_last_dim(device: str) -> torch.Tensor:
+    return torch.randn(2, 4, 96, 16, device=device).transpose(-1, -2)  # last dim has stride 16, not 1
+
+
+def _float32(device: str) -> torch.Tensor:
+    return torch.randn(2, 4, 16, 96, device=device)
+
+
+@pytest.mark.parametrize("inadmissible", [
+    _strided_last_dim,  # no flash kernel takes a strided last dim, on either device
+    pytest.param(_float32, marks=needs_cuda),  # CUDA's flash kernel takes only fp16/bf16 (the CPU's takes fp32)
+])
+def test_sdpa_flash_pin_is_binding(device, inadmissible):
+    """Where PyTorch's flash backend cannot run, the pinned call raises instead of falling back."""
+    if device == "cpu" and inadmissible is _float32:
+        pytest.skip("the CPU flash kernel takes float32")
+    q = inadmissible(device)
+    v = torch.randn(*q.shape[:-1], 64, device=device, dtype=q.dtype)
+    F.scaled_dot_product_attention(q, q, v, is_causal=True)  # any backend may run it unpinned
     with pytest.raises(RuntimeError):
-        sdpa_causal_attention(q, k, v, 96 ** -0.5, force_flash=True)
+        sdpa_causal_attention(q, q, v, 96 ** -0.5, force_flash=True)
 
 
-@needs_flash_attn
 @pytest.mark.parametrize("attention_backend", ["flash-attn", "auto"])
-def test_flash_attn_path_calls_flash_attn_func(monkeypatch, attention_backend):
-    import flash_attn
-
+def test_flash_attn_path_calls_flash_attn_func(device, flash_attn, monkeypatch, attention_backend):
     calls = []
     original = flash_attn.flash_attn_func
 
@@ -143,8 +225,8 @@ def test_flash_attn_path_calls_flash_attn_func(monkeypatch, attention_backend):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(flash_attn, "flash_attn_func", spy)
-    config, _, eager, flash = _mla_pair(attention_backend)
-    x = _bf16_input(config, seq=96)
+    config, _, eager, flash = _mla_pair(attention_backend, device)
+    x = _bf16_input(config, device, seq=96)
     with torch.no_grad():
         out = flash(x)
         expected = eager(x)
@@ -161,19 +243,16 @@ def test_flash_attn_path_calls_flash_attn_func(monkeypatch, attention_backend):
 # --------------------------------------------------------------------------------------------
 
 
-VOCAB_SIZE = 1000
-
-
-def _model_config(**changes) -> ExperimentConfig:
+def _model_config(**changes: Any) -> ExperimentConfig:
     return ExperimentConfig(vocab_size=VOCAB_SIZE, n_layers=2, max_seq_len=128, **changes)
 
 
-def _train_step(model, config: ExperimentConfig) -> torch.Tensor:
+def _train_step(model: torch.nn.Module, config: ExperimentConfig, device: str) -> torch.Tensor:
     gen = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, VOCAB_SIZE, (4, config.max_seq_len + 1), generator=gen).to(DEVICE)
+    tokens = torch.randint(0, VOCAB_SIZE, (4, config.max_seq_len + 1), generator=gen).to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     model.train()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with _autocast(device):
         logits, aux = model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss = loss + config.load_balancing_weight * aux
@@ -183,14 +262,15 @@ def _train_step(model, config: ExperimentConfig) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "model_name,attention_backend",
-    [("baseline", "auto"), ("mla", "auto"), ("mla", "sdpa"), ("mla", "eager"),
-     pytest.param("mla", "flash-attn", marks=needs_flash_attn)],
+    [("baseline", "auto"), ("mla", "auto"), ("mla", "sdpa"), ("mla", "eager"), ("mla", "flash-attn")],
 )
-def test_full_model_bf16_autocast_forward_backward(model_name, attention_backend):
+def test_full_model_bf16_autocast_forward_backward(device, model_name, attention_backend, request):
+    if attention_backend == "flash-attn":
+        request.getfixturevalue("flash_attn")
     config = _model_config(attention_backend=attention_backend)
     cls = BaselineAttentionModel if model_name == "baseline" else FlashAttentionModel
-    model = cls(config).to(DEVICE)
-    loss = _train_step(model, config)
+    model = cls(config).to(device)
+    loss = _train_step(model, config, device)
     assert torch.isfinite(loss).item(), f"loss {loss.item()}"
     assert math.log(VOCAB_SIZE) * 0.5 < loss.item() < math.log(VOCAB_SIZE) * 2
     for name, p in model.named_parameters():
@@ -200,7 +280,7 @@ def test_full_model_bf16_autocast_forward_backward(model_name, attention_backend
         expected = ["sdpa[FLASH_ATTENTION]"]  # pinned to the same kernel family as MLA
     elif attention_backend == "eager":
         expected = ["eager"]
-    elif attention_backend == "flash-attn" or (attention_backend == "auto" and flash_attn_installed()):
+    elif attention_backend == "flash-attn" or (attention_backend == "auto" and _flash_attn_importable()):
         expected = ["flash_attn.flash_attn_func"]
     else:
         expected = ["sdpa[FLASH_ATTENTION]"]
@@ -209,31 +289,34 @@ def test_full_model_bf16_autocast_forward_backward(model_name, attention_backend
 
 # --------------------------------------------------------------------------------------------
 # (d) the MoE: every dispatch path agrees with the loop in bf16; the auto path is sync-free where
-#     grouped_mm runs fused (sm90+), and says so where it cannot be (sm80/sm89)
+#     grouped_mm runs fused (sm90) or on the CPU's kernel, and the recorded fallback elsewhere
 # --------------------------------------------------------------------------------------------
 
 
 def _moe_step(moe: MixtureOfExperts, x: torch.Tensor) -> None:
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with _autocast(x.device.type):
         out, aux = moe(x)
         loss = out.float().square().mean() + 0.01 * aux
     loss.backward()
 
 
+GROUPED_PATHS = {"cuda": (GROUPED_FUSED, GROUPED_PER_GROUP), "cpu": (GROUPED_CPU,)}
+
+
 @pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted"])
-def test_moe_dispatch_matches_loop_in_bf16_with_empty_experts_and_uneven_groups(dispatch):
+def test_moe_dispatch_matches_loop_in_bf16_with_empty_experts_and_uneven_groups(device, dispatch):
     config = ExperimentConfig(vocab_size=VOCAB_SIZE, router_noise_std=0.0, moe_dispatch=dispatch)
     moe = MixtureOfExperts(config)
     _randomize_(moe, seed=3)
     force_uneven_routing(moe, config)
     loop = copy.deepcopy(moe)
     loop.dispatch = "loop"
-    moe, loop = moe.to(DEVICE).train(), loop.to(DEVICE).train()
-    x = torch.randn(4, 64, config.d_model, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    moe, loop = moe.to(device).train(), loop.to(device).train()
+    x = torch.randn(4, 64, config.d_model, generator=torch.Generator().manual_seed(2)).to(device)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     _moe_step(moe, x1)
     _moe_step(loop, x2)
-    expected = {"grouped_mm": (GROUPED_FUSED, GROUPED_PER_GROUP), "sorted": (SORTED_SPLIT,)}[dispatch]
+    expected = {"grouped_mm": GROUPED_PATHS[device], "sorted": (SORTED_SPLIT,)}[dispatch]
     assert moe.dispatch_used in expected and loop.dispatch_used == MASK_LOOP
     assert x1.grad is not None and x2.grad is not None
     torch.testing.assert_close(x1.grad, x2.grad, atol=BF16_ATOL, rtol=BF16_RTOL)
@@ -246,26 +329,43 @@ def test_moe_dispatch_matches_loop_in_bf16_with_empty_experts_and_uneven_groups(
     assert all(p.grad is None for p in loop.experts[0].parameters())  # expert 0 really was empty
 
 
-def test_moe_auto_dispatch_is_sync_free_on_sm90_and_the_recorded_fallback_elsewhere():
+@contextlib.contextmanager
+def _no_host_sync(device: str) -> Iterator[None]:
+    """Fail on any host-device sync: CUDA's own sync debug mode, or its CPU stand-in."""
+    if device == "cpu":
+        with HostSyncDetector():
+            yield
+        return
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+SYNC_FREE_PATHS: dict[str, Callable[[tuple[int, int] | None], str | None]] = {
+    # the path `auto` must plan, and whether it must run without a host sync (None: it syncs by design)
+    "cpu": lambda capability: GROUPED_CPU,
+    "cuda": lambda capability: GROUPED_FUSED if capability is not None and capability[0] == 9 else None,
+}
+
+
+def test_moe_auto_dispatch_is_sync_free_on_sm90_and_the_recorded_fallback_elsewhere(device):
     config = ExperimentConfig(vocab_size=VOCAB_SIZE)
-    moe = MixtureOfExperts(config).to(DEVICE).train()
-    capability = torch.cuda.get_device_capability()
-    planned = moe.plan(torch.device(DEVICE), torch.bfloat16, capability)
-    x = torch.randn(4, 128, config.d_model, device=DEVICE, requires_grad=True)
+    moe = MixtureOfExperts(config).to(device).train()
+    capability = cuda_capability(torch.device(device))
+    planned = moe.plan(torch.device(device), torch.bfloat16, capability)
+    x = torch.randn(4, 128, config.d_model, device=device, requires_grad=True)
     _moe_step(moe, x)  # warm-up outside the check: lazy CUDA/cuBLAS initialisation is not the code under test
     moe.zero_grad(set_to_none=True)
     x.grad = None
-    torch.cuda.synchronize()
-    if capability[0] in (9, 10):
-        assert planned == GROUPED_FUSED
-        try:
-            torch.cuda.set_sync_debug_mode("error")
+    sync_free = SYNC_FREE_PATHS[device](capability)
+    if sync_free is not None:
+        assert planned == sync_free
+        with _no_host_sync(device):
             _moe_step(moe, x)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    else:  # sm80/sm89: grouped_mm would sync per call, so the one-sync sorted split runs, and is recorded
+    else:  # sm80/sm89 (grouped_mm would sync per call) and sm100+ (the safe path): the one-sync sorted split
         assert planned == SORTED_SPLIT
         _moe_step(moe, x)
-    torch.cuda.synchronize()
     assert moe.dispatch_used == planned
     assert x.grad is not None and torch.isfinite(x.grad).all().item()

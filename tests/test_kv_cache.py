@@ -141,3 +141,52 @@ def test_cost_report_records_measured_and_analytic_cache_bytes_for_every_mode(co
     assert deepseek["kv_cache_bytes_per_token_per_layer_bf16_by_mode"] == {
         "latent": {"analytic": 320, "measured": 320}, "expanded": {"analytic": 1280, "measured": 1280}}
     assert deepseek["kv_cache_mode"] == "latent" and deepseek["kv_cache_bytes_per_token_per_layer_bf16_measured"] == 320
+
+
+@pytest.mark.parametrize("model_cls,mode", ARMS)
+def test_prefill_and_decode_attention_run_under_the_pinned_backend_list(config, model_cls, mode, monkeypatch):
+    """Every SDPA call of a cached prefill or decode step runs inside sdpa_kernel(CACHED_ATTENTION_BACKENDS)
+    (no cuDNN, whose per-shape plans would be rebuilt at every decode length), for every cache mode; the
+    module records that choice as its backend."""
+    from torch.nn.attention import SDPBackend
+
+    import models.attention_ops as attention_ops
+
+    entered: list[list[SDPBackend]] = []
+    active: list[list[SDPBackend]] = []
+    real_kernel, real_sdpa = attention_ops.sdpa_kernel, attention_ops.F.scaled_dot_product_attention
+    sdpa_calls_under: list[list[SDPBackend] | None] = []
+
+    def recording_kernel(backends, *args, **kwargs):
+        entered.append(list(backends))
+        context = real_kernel(backends, *args, **kwargs)
+
+        class Recorded:
+            def __enter__(self):
+                active.append(list(backends))
+                return context.__enter__()
+
+            def __exit__(self, *exc):
+                active.pop()
+                return context.__exit__(*exc)
+
+        return Recorded()
+
+    def recording_sdpa(*args, **kwargs):
+        sdpa_calls_under.append(active[-1] if active else None)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention_ops, "sdpa_kernel", recording_kernel)
+    monkeypatch.setattr(attention_ops.F, "scaled_dot_product_attention", recording_sdpa)
+    model = _model(config, model_cls, n_heads=4)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        caches = model.new_caches(mode)
+        model(ids[:, :5], caches)  # prefill
+        model(ids[:, 5:6], caches)  # one decode step
+        model(ids[:, 6:9], caches)  # a 3-token chunk after a cached prefix (masked)
+    expected = list(attention_ops.CACHED_ATTENTION_BACKENDS)
+    assert SDPBackend.CUDNN_ATTENTION not in expected
+    assert entered and all(backends == expected for backends in entered)
+    assert sdpa_calls_under and all(under == expected for under in sdpa_calls_under), sdpa_calls_under
+    assert model.attention_backends()[0].startswith(attention_ops.CACHED_ATTENTION_KERNELS)

@@ -82,7 +82,10 @@ def test_bf16_grouped_mm_matches_loop_on_cpu(config):
 
 @pytest.mark.parametrize("capability,dtype,requested,expected", [
     ((9, 0), torch.bfloat16, "auto", GROUPED_FUSED),  # H100 / H200
-    ((10, 0), torch.bfloat16, "auto", GROUPED_FUSED),  # B200
+    ((10, 0), torch.bfloat16, "auto", SORTED_SPLIT),  # B200: PyTorch's fused kernel has open bugs there; the safe path
+    ((10, 3), torch.bfloat16, "auto", SORTED_SPLIT),  # B300 (sm103: NaN backward)
+    ((12, 0), torch.bfloat16, "auto", SORTED_SPLIT),  # RTX 50xx: no fused kernel
+    ((10, 0), torch.bfloat16, "grouped_mm", GROUPED_FUSED),  # asked for on sm100: the fused kernel runs
     ((8, 9), torch.bfloat16, "auto", SORTED_SPLIT),  # RTX 4090: grouped_mm would loop with a host sync per call
     ((8, 0), torch.bfloat16, "auto", SORTED_SPLIT),  # A100
     ((8, 9), torch.bfloat16, "grouped_mm", GROUPED_PER_GROUP),  # asked for: runs, and says what it is

@@ -22,9 +22,9 @@ from data.dataset import TokenData, exposure_line, exposure_report, prepare_data
 from data.sources import check_local_path
 from data.tokenizer import TOKENIZER_FILE, save_tokenizer
 from experiment_config import ConfigError, ExperimentConfig
-from hardware import device_name, precision_label, release_memory, resolve_device, resolve_precision
+from hardware import BF16, cuda_capability, device_name, precision_label, release_memory, resolve_device, resolve_precision
 from inference.generate import cache_mode_for, generate_text
-from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_installed
+from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_import_error, flash_attn_unusable
 from models.checkpoint import ModelBuilder, arm_builders, run_checkpoint_dir, save_checkpoint
 from models.costs import cost_report
 from models.transformer import MoELanguageModel
@@ -47,11 +47,7 @@ def preflight(config: ExperimentConfig, local_rank: int | None = None) -> torch.
     process's rank on its node, under torchrun)."""
     config.validate()
     device = resolve_device(config, local_rank)
-    if config.attention_backend == "flash-attn":
-        if not flash_attn_installed():
-            raise ConfigError(f"--attention-backend flash-attn: flash-attn is not installed; run `{FLASH_ATTN_INSTALL}` or use --attention-backend auto")
-        if device.type != "cuda":
-            raise ConfigError("--attention-backend flash-attn needs a CUDA GPU; use --attention-backend sdpa on CPU")
+    check_flash_attn(config, device)
     if config.compile and resolve_precision(config, device) != "bf16":
         raise ConfigError("--compile needs bf16 (the grouped-GEMM MoE compiles only in bf16): add --precision bf16, "
                           "or drop --compile")
@@ -67,6 +63,28 @@ def preflight(config: ExperimentConfig, local_rank: int | None = None) -> torch.
         raise ConfigError(f"cannot write the token cache to {config.cache_dir!r} ({error.strerror or error}); "
                           "choose another --cache-dir") from error
     return device
+
+
+def check_flash_attn(config: ExperimentConfig, device: torch.device) -> None:
+    """Import flash-attn once, before any data is loaded: `--attention-backend flash-attn` stops here when
+    it cannot run (not installed, a wheel built for another torch, fp32, no or an unsupported GPU); `auto`
+    falls back to SDPA and its run's backend line says why (deepseek_modeling)."""
+    if config.attention_backend == "auto" and device.type == "cuda":
+        flash_attn_import_error()
+    if config.attention_backend != "flash-attn":
+        return
+    if device.type != "cuda":
+        raise ConfigError("--attention-backend flash-attn needs a CUDA GPU; use --attention-backend sdpa on CPU")
+    if resolve_precision(config, device) != BF16:
+        raise ConfigError("--attention-backend flash-attn with --precision fp32: flash-attn runs only in fp16/bf16; "
+                          "use --precision bf16 (or auto), or --attention-backend sdpa")
+    reason = flash_attn_unusable(cuda_capability(device))
+    if reason is None:
+        return
+    fix = "use --attention-backend auto (SDPA's FlashAttention kernel)"
+    if reason == flash_attn_import_error():  # the package is missing or broken, not the card unsupported
+        fix = f"run `{FLASH_ATTN_INSTALL}` (it builds against the installed torch), or {fix}"
+    raise ConfigError(f"--attention-backend flash-attn: {reason}; {fix}")
 
 
 def _library_versions() -> dict[str, str]:

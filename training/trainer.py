@@ -130,6 +130,7 @@ def prepare_model(model: MoELanguageModel, config: ExperimentConfig, device: tor
     """
     model.to(device).train()
     paths = model.plan_moe_dispatch(device, torch.bfloat16 if precision == BF16 else torch.float32)
+    model.plan_attention(device)
     if config.compile:
         for block in model.transformer_blocks():
             block.compile()
