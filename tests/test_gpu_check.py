@@ -92,11 +92,18 @@ def test_an_unreadable_test_report_fails():
 
 @pytest.fixture(scope="module")
 def cpu_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A real (tiny, CPU, float32) experiment's results."""
+    """A real (tiny, CPU, float32) experiment's results, made as on the GPU check's image: with neither
+    `datasets` nor `flash-attn` importable (an entry of None in sys.modules makes `import` raise)."""
+    from models.attention_ops import flash_attn_import_error
     from tests.conftest import tiny_config
 
     config = tiny_config(tmp_path_factory.mktemp("run"), max_steps=2, eval_every=2, save_checkpoints=False)
-    run_experiment(config, log=lambda line: None)
+    with pytest.MonkeyPatch.context() as patch:
+        for package in ("datasets", "flash_attn"):
+            patch.setitem(sys.modules, package, None)
+        flash_attn_import_error.cache_clear()
+        run_experiment(config, log=lambda line: None)
+    flash_attn_import_error.cache_clear()
     return json.loads((Path(config.output_dir) / "exp6_attention_comparison.json").read_text())
 
 
