@@ -226,3 +226,16 @@ def test_a_timed_out_stage_is_exit_124_and_its_process_group_is_killed(tmp_path)
                                           1, log)
     assert code == 124 and seconds < 10
     assert "started" in log.read_text() and "TIMED OUT" in log.read_text()
+
+
+def test_stage_0_probe_on_a_card(monkeypatch):
+    """The probe's CUDA branch, with the CUDA runtime answering like an H200 (tests/fake_cuda.py)."""
+    import hardware
+    from tests.fake_cuda import install_fake_cuda
+
+    install_fake_cuda(monkeypatch, "NVIDIA H200", (9, 0))
+    monkeypatch.setattr(hardware, "nvidia_driver_version", lambda: "580.65.06")
+    info = gpu_check.probe_environment()
+    assert info["cuda_available"] and info["card"] == "NVIDIA H200" and info["capability"] == "sm90"
+    assert info["gpus"] == 1 and info["driver"] == "580.65.06"
+    assert gpu_check.environment_verdict(info).ok
