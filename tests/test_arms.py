@@ -186,11 +186,14 @@ def test_a_tiny_run_with_all_four_arms_writes_every_arm_pairs_budget_and_plots(c
     comparison = written["comparison"]
     assert list(comparison["pairs"]) == list(PAIRS)
     for pair, values in comparison["pairs"].items():
-        assert set(values) == {"val_loss", "val_accuracy", "val_perplexity", "verdict"}, pair
+        assert set(values) == {"val_loss", "val_accuracy", "val_perplexity", "verdict", "n", "excluded_seeds",
+                               "p_value", "p_holm", "verdict_holm"}, pair
+        assert values["n"] == 1 and values["excluded_seeds"] == [] and values["p_holm"] is None
         first, second = pair.split(" - ")
         assert values["val_loss"]["differences"] == pytest.approx(
             [written[first]["runs"][0]["val_loss"] - written[second]["runs"][0]["val_loss"]])
         assert values["verdict"].startswith("single seed")
+        assert values["verdict_holm"] == "not tested: a single seed"
     assert comparison["val_loss"] == comparison["pairs"]["deepseek - baseline"]["val_loss"]  # the published shape
     assert comparison["verdict"] == comparison["pairs"]["deepseek - baseline"]["verdict"]
     budget = comparison["matched_kv_budget"]

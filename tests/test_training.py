@@ -155,7 +155,11 @@ def test_nan_at_a_step_fails_that_run_only_and_is_recorded(config):
     assert written["experiment"]["status"] == "completed"
     assert written["deepseek"]["val_loss"] is None and written["deepseek"]["seeds_failed"] == [config.seed]
     assert any("FAILED" in line for line in lines)
-    assert results["comparison"]["verdict"] == "no seed finished for both models"
+    assert results["comparison"]["verdict"] == (f"no seed finished for both models; seed {config.seed} excluded: "
+                                                "deepseek failed at step 3 (non-finite loss)")
+    assert results["comparison"]["n"] == 0
+    assert results["comparison"]["excluded_seeds"] == [
+        {"seed": config.seed, "reason": "deepseek failed at step 3 (non-finite loss)"}]
 
 
 def test_ctrl_c_keeps_what_finished_and_says_where(config):
@@ -204,7 +208,7 @@ def test_three_seeds_give_spread_and_paired_interval(config):
     differences = [d - b for d, b in zip(losses["deepseek"], losses["baseline"], strict=True)]
     diff = results["comparison"]["val_loss"]
     assert diff["seeds"] == [1, 2, 3] and diff["differences"] == pytest.approx(differences)
-    mean, half = statistics.mean(differences), 4.303 * statistics.stdev(differences) / math.sqrt(3)
+    mean, half = statistics.mean(differences), 4.302653 * statistics.stdev(differences) / math.sqrt(3)
     assert diff["ci95"] == pytest.approx([mean - half, mean + half])
     significant = not (mean - half <= 0 <= mean + half)
     assert results["comparison"]["verdict"].startswith(
@@ -216,11 +220,11 @@ def test_paired_interval_and_verdict():
     assert same["verdict"].startswith("no significant difference")
     better = paired_difference({1: 0.90, 2: 0.91, 3: 0.92}, {1: 1.00, 2: 1.00, 3: 1.01})
     assert better["verdict"].startswith("deepseek is better")
-    # t(0.975, 2) = 4.303: half-width = 4.303 * sd / sqrt(3)
+    # t(0.975, 2) = 4.302653 (published tables): half-width = t * sd / sqrt(3)
     diffs = [-0.10, -0.09, -0.09]
     mean = sum(diffs) / 3
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
-    assert better["ci95"][1] - better["mean"] == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert better["ci95"][1] - better["mean"] == pytest.approx(4.302653 * sd / math.sqrt(3))
 
 
 @pytest.mark.parametrize("model_cls", [BaselineAttentionModel, FlashAttentionModel, GroupedQueryAttentionModel,

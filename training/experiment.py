@@ -89,7 +89,7 @@ def check_flash_attn(config: ExperimentConfig, device: torch.device) -> None:
 
 def _library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "tokenizers", "datasets", "numpy", "matplotlib", "flash-attn"):
+    for package in ("torch", "transformers", "tokenizers", "datasets", "numpy", "scipy", "matplotlib", "flash-attn"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

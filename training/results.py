@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 
 from arms import BASELINE, MLA, arm_label, ordered_arms
 from reporting import fmt
-from training.stats import mean_std, paired_difference
+from training.stats import ALPHA, holm_verdicts, mean_std, paired_difference
 
 RESULTS_FILE = "exp6_attention_comparison.json"
 MEASURED_KV = "kv_cache_bytes_per_token_per_layer_bf16_measured"
@@ -62,29 +62,79 @@ def comparison_pairs(arms: Iterable[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def exclusion_reason(arm: str, run: dict[str, Any] | None, key: str) -> str | None:
+    """Why this arm's run of a seed cannot be paired on `key` (None: it can): 'deepseek failed at step 212
+    (non-finite loss)', 'baseline was interrupted', 'gqa did not run', ..."""
+    if run is None:
+        return f"{arm} did not run"
+    status = run.get("status")
+    if status == "completed":
+        return None if run.get(key) is not None else f"{arm} has no {key}"
+    if status == "failed":
+        if run.get("failed_at_step") is not None:
+            return f"{arm} failed at step {run['failed_at_step']} (non-finite loss)"
+        return f"{arm} failed ({run.get('failure', 'unknown error')})"
+    if status in STOPPED_STATUSES:
+        return f"{arm} was {status}"
+    return f"{arm} is still {status}"
+
+
 def paired_metrics(first_runs: list[dict[str, Any]], second_runs: list[dict[str, Any]],
                    names: tuple[str, str]) -> dict[str, Any]:
-    """Paired per-seed differences first - second for each final metric, and the val-loss verdict."""
-    def by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
-        return {r["seed"]: r[key] for r in runs if r["status"] == "completed" and r.get(key) is not None}
+    """Paired per-seed differences first - second for each final metric, and the val-loss verdict with its n
+    and every seed either arm ran that is not paired, with the reason."""
+    first_by_seed = {r["seed"]: r for r in first_runs}
+    second_by_seed = {r["seed"]: r for r in second_runs}
+    seeds = sorted(set(first_by_seed) | set(second_by_seed))
 
-    out = {key: paired_difference(by_seed(first_runs, key), by_seed(second_runs, key),
-                                  lower_is_better=key != "val_accuracy", names=names) for key in METRICS}
-    out["verdict"] = out["val_loss"]["verdict"]
+    def metric(key: str) -> dict[str, Any]:
+        values: tuple[dict[int, float], dict[int, float]] = ({}, {})
+        excluded = []
+        for seed in seeds:
+            reasons = [exclusion_reason(name, by_seed.get(seed), key)
+                       for name, by_seed in zip(names, (first_by_seed, second_by_seed))]
+            if any(reasons):
+                excluded.append({"seed": seed, "reason": "; ".join(r for r in reasons if r)})
+                continue
+            values[0][seed], values[1][seed] = first_by_seed[seed][key], second_by_seed[seed][key]
+        return paired_difference(*values, lower_is_better=key != "val_accuracy", names=names, excluded=excluded)
+
+    out = {key: metric(key) for key in METRICS}
+    out.update(verdict=out["val_loss"]["verdict"], n=out["val_loss"]["n"],
+               excluded_seeds=out["val_loss"]["excluded_seeds"], p_value=out["val_loss"]["p_value"])
     return out
+
+
+HEADLINE_BASIS = ("with several pairs the headline is deepseek - baseline's Holm-adjusted verdict (over every pair "
+                  "reported); with one pair, its 95% CI verdict (the two then agree)")
 
 
 def comparison(runs: Mapping[str, list[dict[str, Any]]],
                summaries: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every pair of comparison_pairs under `pairs` ("deepseek - baseline", "gqa - baseline", ...,
-    "deepseek - gqa", ...), each with its per-metric paired CI and verdict. The top level keeps the
-    published shape: deepseek - baseline per metric and its `verdict` (None when deepseek did not run).
+    "deepseek - gqa", ...), each with its per-metric paired CI and unadjusted verdict, its n and excluded
+    seeds, and its val-loss p-value Holm-adjusted across all the pairs (`p_holm`, `verdict_holm`). The top
+    level keeps the published shape: deepseek - baseline per metric and its `verdict` (None when deepseek did
+    not run); `headline` is the verdict the printed headline uses (HEADLINE_BASIS).
     With the arms' summaries (costs and mean losses), `matched_kv_budget` says which arms cache no
     more than MLA."""
-    pairs = {f"{a} - {b}": paired_metrics(runs[a], runs[b], (a, b)) for a, b in comparison_pairs(runs)}
-    main = pairs.get(f"{MLA} - {BASELINE}")
+    arm_pairs = comparison_pairs(runs)
+    pairs = {f"{a} - {b}": paired_metrics(runs[a], runs[b], (a, b)) for a, b in arm_pairs}
+    holm = holm_verdicts({pair: values["val_loss"] for pair, values in pairs.items()},
+                         {f"{a} - {b}": (a, b) for a, b in arm_pairs})
+    for pair, values in pairs.items():
+        values.update(holm[pair])
+    main_pair = f"{MLA} - {BASELINE}"
+    main = pairs.get(main_pair)
     out: dict[str, Any] = dict(main) if main is not None else {"verdict": None}
     out["pairs"] = pairs
+    out["multiple_comparisons"] = {
+        "method": "Holm step-down over the val-loss p-values of every pair reported; a pair without a p-value "
+                  "(one seed, none, or identical differences) counts as p = 1",
+        "pairs": len(pairs), "alpha": ALPHA, "headline_basis": HEADLINE_BASIS}
+    out["headline"] = None if main is None else {
+        "pair": main_pair, "basis": "holm" if len(pairs) > 1 else "ci95",
+        "verdict": main["verdict_holm"] if len(pairs) > 1 else main["verdict"]}
     if summaries is not None:
         out["matched_kv_budget"] = matched_kv_budget(summaries)
     return out
@@ -187,4 +237,10 @@ def format_table(results: dict[str, Any]) -> str:
     for pair, values in pairs.items():
         if values.get("verdict"):
             lines.append(f"Val loss, {pair}: {values['verdict']}")
+            if values.get("verdict_holm") and len(pairs) > 1:
+                lines.append(f"  Holm-adjusted: {values['verdict_holm']}")
+    headline = results.get("comparison", {}).get("headline")
+    if headline and headline.get("verdict") and len(pairs) > 1:
+        basis = f"Holm-adjusted over the {len(pairs)} pairs; the unadjusted CIs are above"
+        lines.append(f"Headline, val loss {headline['pair']} ({basis}): {headline['verdict']}")
     return "\n".join(lines)
