@@ -75,10 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
                              f"({_default('gqa_kv_heads')})")
     parser.add_argument("--lr-sweep", nargs="*", type=float, metavar="M",
                         help="before the comparison, tune each arm's learning rates: a short run per multiplier M (scaling "
-                             "both the Muon and the AdamW LR) on the first seed, keeping each arm's best by validation loss "
+                             "both the Muon and the AdamW LR) on a seed not among --seeds, keeping each arm's best by its "
+                             "loss on the tuning set (carved from the end of the training tokens; never the validation set) "
                              f"(default multipliers {' '.join(map(str, FULL_DEFAULTS.lr_sweep_multipliers))}, e.g. --lr-sweep 0.5 1 2)")
     parser.add_argument("--lr-sweep-steps", type=int, metavar="N",
                         help="optimizer steps per sweep run (default --steps / 4)")
+    parser.add_argument("--lr-sweep-seed", type=int, metavar="SEED",
+                        help="the sweep runs' seed; must not be one of --seeds (default: one above the largest of --seeds)")
+    parser.add_argument("--tuning-fraction", type=float, metavar="F",
+                        help=f"with --lr-sweep: this fraction of all tokens, just before the validation set, is the tuning "
+                             f"set the sweep selects on; nothing trains on it ({_default('tuning_fraction')}; without "
+                             "--lr-sweep these tokens train)")
     parser.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {FULL_DEFAULTS.device})")
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                         help="kernel for the MLA model: auto (flash-attn if installed, else SDPA), flash-attn, sdpa, eager "
@@ -142,7 +149,8 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
         "precision": args.precision, "moe_dispatch": args.moe_dispatch, "optimizer": args.optimizer,
         "lr_sweep": True if args.lr_sweep is not None else None,
         "lr_sweep_multipliers": tuple(args.lr_sweep) if args.lr_sweep else None,
-        "lr_sweep_steps": args.lr_sweep_steps,
+        "lr_sweep_steps": args.lr_sweep_steps, "lr_sweep_seed": args.lr_sweep_seed,
+        "tuning_fraction": args.tuning_fraction,
         "parallel": args.parallel, "dist_timeout_minutes": args.dist_timeout,
     }
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})

@@ -72,6 +72,7 @@ class ExperimentConfig:
     lr_sweep: bool = False  # before the comparison, pick each arm's LR multiplier by a short sweep (training/lr_sweep.py)
     lr_sweep_multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # each scales both muon_lr and adamw_lr
     lr_sweep_steps: int = 0  # steps per sweep run; 0: max_steps // 4 (at least 1)
+    lr_sweep_seed: int | None = None  # the sweep runs' seed, never a reported one; None: one above the largest of run_seeds
 
     # Data
     dataset_name: str = "HuggingFaceTB/smollm-corpus"
@@ -81,6 +82,7 @@ class ExperimentConfig:
     max_chars_per_doc: int = 3000
     max_tokens: int = 100_000
     val_fraction: float = 0.1
+    tuning_fraction: float = 0.1  # with --lr-sweep: this fraction of all tokens, just before validation, is the sweep's tuning set
     data_path: str | None = None  # the user's own .txt/.jsonl/.parquet instead of the Hub corpus
     offline: bool = False  # skip the Hub and use the built-in corpus
     offline_vocab_size: int = 8192  # vocabulary of the BPE tokenizer trained for the offline corpus
@@ -105,6 +107,12 @@ class ExperimentConfig:
     @property
     def run_seeds(self) -> tuple[int, ...]:
         return tuple(self.seeds) if self.seeds else (self.seed,)
+
+    @property
+    def sweep_seed(self) -> int:
+        """The seed of every LR-sweep run: lr_sweep_seed, or one above the largest reported seed, so that the
+        sweep's initial weights and batches are never those of a run the comparison reports."""
+        return self.lr_sweep_seed if self.lr_sweep_seed is not None else max(self.run_seeds) + 1
 
     @property
     def head_dim(self) -> int:
@@ -199,6 +207,12 @@ class ExperimentConfig:
             (0.0 <= self.warmup_fraction < 1.0, f"warmup_fraction={self.warmup_fraction} must be in [0, 1)"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"),
             (0.0 < self.val_fraction < 1.0, f"val_fraction={self.val_fraction} must be in (0, 1)"),
+            (0.0 < self.tuning_fraction and self.val_fraction + self.tuning_fraction < 1.0,
+             f"--tuning-fraction {self.tuning_fraction}: must be positive and leave training tokens "
+             f"(tuning_fraction + val_fraction < 1; val_fraction is {self.val_fraction})"),
+            (self.lr_sweep_seed is None or self.lr_sweep_seed not in self.run_seeds,
+             f"--lr-sweep-seed {self.lr_sweep_seed}: is one of the reported --seeds "
+             f"{' '.join(map(str, self.run_seeds))}; the sweep must not tune on a reported seed, choose another"),
             (self.num_documents > 0, f"--num-documents {self.num_documents}: must be at least 1"),
             (self.max_chars_per_doc > 0, f"max_chars_per_doc={self.max_chars_per_doc} must be positive"),
             (self.vocab_size is None or self.vocab_size > 1, "vocab_size must be > 1 or None"),
@@ -221,17 +235,20 @@ class ExperimentConfig:
                 raise ConfigError(message)
         self._validate_arms()
         window = self.max_seq_len + 1
-        smaller_part = min(self.val_fraction, 1 - self.val_fraction)
+        # train and validation; with --lr-sweep the tuning set too (without a sweep its tokens train)
+        parts = ((1 - self.val_fraction - self.tuning_fraction, self.tuning_fraction, self.val_fraction)
+                 if self.lr_sweep else (1 - self.val_fraction, self.val_fraction))
 
         def enough(tokens: int) -> bool:
-            return tokens >= 2 * window and smaller_part * tokens >= window
+            return tokens >= len(parts) * window and all(part * tokens >= window for part in parts)
 
         if not enough(self.max_tokens):
-            needed = max(2 * window, math.ceil(window / smaller_part))
+            needed = max(len(parts) * window, *(math.ceil(window / part) for part in parts))
             while not enough(needed):  # guard against rounding in the division
                 needed += 1
+            what = "training, tuning and validation window" if self.lr_sweep else "training and one validation window"
             raise ConfigError(
-                f"--max-tokens {self.max_tokens}: too few for one training and one validation window of "
+                f"--max-tokens {self.max_tokens}: too few for one {what} of "
                 f"{window} tokens (--seq-len {self.max_seq_len} + 1); use --max-tokens {needed} or more, or lower --seq-len"
             )
         return self

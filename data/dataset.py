@@ -1,8 +1,11 @@
 """Token data for the experiment: build or load the cached token array, split it, serve batches.
 
 The split is contiguous and disjoint: the first (1 - val_fraction) of the tokens train, the rest
-validate. Training windows are drawn only from the training part and validation windows only from
-the validation part, so no validation token ever appears in a training window.
+validate. With --lr-sweep a third part, the tuning set, is carved from the end of the training part
+(tuning_fraction of all tokens): the sweep selects on it alone, and without a sweep those tokens train,
+so the default run is unchanged. Each part is its own tensor and every window is cut from one part only
+(training windows from the training part, tuning and validation windows from theirs), so no window
+crosses a boundary and no training window holds a tuning or validation token.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,12 +32,21 @@ CACHE_FORMAT = 3  # 2: documents counts only those that contributed tokens; docu
 @dataclass
 class TokenData:
     train: torch.Tensor  # int64, 1-D
-    val: torch.Tensor  # int64, 1-D
+    val: torch.Tensor  # int64, 1-D: the reported validation set
     vocab_size: int
     info: dict[str, Any] = field(default_factory=dict)
     # The tokenizer that made the tokens, also on a cache hit (the offline BPE is cached beside them); None
     # only for a Hub tokenizer that is not in the local Hugging Face cache (then only its name is known).
     tokenizer: TextTokenizer | None = None
+    # The tuning set the LR sweep selects on (int64, 1-D): the tokens between train and val; empty without a sweep.
+    tune: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+
+    def for_tuning(self) -> "TokenData":
+        """The data a sweep run sees: the same training tokens, evaluated on the tuning set instead of the
+        validation set (trainer.train_model evaluates on `val`), so selection never looks at validation text."""
+        if len(self.tune) == 0:
+            raise ValueError("no tuning set: the split has one only when config.lr_sweep is set")
+        return replace(self, val=self.tune, tune=torch.zeros(0, dtype=torch.int64))
 
 
 @dataclass(frozen=True)
@@ -259,10 +271,23 @@ def _save_cache(config: ExperimentConfig, plan: DataPlan, tokens: np.ndarray, me
     write_atomic(meta_path, lambda file: json.dump(meta, file, indent=2), binary=False)
 
 
-def split_tokens(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """First (1 - val_fraction) of the tokens for training, the contiguous rest for validation."""
-    n_train = int(len(tokens) * (1 - val_fraction))
-    return tokens[:n_train], tokens[n_train:]
+def split_tokens(tokens: torch.Tensor, val_fraction: float,
+                 tuning_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train, tune, val), contiguous: the last val_fraction of the tokens validate, the tuning_fraction of
+    all tokens before them tune, the rest train. With tuning_fraction 0 the tuning part is empty and train is
+    exactly the first (1 - val_fraction): what a run without --lr-sweep trains on."""
+    n_before_val = int(len(tokens) * (1 - val_fraction))
+    n_tune = int(len(tokens) * tuning_fraction)
+    n_train = n_before_val - n_tune
+    return tokens[:n_train], tokens[n_train:n_before_val], tokens[n_before_val:]
+
+
+def documents_touched(tokens: torch.Tensor, eos_token_id: int | None) -> int | None:
+    """How many documents have at least one token in `tokens` (a contiguous part of the corpus, where every
+    document is followed by EOS): one more than the EOS tokens before its last position. None without EOS."""
+    if eos_token_id is None or len(tokens) == 0:
+        return None
+    return 1 + int((tokens[:-1] == eos_token_id).sum())
 
 
 def _token_data(tokens: np.ndarray, meta: dict[str, Any], tokenizer: TextTokenizer | None, config: ExperimentConfig,
@@ -276,19 +301,33 @@ def _token_data(tokens: np.ndarray, meta: dict[str, Any], tokenizer: TextTokeniz
                   if meta["documents_read"] >= config.num_documents else
                   f"all {meta['documents_read']:,} documents it holds were used: use a larger corpus")
         log(f"Data: the corpus holds only {len(tokens):,} tokens, fewer than --max-tokens {config.max_tokens:,}; {remedy}")
-    train, val = split_tokens(torch.from_numpy(tokens.astype(np.int64)), config.val_fraction)
+    tuning_fraction = config.tuning_fraction if config.lr_sweep else 0.0  # no sweep: the tuning tokens train
+    train, tune, val = split_tokens(torch.from_numpy(tokens.astype(np.int64)), config.val_fraction, tuning_fraction)
     window = config.max_seq_len + 1
-    if len(train) < window or len(val) < window:
+    if len(train) < window or len(val) < window or (config.lr_sweep and len(tune) < window):
+        tuning = f" / {len(tune):,} tuning" if config.lr_sweep else ""
         raise ConfigError(
-            f"the corpus gave {len(tokens):,} tokens: {len(train):,} train / {len(val):,} validation, fewer than one "
-            f"window of {window}; raise --max-tokens or --num-documents, or lower --seq-len"
+            f"the corpus gave {len(tokens):,} tokens: {len(train):,} train{tuning} / {len(val):,} validation, fewer "
+            f"than one window of {window} in a part; raise --max-tokens or --num-documents, or lower --seq-len"
         )
     info = {key: meta[key] for key in ("corpus_description", "tokenizer", "vocab_size", "documents", "documents_read",
                                        "offline", "cache_file")}
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
     info.update(source_label=plan.source_label(config), total_tokens=len(tokens), max_tokens_shortfall=shortfall,
-                train_tokens=len(train), val_tokens=len(val), cache_hit=cache_hit,
-                split=f"contiguous: first {1 - config.val_fraction:.0%} of tokens train, last {config.val_fraction:.0%} validate")
-    return TokenData(train=train, val=val, vocab_size=int(meta["vocab_size"]), info=info, tokenizer=tokenizer)
+                train_tokens=len(train), tuning_tokens=len(tune), val_tokens=len(val), cache_hit=cache_hit,
+                val_documents=documents_touched(val, eos), tuning_documents=documents_touched(tune, eos),
+                split=split_description(config))
+    return TokenData(train=train, val=val, vocab_size=int(meta["vocab_size"]), info=info, tokenizer=tokenizer, tune=tune)
+
+
+def split_description(config: ExperimentConfig) -> str:
+    """The split in words, for the JSON and the README's terms."""
+    val = f"last {config.val_fraction:.0%} validate (the reported set)"
+    if not config.lr_sweep:
+        return f"contiguous: first {1 - config.val_fraction:.0%} of tokens train, {val}"
+    train = 1 - config.val_fraction - config.tuning_fraction
+    return (f"contiguous: first {train:.0%} of tokens train, the next {config.tuning_fraction:.0%} are the tuning set "
+            f"(the LR sweep selects on it alone; nothing trains on it), {val}")
 
 
 def batch_starts(num_train_tokens: int, config: ExperimentConfig, seed: int) -> torch.Tensor:

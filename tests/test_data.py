@@ -23,8 +23,8 @@ from experiment_config import ConfigError, ExperimentConfig
 
 def test_split_is_contiguous_and_no_validation_token_is_in_any_training_window(config):
     tokens = torch.arange(1000)  # each position has a unique id, so overlap is detectable
-    train, val = split_tokens(tokens, 0.1)
-    assert len(train) == 900 and len(val) == 100
+    train, tune, val = split_tokens(tokens, 0.1)
+    assert len(train) == 900 and len(tune) == 0 and len(val) == 100
     assert torch.equal(torch.cat([train, val]), tokens)
     cfg = config.replace(max_steps=50, batch_size=8)
     starts = batch_starts(len(train), cfg, seed=3)
@@ -37,6 +37,40 @@ def test_split_is_contiguous_and_no_validation_token_is_in_any_training_window(c
     val_ids = set(val_x.flatten().tolist()) | set(val_y.flatten().tolist())
     assert seen and val_ids and seen.isdisjoint(val_ids)
     assert int(starts.max()) <= len(train) - (cfg.max_seq_len + 1)  # windows end inside the training part
+
+
+def test_three_way_split_carves_the_tuning_set_from_the_end_of_training():
+    tokens = torch.arange(1003)
+    train, tune, val = split_tokens(tokens, 0.1, 0.15)
+    assert torch.equal(torch.cat([train, tune, val]), tokens)  # contiguous, disjoint, nothing lost
+    assert (len(tune), len(val)) == (int(1003 * 0.15), 1003 - int(1003 * 0.9))
+    plain_train, plain_tune, plain_val = split_tokens(tokens, 0.1)
+    assert torch.equal(plain_val, val) and len(plain_tune) == 0
+    assert torch.equal(plain_train, torch.cat([train, tune]))  # without a sweep the tuning tokens train
+
+
+def test_without_a_sweep_the_data_and_batches_are_those_of_the_two_way_split(config):
+    """The default run is unchanged by the tuning set: the tokens it trains and validates on, and so every
+    batch, are exactly the first int(n * (1 - val_fraction)) tokens and the rest, as before the third part."""
+    plain = prepare_data(config, log=lambda _: None)
+    swept = prepare_data(config.replace(lr_sweep=True), log=lambda _: None)
+    n = plain.info["total_tokens"]
+    assert len(plain.train) == int(n * (1 - config.val_fraction)) and len(plain.tune) == 0
+    assert torch.equal(plain.train, torch.cat([swept.train, swept.tune])) and torch.equal(plain.val, swept.val)
+    assert len(swept.tune) == int(n * config.tuning_fraction) and swept.info["tuning_tokens"] == len(swept.tune)
+    assert torch.equal(batch_starts(len(plain.train), config, 42),
+                       batch_starts(int(n * (1 - config.val_fraction)), config, 42))
+    with pytest.raises(ValueError, match="no tuning set"):
+        plain.for_tuning()
+    tuning = swept.for_tuning()
+    assert tuning.val is swept.tune and tuning.train is swept.train
+
+
+def test_documents_touched_counts_the_documents_in_a_part():
+    eos = 0
+    assert dataset_module.documents_touched(torch.tensor([5, 6, 0, 7, 0, 8]), eos) == 3
+    assert dataset_module.documents_touched(torch.tensor([5, 6, 0]), eos) == 1  # the last EOS ends the only one
+    assert dataset_module.documents_touched(torch.tensor([5, 6]), None) is None
 
 
 def test_batches_are_shifted_by_one_and_fixed_by_seed(config):

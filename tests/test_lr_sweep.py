@@ -17,7 +17,7 @@ import training.trainer
 from exp6_trainer import build_parser, config_from_args, main
 from experiment_config import ConfigError, ExperimentConfig
 from training.experiment import MODEL_BUILDERS, run_experiment
-from training.lr_sweep import UNTUNED_NOTE, best_multiplier, sweep_config, sweep_steps
+from training.lr_sweep import EDGE_NOTE, UNTUNED_NOTE, at_grid_edge, best_multiplier, sweep_config, sweep_steps
 from training.plots import LR_SWEEP_PLOT
 from training.results import RESULTS_FILE
 
@@ -55,7 +55,8 @@ def test_sweep_picks_each_arms_best_multiplier_and_the_comparison_trains_at_it(c
     written = _read(cfg)
     sweep = written["lr_sweep"]
     assert sweep["tuned"] is True and "note" not in sweep
-    assert sweep["multipliers"] == list(MULTIPLIERS) and sweep["steps"] == 3 and sweep["seed"] == cfg.run_seeds[0]
+    assert sweep["multipliers"] == list(MULTIPLIERS) and sweep["steps"] == 3
+    assert sweep["seed"] == cfg.sweep_seed and sweep["seed"] not in cfg.run_seeds  # never a reported seed
     assert list(sweep["arms"]) == list(cfg.arms)
     for name in cfg.arms:
         entry = sweep["arms"][name]
@@ -63,13 +64,15 @@ def test_sweep_picks_each_arms_best_multiplier_and_the_comparison_trains_at_it(c
         for run in entry["runs"]:
             assert run["muon_lr"] == pytest.approx(cfg.muon_lr * run["multiplier"])
             assert run["adamw_lr"] == pytest.approx(cfg.adamw_lr * run["multiplier"])
-            assert set(run) >= {"multiplier", "muon_lr", "adamw_lr", "val_loss", "status"}
+            assert set(run) >= {"multiplier", "muon_lr", "adamw_lr", "tuning_loss", "status"}
         diverged = entry["runs"][-1]
         assert diverged["status"] == "failed" and "diverged" in diverged["failure"]
-        assert all(r["status"] == "completed" and math.isfinite(r["val_loss"]) for r in entry["runs"][:-1])
+        assert all(r["status"] == "completed" and math.isfinite(r["tuning_loss"]) for r in entry["runs"][:-1])
         # the best is the argmin of the recorded losses, a failed run counting as +inf
-        losses = {r["multiplier"]: (r["val_loss"] if r["status"] == "completed" else math.inf) for r in entry["runs"]}
+        losses = {r["multiplier"]: (r["tuning_loss"] if r["status"] == "completed" else math.inf) for r in entry["runs"]}
         assert entry["best_multiplier"] == min(losses, key=lambda m: (losses[m], m)) != 1e4
+        edge = entry["best_multiplier"] == min(MULTIPLIERS)
+        assert entry["at_grid_edge"] is edge and (entry.get("warning") == EDGE_NOTE) is edge
         assert entry["muon_lr"] == pytest.approx(cfg.muon_lr * entry["best_multiplier"])
         assert entry["adamw_lr"] == pytest.approx(cfg.adamw_lr * entry["best_multiplier"])
         # every sweep run really used its LRs, on the short horizon, from the first seed
@@ -85,7 +88,8 @@ def test_sweep_picks_each_arms_best_multiplier_and_the_comparison_trains_at_it(c
         assert len(summary["runs"]) == 1 and summary["runs"][0]["curve"]["step"][-1] == cfg.max_steps
         sweep_lines = [line for line in lines if line.startswith(f"LR sweep {name} x")]
         assert len(sweep_lines) == len(MULTIPLIERS)
-        assert sum(line.startswith(f"LR sweep {name}: best multiplier x{entry['best_multiplier']:g}") for line in lines) == 1
+        best_lines = [line for line in lines if line.startswith(f"LR sweep {name}: best multiplier x{entry['best_multiplier']:g}")]
+        assert len(best_lines) == 1 and best_lines[0].endswith(f"WARNING: {EDGE_NOTE}") is edge
     assert len(built) == len(cfg.arms) * (len(MULTIPLIERS) + 1)
     # sweep runs save no model: only the comparison's runs have checkpoints
     saved = sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir())
@@ -126,13 +130,13 @@ def test_an_interrupted_sweep_keeps_the_runs_that_finished(config, monkeypatch):
     written = _read(cfg)
     assert written["experiment"]["status"] == "interrupted"
     runs = written["lr_sweep"]["arms"]["baseline"]["runs"]
-    assert [r["status"] for r in runs] == ["completed", "interrupted"] and math.isfinite(runs[0]["val_loss"])
+    assert [r["status"] for r in runs] == ["completed", "interrupted"] and math.isfinite(runs[0]["tuning_loss"])
     assert written["baseline"]["runs"] == []  # the comparison never started
 
 
 def test_best_multiplier_ignores_failed_runs_and_breaks_ties_towards_the_smaller():
     def run(m: float, loss: float | None, status: str = "completed") -> dict[str, Any]:
-        return {"multiplier": m, "val_loss": loss, "status": status}
+        return {"multiplier": m, "tuning_loss": loss, "status": status}
 
     assert best_multiplier([run(0.5, 3.0), run(1.0, 2.0), run(2.0, 2.5)]) == 1.0
     assert best_multiplier([run(2.0, 2.0), run(0.5, 2.0), run(1.0, 2.0)]) == 0.5  # ties: the smaller
@@ -161,12 +165,17 @@ def test_cli_flags_reach_the_config():
     chosen = parse("--lr-sweep", "0.5", "2", "--lr-sweep-steps", "7")
     assert (chosen.lr_sweep, chosen.lr_sweep_multipliers, chosen.lr_sweep_steps) == (True, (0.5, 2.0), 7)
     assert "--lr-sweep" in build_parser().format_help() and "--lr-sweep-steps" in build_parser().format_help()
+    seeded = parse("--lr-sweep", "--lr-sweep-seed", "7", "--tuning-fraction", "0.2")
+    assert (seeded.lr_sweep_seed, seeded.sweep_seed, seeded.tuning_fraction) == (7, 7, 0.2)
+    assert plain.lr_sweep_seed is None and plain.sweep_seed == max(plain.run_seeds) + 1
 
 
 @pytest.mark.parametrize("args,flag", [
     (["--lr-sweep", "0"], "--lr-sweep"),
     (["--lr-sweep", "1", "1"], "--lr-sweep"),
     (["--lr-sweep", "--lr-sweep-steps", "-1"], "--lr-sweep-steps -1"),
+    (["--lr-sweep", "--seeds", "42", "43", "--lr-sweep-seed", "43"], "--lr-sweep-seed 43"),
+    (["--lr-sweep", "--tuning-fraction", "0"], "--tuning-fraction 0"),
 ])
 def test_bad_sweep_flags_are_named_in_one_line(args, flag, tmp_path, capsys):
     code = main(["--offline", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path / "out"), *args])
@@ -181,3 +190,79 @@ def test_multipliers_round_trip_through_json():
     assert ExperimentConfig.from_dict({"lr_sweep_multipliers": [1, 2]}).lr_sweep_multipliers == (1.0, 2.0)
     with pytest.raises(ConfigError, match="lr_sweep_multipliers"):
         ExperimentConfig.from_dict({"lr_sweep_multipliers": ["fast"]})
+
+
+def test_the_sweep_never_sees_a_validation_token_and_no_training_window_a_tuning_or_validation_one(config,
+                                                                                                    monkeypatch):
+    """Every token is replaced by its position in the corpus (the real split's part lengths kept), so the values
+    of every window the trainer evaluates or trains on say where in the corpus it came from."""
+    import data.dataset
+    import training.experiment
+
+    real_prepare = training.experiment.prepare_data
+
+    def positional(cfg: ExperimentConfig, log: Any = print) -> data.dataset.TokenData:
+        loaded = real_prepare(cfg, log)
+        ends = [len(loaded.train), len(loaded.train) + len(loaded.tune), len(loaded.train) + len(loaded.tune) + len(loaded.val)]
+        return data.dataset.TokenData(train=torch.arange(0, ends[0]), tune=torch.arange(ends[0], ends[1]),
+                                      val=torch.arange(ends[1], ends[2]), vocab_size=ends[2], info=loaded.info)
+
+    phase = {"now": ""}
+    evaluated: dict[str, list[torch.Tensor]] = {"sweep": [], "comparison": []}
+    trained: list[torch.Tensor] = []
+
+    def in_phase(name: str, train: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            phase["now"] = name
+            return train(*args, **kwargs)
+        return wrapped
+
+    real_evaluate, real_batch = training.trainer.evaluate, training.trainer.training_batch
+
+    def recording_evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *args: Any, **kwargs: Any):
+        evaluated[phase["now"]].append(torch.cat([inputs.flatten(), targets.flatten()]))
+        return real_evaluate(model, inputs, targets, *args, **kwargs)
+
+    def recording_batch(train: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = real_batch(train, starts, seq_len)
+        trained.append(torch.cat([x.flatten(), y.flatten()]))
+        return x, y
+
+    monkeypatch.setattr(training.experiment, "prepare_data", positional)
+    monkeypatch.setattr(training.lr_sweep, "train_model", in_phase("sweep", training.lr_sweep.train_model))
+    monkeypatch.setattr(training.experiment, "train_model", in_phase("comparison", training.experiment.train_model))
+    monkeypatch.setattr(training.trainer, "evaluate", recording_evaluate)
+    monkeypatch.setattr(training.trainer, "training_batch", recording_batch)
+    cfg = config.replace(lr_sweep=True, lr_sweep_multipliers=(1.0,), lr_sweep_steps=2, max_steps=3, eval_every=3,
+                         save_checkpoints=False, sample_tokens=0)
+    results = run_experiment(cfg, log=lambda _: None)
+
+    info = results["experiment"]["data"]
+    train_end = info["train_tokens"]
+    tune_end = train_end + info["tuning_tokens"]
+    assert info["tuning_tokens"] > cfg.max_seq_len and tune_end + info["val_tokens"] == info["total_tokens"]
+    sweep_seen = torch.cat(evaluated["sweep"])
+    comparison_seen = torch.cat(evaluated["comparison"])
+    assert len(evaluated["sweep"]) == len(cfg.arms) * 2  # every sweep run: step 0 and its end
+    assert train_end <= int(sweep_seen.min()) and int(sweep_seen.max()) < tune_end  # tuning tokens only
+    assert int(comparison_seen.min()) >= tune_end  # the comparison reports on validation tokens only
+    assert int(torch.cat(trained).max()) < train_end  # no training window reaches the tuning or validation set
+    assert results["lr_sweep"]["seed"] not in cfg.run_seeds
+
+
+def test_a_winner_at_the_grids_edge_is_flagged():
+    assert at_grid_edge(0.25, (0.25, 1.0, 4.0)) and at_grid_edge(4.0, (0.25, 1.0, 4.0))
+    assert not at_grid_edge(1.0, (0.25, 1.0, 4.0))
+    assert at_grid_edge(1.0, (1.0,))  # a one-point grid has nothing either side
+
+
+def test_sweep_seed_is_never_a_reported_seed():
+    assert ExperimentConfig(seeds=(42, 43, 44)).sweep_seed == 45
+    assert ExperimentConfig(seeds=(7,), lr_sweep_seed=3).sweep_seed == 3
+    with pytest.raises(ConfigError, match="--lr-sweep-seed 43: is one of the reported --seeds 42 43"):
+        ExperimentConfig(seeds=(42, 43), lr_sweep_seed=43).validate()
+    with pytest.raises(ConfigError, match="--tuning-fraction 0.9"):
+        ExperimentConfig(tuning_fraction=0.9).validate()
+    with pytest.raises(ConfigError, match="training, tuning and validation window"):
+        ExperimentConfig(lr_sweep=True, max_tokens=2570, tuning_fraction=0.05).validate()
+    ExperimentConfig(max_tokens=2570, tuning_fraction=0.05).validate()  # without a sweep the tuning part trains

@@ -119,8 +119,7 @@ def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.
                         "not the full experiment") if config.preset == "cpu" else "full experiment",
         "seeds": list(config.run_seeds),
         "data": {**data.info, **exposure_report(len(data.train), config)},  # exact, recounted from every seed's windows
-        "validation": f"fixed set: all {n_val_windows} non-overlapping {config.max_seq_len}-token windows of the "
-                      f"held-out last {config.val_fraction:.0%} of tokens, evaluated every {config.eval_every} steps and at the end",
+        "validation": validation_line(config, data, n_val_windows),
         "lr_schedule": f"linear warmup over {config.warmup_steps} steps, cosine to {config.min_lr_ratio} x base LR at step {config.max_steps}",
         "device": str(device),
         "device_name": device_name(device),
@@ -133,6 +132,17 @@ def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.
         "finished_at": None,
         "status": "running",
     }
+
+
+def validation_line(config: ExperimentConfig, data: TokenData, n_val_windows: int) -> str:
+    """What the reported validation set is, and how small: windows, tokens, documents, and what the seed CI
+    does not cover."""
+    documents = data.info.get("val_documents")
+    of_documents = f", from {documents} document{'s' if documents != 1 else ''}" if documents is not None else ""
+    return (f"fixed set: all {n_val_windows} non-overlapping {config.max_seq_len}-token windows "
+            f"({n_val_windows * config.max_seq_len:,} predicted tokens{of_documents}) of the held-out last "
+            f"{config.val_fraction:.0%} of tokens, evaluated every {config.eval_every} steps and at the end; the "
+            "seed CI covers seed-to-seed variation only, not which text fell into this set")
 
 
 def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
@@ -205,9 +215,10 @@ def _quiet(line: str) -> None:
 
 
 def data_fingerprint(data: TokenData) -> str:
-    """SHA-256 of the train and validation tokens and the vocabulary size: equal on ranks that loaded the same data."""
-    digest = hashlib.sha256(f"{data.vocab_size}:{len(data.train)}:{len(data.val)}".encode())
-    for part in (data.train, data.val):
+    """SHA-256 of the train, tuning and validation tokens and the vocabulary size: equal on ranks that loaded
+    the same data."""
+    digest = hashlib.sha256(f"{data.vocab_size}:{len(data.train)}:{len(data.tune)}:{len(data.val)}".encode())
+    for part in (data.train, data.tune, data.val):
         digest.update(part.cpu().numpy().tobytes())
     return digest.hexdigest()
 
@@ -243,6 +254,10 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
         if dist.several:
             log(parallel_line(dist, config))
         log(exposure_line(header["data"], config.max_seq_len))
+        if config.lr_sweep:
+            log(f"Tuning set (--lr-sweep): {len(data.tune):,} tokens between the {len(data.train):,} training and "
+                f"{len(data.val):,} validation tokens; the sweep selects on it alone, with seed {config.sweep_seed} "
+                "(not a reported seed), and nothing trains on it.")
         if len(config.run_seeds) == 1:
             log("One seed: differences smaller than the seed-to-seed spread cannot be separated (use --seeds 42 43 44).")
 
@@ -343,7 +358,8 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
             tuned = results["lr_sweep"]["arms"]
             log("LR tuned per arm (--lr-sweep): " + "; ".join(
                 f"{name} x{tuned[name]['best_multiplier']:g} (muon_lr {tuned[name]['muon_lr']:.3g}, "
-                f"adamw_lr {tuned[name]['adamw_lr']:.3g})" for name in config.arms if name in tuned))
+                f"adamw_lr {tuned[name]['adamw_lr']:.3g}{', ' + tuned[name]['warning'] if tuned[name].get('at_grid_edge') else ''})"
+                for name in config.arms if name in tuned))
         else:
             log(f"LR: {untuned()['note']}.")
         log(f"Results: {results_path}; plots: {', '.join(str(p) for p in plots)}")

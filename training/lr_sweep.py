@@ -3,11 +3,15 @@
 Architectures differ in their best learning rate, so a comparison at one untuned LR measures how well
 that LR fits each arm as much as the arms themselves. With --lr-sweep, every arm of config.arms is first
 trained for `sweep_steps(config)` steps (the usual warmup + cosine schedule over that short horizon) once
-per multiplier m of config.lr_sweep_multipliers, with muon_lr * m and adamw_lr * m, on one seed
-(config.run_seeds[0]), from the same initial weights and on the same batches. Each arm keeps the multiplier
-with the lowest final validation loss (ties go to the smaller multiplier). A diverged run is recorded as failed
-and counts as +inf: its training loss went non-finite, or its final validation loss is not below the
-untrained model's (the step-0 evaluation), e.g. 700 against ln(vocab) after a far too large LR; the main comparison then trains each arm at its tuned LRs.
+per multiplier m of config.lr_sweep_multipliers, with muon_lr * m and adamw_lr * m, on one seed that is not
+a reported one (config.sweep_seed), from the same initial weights and on the same batches. Each arm keeps
+the multiplier with the lowest final loss on the **tuning set** (ties go to the smaller multiplier): the
+tokens between the training part and the validation set (data/dataset.py), so selection never sees the
+validation set the comparison reports, nor a reported seed's weights or batches. A diverged run is recorded
+as failed and counts as +inf: its training loss went non-finite, or its final tuning loss is not below the
+untrained model's (the step-0 evaluation), e.g. 700 against ln(vocab) after a far too large LR; the main
+comparison then trains each arm at its tuned LRs. A choice at the smallest or largest multiplier may not be
+the best LR at all: it is flagged (log, JSON, plot) with EDGE_NOTE.
 
 Sweep runs save no model and no greedy sample. The sweep is recorded under the results' `lr_sweep` key as
 it goes, so an interrupted sweep keeps the runs that finished.
@@ -31,6 +35,7 @@ from training.trainer import NonFiniteLoss, new_run_record, train_model
 
 UNTUNED_NOTE = "LRs were not tuned: every arm used the configured muon_lr/adamw_lr; use --lr-sweep"
 FAILED, COMPLETED = "failed", "completed"
+EDGE_NOTE = "best at the grid's edge: widen `--lr-sweep`"
 
 
 def sweep_steps(config: ExperimentConfig) -> int:
@@ -55,10 +60,10 @@ def untuned() -> dict[str, Any]:
 
 
 def best_multiplier(runs: list[dict[str, Any]]) -> float | None:
-    """The multiplier of the lowest validation loss among `runs` (failed or missing losses count as +inf;
+    """The multiplier of the lowest tuning-set loss among `runs` (failed or missing losses count as +inf;
     ties: the smaller multiplier); None for no runs."""
     def key(run: dict[str, Any]) -> tuple[float, float]:
-        loss = run.get("val_loss")
+        loss = run.get("tuning_loss")
         if run.get("status") != COMPLETED or not isinstance(loss, (int, float)) or not math.isfinite(loss):
             loss = math.inf
         return (float(loss), float(run["multiplier"]))
@@ -66,10 +71,15 @@ def best_multiplier(runs: list[dict[str, Any]]) -> float | None:
     return min(runs, key=key)["multiplier"] if runs else None
 
 
+def at_grid_edge(best: float, multipliers: tuple[float, ...]) -> bool:
+    """Whether the chosen multiplier is the grid's smallest or largest: the best LR may then lie beyond it."""
+    return best in (min(multipliers), max(multipliers))
+
+
 def sweep_jobs(config: ExperimentConfig, world_size: int) -> list[Job]:
-    """Every (arm, multiplier) sweep run on the first seed, arm by arm; under seed-parallel, run k trains on
-    rank k mod world size."""
-    seed = config.run_seeds[0]
+    """Every (arm, multiplier) sweep run on the sweep's own seed, arm by arm; under seed-parallel, run k trains
+    on rank k mod world size."""
+    seed = config.sweep_seed
     pairs = [(name, multiplier) for name in config.arms for multiplier in config.lr_sweep_multipliers]
     return [Job(index=k, name=name, seed=seed, owner=k % world_size, label=f"LR sweep {name} x{multiplier:g}",
                 multiplier=multiplier) for k, (name, multiplier) in enumerate(pairs)]
@@ -85,11 +95,15 @@ def run_lr_sweep(config: ExperimentConfig, data: TokenData, device: torch.device
     all of them. Ctrl-C / SIGTERM mark the run in progress `interrupted` / `terminated` and propagate; any
     other error marks it failed, calls save("failed") and stops the experiment (run_jobs).
     """
-    seed = config.run_seeds[0]
+    seed = config.sweep_seed
     short = sweep_config(config)
+    tuning = data.for_tuning()  # every evaluation of a sweep run is on the tuning set
     sweep.clear()  # drops the untuned note
     sweep.update(tuned=True, multipliers=list(config.lr_sweep_multipliers), steps=short.max_steps, seed=seed,
-                 selection="lowest final validation loss; a diverged run counts as +inf; ties: the smaller multiplier",
+                 seed_note=f"not among the reported seeds {list(config.run_seeds)}",
+                 evaluated_on=f"the tuning set: {len(data.tune):,} tokens between the training part and the "
+                              "validation set; no sweep run evaluates a validation token",
+                 selection="lowest final tuning-set loss; a diverged run counts as +inf; ties: the smaller multiplier",
                  arms={name: {"runs": [], "best_multiplier": None, "muon_lr": None, "adamw_lr": None}
                        for name in config.arms})
     order = list(config.lr_sweep_multipliers)
@@ -102,21 +116,22 @@ def run_lr_sweep(config: ExperimentConfig, data: TokenData, device: torch.device
     def train(job: Job) -> Trained:
         run_config = scaled_lrs(short, job.multiplier)
         run: dict[str, Any] = {"multiplier": job.multiplier, "muon_lr": run_config.muon_lr,
-                               "adamw_lr": run_config.adamw_lr, "val_loss": None, "status": "running"}
+                               "adamw_lr": run_config.adamw_lr, "tuning_loss": None, "status": "running"}
         place(job, run)
         model = builders[job.name](config, seed=seed)  # the same initial weights for every multiplier
         record = new_run_record(job.name, model, seed)
         try:
-            train_model(model, data, run_config, seed, device, record, dist)
+            train_model(model, tuning, run_config, seed, device, record, dist)
+            # the trainer evaluates on `tuning.val`, the tuning set: its "val_loss" here is the tuning loss
             loss, untrained = record["val_loss"], record["curve"]["val_loss"][0]
-            run["val_loss"] = loss
+            run["tuning_loss"] = loss
             if math.isfinite(loss) and loss < untrained:
                 run["status"] = COMPLETED
             else:
-                run.update(status=FAILED, failure=f"diverged: final val loss {loss:.4g} is not below the untrained "
+                run.update(status=FAILED, failure=f"diverged: final tuning loss {loss:.4g} is not below the untrained "
                                                   f"model's {untrained:.4g}")
         except NonFiniteLoss as failure:
-            run.update(val_loss=math.inf, status=FAILED, failure=str(failure), failed_at_step=failure.step)
+            run.update(tuning_loss=math.inf, status=FAILED, failure=str(failure), failed_at_step=failure.step)
         except KeyboardInterrupt as stop:
             run["status"] = stop_status(stop)
             raise
@@ -132,7 +147,7 @@ def run_lr_sweep(config: ExperimentConfig, data: TokenData, device: torch.device
         place(job, run)
         rate = f"muon_lr {run['muon_lr']:.3g}, adamw_lr {run['adamw_lr']:.3g}"
         if run["status"] == COMPLETED:
-            log(f"{job.label} ({rate}, {short.max_steps} steps, seed {seed}): val loss {run['val_loss']:.4f}")
+            log(f"{job.label} ({rate}, {short.max_steps} steps, seed {seed}): tuning loss {run['tuning_loss']:.4f}")
         elif "failed_at_step" in run or str(run.get("failure", "")).startswith("diverged"):
             log(f"{job.label}: FAILED ({run['failure']}); counted as +inf")
         save("running")
@@ -152,8 +167,12 @@ def run_lr_sweep(config: ExperimentConfig, data: TokenData, device: torch.device
         if all(run["status"] != COMPLETED for run in entry["runs"]):
             entry["note"] = "every sweep run failed: the smallest multiplier is used"
         tuned[name] = arm_config
-        best_loss = next(run["val_loss"] for run in entry["runs"] if run["multiplier"] == best)
-        log(f"LR sweep {name}: best multiplier x{best:g} (val loss {fmt(best_loss, '.4f')}): "
-            f"muon_lr {arm_config.muon_lr:.3g}, adamw_lr {arm_config.adamw_lr:.3g} for the comparison")
+        entry["at_grid_edge"] = at_grid_edge(best, config.lr_sweep_multipliers)
+        if entry["at_grid_edge"]:
+            entry["warning"] = EDGE_NOTE
+        best_loss = next(run["tuning_loss"] for run in entry["runs"] if run["multiplier"] == best)
+        log(f"LR sweep {name}: best multiplier x{best:g} (tuning loss {fmt(best_loss, '.4f')}): "
+            f"muon_lr {arm_config.muon_lr:.3g}, adamw_lr {arm_config.adamw_lr:.3g} for the comparison"
+            + (f"; WARNING: {EDGE_NOTE}" if entry["at_grid_edge"] else ""))
     save("running")
     return tuned

@@ -121,8 +121,9 @@ def plot_results(results: dict[str, Any], output_dir: Path) -> list[Path]:
 
 
 def plot_lr_sweep(results: dict[str, Any], output_dir: Path) -> Path | None:
-    """Final validation loss of each sweep run against its LR multiplier (log x), one line per arm, each
-    arm's chosen multiplier ringed; diverged runs are named in the legend. None (no file) without a sweep."""
+    """Final tuning-set loss of each sweep run against its LR multiplier (log x), one line per arm, each
+    arm's chosen multiplier starred; diverged runs and a choice at the grid's edge are named in the legend.
+    None (no file) without a sweep."""
     sweep = results.get("lr_sweep") or {}
     if not sweep.get("tuned") or not sweep.get("arms"):
         return None
@@ -133,24 +134,27 @@ def plot_lr_sweep(results: dict[str, Any], output_dir: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, entry in sweep["arms"].items():
-        done = [r for r in entry["runs"] if r["status"] == "completed" and r.get("val_loss") is not None
-                and np.isfinite(r["val_loss"])]
+        done = [r for r in entry["runs"] if r["status"] == "completed" and r.get("tuning_loss") is not None
+                and np.isfinite(r["tuning_loss"])]
         failed = [r["multiplier"] for r in entry["runs"] if r["status"] == "failed"]
         color = arm_color(name)
         label = _label(name, results) + (f" (best x{entry['best_multiplier']:g})" if entry.get("best_multiplier") else "")
         if failed:
             label += f"; diverged at {', '.join(f'x{m:g}' for m in failed)}"
-        ax.plot([r["multiplier"] for r in done], [r["val_loss"] for r in done], "-o", color=color, label=label, markersize=4)
+        if entry.get("at_grid_edge"):
+            label += f"; {entry.get('warning', '')}"
+        ax.plot([r["multiplier"] for r in done], [r["tuning_loss"] for r in done], "-o", color=color, label=label,
+                markersize=4)
         best = [r for r in done if r["multiplier"] == entry.get("best_multiplier")]
         if best:
-            ax.plot([best[0]["multiplier"]], [best[0]["val_loss"]], "*", color=color, markersize=16,
+            ax.plot([best[0]["multiplier"]], [best[0]["tuning_loss"]], "*", color=color, markersize=16,
                     markeredgecolor="black")
     ax.set_xscale("log")
     multipliers = sweep.get("multipliers") or []
     if multipliers:
         ax.set_xticks(multipliers, [f"{m:g}" for m in multipliers])
         ax.minorticks_off()
-    ax.set(xlabel="LR multiplier (x muon_lr and adamw_lr; log scale)", ylabel="final validation loss",
+    ax.set(xlabel="LR multiplier (x muon_lr and adamw_lr; log scale)", ylabel="final loss on the tuning set",
            title=f"LR sweep: {sweep.get('steps')} steps, seed {sweep.get('seed')} (star: chosen)" + _title_suffix(results))
     path = output_dir / LR_SWEEP_PLOT
     _finish(fig, ax, path)
