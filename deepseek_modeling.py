@@ -82,7 +82,8 @@ class DeepseekV3Attention(CausalSelfAttention):
 
     def kv_cache_values_per_token(self, mode: str | None = None) -> int:
         """Latent mode keeps only the compressed latent and the shared rotary key; expanded mode keeps
-        every head's key (nope + rope) and value, as transformers' DeepseekV3Attention caches them."""
+        every head's key (nope + rope) and value, as earlier transformers versions and naive implementations
+        cache MLA (transformers 5.24 caches the latent and rotary key, then re-expands them at every step)."""
         if (mode or self.cache_modes[0]) == "latent":
             return self.kv_lora_rank + self.qk_rope_head_dim
         return self.num_heads * (self.qk_head_dim + self.v_head_dim)

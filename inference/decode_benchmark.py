@@ -2,11 +2,14 @@
 
     python -m inference.decode_benchmark [--small] [--contexts N ...] [--batch-sizes N ...] [--new-tokens N]
 
-For each attention and cache (MHA "kv"; GQA and MQA "kv", K and V of their fewer K/V heads; MLA "expanded",
-per-head K and V as Hugging Face transformers caches them; MLA "latent", DeepSeek's absorbed cache of the
-normalised latent and the rotary key) of every arm in the registry (arms.ARMS),
-each context length and each batch size, it builds the model at the default shapes with seeded
-random weights (or loads `--checkpoint`), prefills the context in one forward pass (timed), then
+For each attention and cache of every arm in the registry (arms.ARMS): MHA "kv"; GQA and MQA "kv", K and V of
+their fewer K/V heads; MLA "expanded", per-head K and V, as earlier transformers versions and naive
+implementations cache MLA; MLA "latent", DeepSeek's absorbed decoding from a cache of the normalised latent and
+the rotary key; and MLA "transformers", transformers' own DeepseekV3Attention with its own DynamicCache, loaded
+strictly with the same weights (inference/transformers_mla.py): with the pinned transformers 5.24 it caches the
+same latent and rotary key as "latent" but re-expands per-head K and V for every cached token at every step,
+without absorption. For each context length and each batch size, it builds the model at the default shapes with
+seeded random weights (or loads `--checkpoint`), prefills the context in one forward pass (timed), then
 decodes `--new-tokens` tokens one at a time, greedily feeding each argmax back (every step timed
 between device syncs). Everything runs under the experiment's autocast and `torch.inference_mode`.
 
@@ -47,6 +50,7 @@ from models.attention import KVCache
 from models.attention_ops import CACHED_ATTENTION_BACKENDS
 from models.checkpoint import arm_builders, load_checkpoint
 from models.transformer import MoELanguageModel
+from inference.transformers_mla import TRANSFORMERS_MODE, with_transformers_attention
 from reporting import fmt, guarded, release, render_table, write_json_atomic
 
 DEFAULT_OUTPUT = "benchmark_results/decode_benchmark.json"
@@ -60,7 +64,8 @@ CUDA_NEW_TOKENS = 128
 CPU_NEW_TOKENS = 32
 DEFAULT_BUDGET_GB = 24.0  # an RTX 4090
 WARMUP_CONTEXT, WARMUP_TOKENS = 8, 2  # the untimed warm-up decode before each row
-MODE_ORDER = ("kv", "expanded", "latent")  # MHA, then MLA as transformers caches it, then DeepSeek's latent cache
+# MHA; MLA with per-head K/V, with DeepSeek's absorbed latent cache, and through transformers' own module
+MODE_ORDER = ("kv", "expanded", "latent", TRANSFORMERS_MODE)
 BUDGET_NOTE = ("largest batch whose KV cache alone fits the budget at this context: "
                "floor(budget bytes / (measured bytes per token per layer * layers * context)); "
                "weights, activations and the allocator's overhead are excluded")
@@ -95,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m inference.decode_benchmark",
         description="Prefill a context, then time greedy decoding with each KV cache (MHA kv, MLA expanded, MLA "
-                    "latent, GQA kv, MQA kv); report measured cache bytes, decode speed and the largest batch a memory budget holds. "
+                    "latent, MLA transformers (transformers' own DeepseekV3Attention and cache, same weights), GQA kv, "
+                    "MQA kv); report measured cache bytes, decode speed and the largest batch a memory budget holds. "
                     "Prints a table, writes JSON and a PNG beside it.",
     )
     parser.add_argument("--small", action="store_true",
@@ -134,7 +140,8 @@ def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
 
 
 def attention_label(arm: str, mode: str) -> str:
-    """'MHA kv', 'MLA expanded', 'MLA latent', 'GQA kv', 'MQA kv': the arm's attention (arms.ARMS) and the cache."""
+    """'MHA kv', 'MLA expanded', 'MLA latent', 'MLA transformers', 'GQA kv', 'MQA kv': the arm's attention
+    (arms.ARMS) and the cache."""
     return f"{ARMS[arm].attention if arm in ARMS else arm} {mode}"
 
 
@@ -170,6 +177,20 @@ def load_checkpoints(paths: list[str], device: torch.device) -> list[BenchModel]
 
 def random_models(config: ExperimentConfig, seed: int) -> list[BenchModel]:
     return [BenchModel(arm, cls(config, seed=seed), f"random weights (seed {seed})") for arm, cls in arm_builders().items()]
+
+
+def with_transformers_twins(models: list[BenchModel], precision: str) -> list[BenchModel]:
+    """`models`, each MLA model followed by its twin running transformers' own DeepseekV3Attention (loaded
+    strictly with its weights; bf16 weights under bf16, as a transformers model loaded in bf16 runs)."""
+    out = []
+    for bench in models:
+        out.append(bench)
+        if "latent" in bench.model.cache_modes():  # MLA: the one attention transformers has a module of
+            dtype = torch.bfloat16 if precision == BF16 else next(bench.model.parameters()).dtype
+            twin = with_transformers_attention(bench.model, dtype)
+            out.append(BenchModel(bench.arm, twin, f"{bench.source}, attention through transformers' "
+                                                   "DeepseekV3Attention", bench.tag))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -293,12 +314,18 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         sizes.setdefault(r["attention"], r["cache_bytes_per_token_per_layer"])
     lines = []
     mha, latent, expanded = sizes.get("MHA kv"), sizes.get("MLA latent"), sizes.get("MLA expanded")
+    hf = sizes.get(attention_label("deepseek", TRANSFORMERS_MODE))
     if mha and latent:
         lines.append(f"MLA's latent cache holds {latent:g} B per token per layer against MHA's {mha:g} B: "
                      f"{mha / latent:.1f}x more sequences or context in the same memory.")
     if mha and expanded:
-        lines.append(f"MLA cached as transformers does (expanded per-head K and V) holds {expanded:g} B: "
-                     f"{expanded / mha:.2f}x MHA's, which is why DeepSeek's inference absorbs kv_b_proj.")
+        lines.append(f"MLA cached as per-head K and V (expanded: earlier transformers versions and naive "
+                     f"implementations) holds {expanded:g} B: {expanded / mha:.2f}x MHA's.")
+    if latent and hf:
+        lines.append(f"transformers' DeepseekV3Attention caches the same latent and rotary key ({hf:g} B) but "
+                     "re-expands per-head K and V for every cached token at every step; absorbed latent decoding "
+                     "forms no per-head K or V. Median decode ms/token, latent vs transformers:")
+        lines += absorption_lines(results)
     for arm in ARMS.values():
         label = attention_label(arm.name, "kv")
         grouped = sizes.get(label)
@@ -311,6 +338,21 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         agree = all(r["measured_equals_analytic"] and r["cache_layers_agree"] for r in ok)
         lines.append("Measured cache bytes equal the analytic counts in every row and layer." if agree else
                      "Measured cache bytes DIFFER from the analytic counts (or between layers) in some rows: see the JSON.")
+    return lines
+
+
+def absorption_lines(results: dict[str, Any]) -> list[str]:
+    """Per context and batch: our absorbed latent decode step against transformers' re-expanding one (median ms)."""
+    steps: dict[tuple[str, int, int], float] = {}
+    for r in _ok_rows(results):
+        if r["arm"] == "deepseek" and r["cache_mode"] in ("latent", TRANSFORMERS_MODE):
+            steps.setdefault((r["cache_mode"], r["context"], r["batch_size"]), r["decode_ms_per_token_median"])
+    lines = []
+    for (mode, context, batch), hf_ms in steps.items():
+        ours = steps.get(("latent", context, batch))
+        if mode == TRANSFORMERS_MODE and ours:
+            lines.append(f"  context {context:,}, batch {batch}: {ours:.2f} vs {hf_ms:.2f} ms "
+                         f"(absorption saves {hf_ms - ours:+.2f} ms, {1 - ours / hf_ms:+.0%} of a step)")
     return lines
 
 
@@ -360,11 +402,14 @@ def budget_table(results: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 LINE_STYLES = ("-", "--", ":", "-.")
 EXPANDED_COLOR = "tab:red"  # MLA's expanded cache; every other cache takes its arm's colour
+TRANSFORMERS_COLOR = "tab:brown"  # MLA through transformers' own DeepseekV3Attention
 
 
 def row_color(row: dict[str, Any]) -> str | None:
-    """The arm's registry colour (MHA blue, MLA latent orange, GQA green, MQA purple); MLA expanded red."""
-    return EXPANDED_COLOR if row.get("cache_mode") == "expanded" else arm_color(str(row.get("arm")))
+    """The arm's registry colour (MHA blue, MLA latent orange, GQA green, MQA purple); MLA expanded red,
+    MLA transformers brown."""
+    special = {"expanded": EXPANDED_COLOR, TRANSFORMERS_MODE: TRANSFORMERS_COLOR}
+    return special.get(str(row.get("cache_mode"))) or arm_color(str(row.get("arm")))
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
@@ -445,6 +490,7 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     for bench in models:
         bench.model.to(device).eval()
         bench.model.plan_moe_dispatch(device, compute_dtype)
+    models = with_transformers_twins(models, precision)
 
     budget_bytes = args.memory_budget_gb * 2**30
     output = Path(args.output)

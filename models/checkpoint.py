@@ -167,7 +167,8 @@ def _and_more(names: list[str]) -> str:
     return f"{names[0]} (and {len(names) - 1} more)" if len(names) > 1 else names[0]
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
+def read_config(directory: Path) -> dict[str, Any]:
+    """A saved model's config.json, checked to be this format's (CheckpointError naming the problem otherwise)."""
     path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a folder; give the folder a model was saved to")
@@ -193,7 +194,7 @@ def load_checkpoint(directory: Path, device: torch.device | str = "cpu",
     shape comes from the saved config (e.g. the GQA arm's gqa_kv_heads).
     """
     directory = Path(directory)
-    meta = _read_config(directory)
+    meta = read_config(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     builders = builders if builders is not None else arm_builders()
     arm = meta.get("arm")

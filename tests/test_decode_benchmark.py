@@ -25,7 +25,8 @@ from models.attention import KVCache
 from models.transformer import MoELanguageModel
 from tests.fake_cuda import FAKE_PEAK_MEMORY_BYTES, CudaOnCpu, install_fake_cuda
 
-LABELS = ("MHA kv", "MLA expanded", "MLA latent", "GQA kv", "MQA kv")  # every arm of arms.ARMS, every cache
+# every arm of arms.ARMS, every cache, and MLA through transformers' own DeepseekV3Attention and cache
+LABELS = ("MHA kv", "MLA expanded", "MLA latent", "MLA transformers", "GQA kv", "MQA kv")
 CONTEXTS = (8, 24)  # 24 is past the tiny runs' warm-up context; both below the CPU preset's max_seq_len
 BATCHES = (1, 2)
 NEW_TOKENS = 3
@@ -77,6 +78,7 @@ def _analytic_values(config: ExperimentConfig) -> dict[str, int]:
         "MHA kv": 2 * config.d_model,
         "MLA expanded": config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim),
         "MLA latent": config.kv_lora_rank + config.qk_rope_head_dim,
+        "MLA transformers": config.kv_lora_rank + config.qk_rope_head_dim,  # transformers 5.24 caches the latent too
         "GQA kv": 2 * config.gqa_kv_heads * config.head_dim,
         "MQA kv": 2 * config.head_dim,
     }
@@ -113,6 +115,23 @@ def test_small_run_writes_json_and_png_with_positive_timings(fp32_run: tuple[dic
     assert image.std() > 0  # something is drawn
 
 
+def test_transformers_rows_have_the_latent_rows_columns(fp32_run: tuple[dict[str, Any], Path]) -> None:
+    """transformers' own DeepseekV3Attention, timed and measured like ours: the same columns, the same cache bytes,
+    and the summary's per-step comparison with absorbed decoding (its outputs: tests/test_transformers_mla.py)."""
+    saved = fp32_run[0]
+    for context in CONTEXTS:
+        for batch in BATCHES:
+            rows = {r["attention"]: r for r in saved["rows"] if (r["context"], r["batch_size"]) == (context, batch)}
+            latent, theirs = rows["MLA latent"], rows["MLA transformers"]
+            assert set(theirs) == set(latent)
+            assert theirs["cache_bytes_per_token_per_layer"] == latent["cache_bytes_per_token_per_layer"]
+            assert theirs["attention_backend"] == [
+                "transformers DeepseekV3Attention (sdpa), latent cache re-expanded every step"]
+            assert theirs["source"].endswith("attention through transformers' DeepseekV3Attention")
+            assert any(line.startswith(f"  context {context}, batch {batch}: {latent['decode_ms_per_token_median']:.2f} "
+                                       f"vs {theirs['decode_ms_per_token_median']:.2f} ms") for line in saved["summary"])
+
+
 def test_cli_prints_the_table_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None) -> None:
     code = decode_benchmark.main(["--device", "cpu", "--small", "--contexts", "6", "--batch-sizes", "1",
                                   "--new-tokens", "1", "--output", str(tmp_path / "d.json")])
@@ -121,6 +140,8 @@ def test_cli_prints_the_table_and_exits_0(tmp_path: Path, capsys: pytest.Capture
     for text in (*LABELS, "Prefill ms", "Decode ms/tok", "Tokens/s", "B/tok/layer", "Analytic B", "Cache MB",
                  "Max batch 24 GiB", "Largest batch whose KV cache fits 24 GiB",
                  "MLA's latent cache holds 320 B per token per layer against MHA's 1024 B",
+                 "transformers' DeepseekV3Attention caches the same latent and rotary key (320 B)",
+                 "context 6, batch 1: ",
                  "Measured cache bytes equal the analytic counts"):
         assert text in out, text
 
@@ -159,6 +180,8 @@ def test_bf16_cache_tensors_are_bf16(bf16_run: dict[str, Any]) -> None:
     config = _small_config()
     assert rows["MLA latent"]["cache_shapes_layer0"] == {
         "latent_rope": [2, 12 + 2, config.kv_lora_rank + config.qk_rope_head_dim]}
+    assert rows["MLA transformers"]["cache_shapes_layer0"] == {  # transformers' DynamicCache: latent, rotary key
+        "latent": [2, 14, config.kv_lora_rank], "k_rope": [2, 14, config.qk_rope_head_dim]}
     assert rows["MHA kv"]["cache_shapes_layer0"] == {
         "k": [2, 14, config.n_heads, config.head_dim], "v": [2, 14, config.n_heads, config.head_dim]}
     assert rows["GQA kv"]["cache_shapes_layer0"] == {  # only the K/V heads are cached
@@ -301,7 +324,8 @@ def test_checkpoint_models_are_benchmarked(tmp_path: Path, one_thread: None) -> 
                                   "--batch-sizes", "1", "--new-tokens", "1", "--output", str(output)]) == 0
     labels = {r["attention"] for r in json.loads(output.read_text())["rows"]}
     assert labels == {"MHA kv [baseline-seed9]", "MHA kv [baseline-seed10]", "MLA expanded [deepseek-seed9]",
-                      "MLA latent [deepseek-seed9]", "GQA kv [gqa-seed9]", "MQA kv [mqa-seed9]"}
+                      "MLA latent [deepseek-seed9]", "MLA transformers [deepseek-seed9]", "GQA kv [gqa-seed9]",
+                      "MQA kv [mqa-seed9]"}
 
 
 def test_a_missing_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

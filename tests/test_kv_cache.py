@@ -88,7 +88,7 @@ def test_latent_cache_holds_only_latent_and_rope_key_and_never_expands(config):
 
 
 def test_measured_cache_bytes_match_the_analytic_ones_at_the_default_sizes():
-    """bf16, per token per layer: MLA latent 320 B < MHA 1024 B < MLA expanded 1280 B (transformers' layout)."""
+    """bf16, per token per layer: MLA latent 320 B < MHA 1024 B < MLA expanded 1280 B (per-head K/V)."""
     config = ExperimentConfig(vocab_size=100)
     modules = {"kv": MultiHeadAttention(config), "expanded": DeepseekV3FlashAttention2(config),
                "latent": DeepseekV3FlashAttention2(config)}
