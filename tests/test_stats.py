@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from training.results import comparison
+from training.results import comparison, format_table, summarise_model
 from training.stats import holm_adjust, holm_verdicts, paired_difference, t_quantile
 
 # Two-sided 95% Student-t quantiles t_{0.975, df} as printed in standard tables (e.g. NIST/SEMATECH
@@ -111,6 +111,12 @@ def test_four_arms_a_pair_significant_alone_but_not_after_holm():
     assert main["verdict_holm"].startswith("no significant difference (Holm-adjusted p = ")
     assert result["headline"] == {"pair": "deepseek - baseline", "basis": "holm", "verdict": main["verdict_holm"]}
     assert result["verdict"] == main["verdict"]  # the published top-level key stays the unadjusted verdict
+    table = format_table({**{name: summarise_model(r, None) for name, r in runs.items()}, "comparison": result})
+    lines = table.splitlines()
+    assert f"Val loss, deepseek - baseline: {main['verdict']}" in lines
+    assert f"  Holm-adjusted: {main['verdict_holm']}" in lines
+    assert lines[-1] == ("Headline, val loss deepseek - baseline (Holm-adjusted over the 5 pairs; the unadjusted CIs "
+                         f"are above): {main['verdict_holm']}")
 
 
 def test_one_pair_headline_is_its_interval_verdict():

@@ -169,7 +169,8 @@ def _cost_sentence(baseline: dict[str, Any], deepseek: dict[str, Any]) -> str:
     check = "measured equals analytic" if agree else "MEASURED DIFFERS FROM ANALYTIC"
     return (f"At decode time MLA's latent cache holds {kv:.1f}x fewer bytes per token than MHA's K/V "
             f"({deepseek[measured_key]:.0f} vs {baseline[measured_key]:.0f} B/token/layer in bf16, {check}); "
-            f"in training it costs {flops:+.1%} FLOPs per token with {attn:+.1%} attention parameters.")
+            f"in training it costs {flops:+.2%} FLOPs per token ({deepseek['training_flops_per_token']:,} vs "
+            f"{baseline['training_flops_per_token']:,}) with {attn:+.1%} attention parameters.")
 
 
 def _matched_budget_line(results: dict[str, Any], names: list[str]) -> str | None:
