@@ -266,3 +266,23 @@ def test_sweep_seed_is_never_a_reported_seed():
     with pytest.raises(ConfigError, match="training, tuning and validation window"):
         ExperimentConfig(lr_sweep=True, max_tokens=2570, tuning_fraction=0.05).validate()
     ExperimentConfig(max_tokens=2570, tuning_fraction=0.05).validate()  # without a sweep the tuning part trains
+
+
+def test_the_plot_names_a_winner_at_the_grids_edge(tmp_path, monkeypatch):
+    import training.plots
+
+    legends: list[list[str]] = []
+
+    def capture(fig: Any, ax: Any, path: Path) -> None:
+        ax.legend()
+        legends.append([text.get_text() for text in ax.get_legend().get_texts()])
+
+    monkeypatch.setattr(training.plots, "_finish", capture)
+    runs = [{"multiplier": m, "tuning_loss": loss, "status": "completed"} for m, loss in ((0.5, 3.0), (1.0, 3.2))]
+    results = {"experiment": {"config": {"preset": "test"}},
+               "lr_sweep": {"tuned": True, "multipliers": [0.5, 1.0], "steps": 2, "seed": 43, "arms": {
+                   "baseline": {"runs": runs, "best_multiplier": 0.5, "at_grid_edge": True, "warning": EDGE_NOTE},
+                   "deepseek": {"runs": runs, "best_multiplier": 1.0, "at_grid_edge": False}}}}
+    training.plots.plot_lr_sweep(results, tmp_path)
+    (labels,) = legends
+    assert labels[0].endswith(f"; {EDGE_NOTE}") and EDGE_NOTE not in labels[1]
