@@ -33,6 +33,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Rotar
 from deepseek_modeling import NORM_EPS, DeepseekV3Attention
 from experiment_config import ExperimentConfig
 from models.attention import CausalSelfAttention, KVCache
+from models.attention_ops import CACHED_ATTENTION_KERNELS, cached_attention_kernels
 from models.checkpoint import WEIGHTS_FILE, CheckpointError, read_config
 from models.transformer import MoELanguageModel
 
@@ -148,10 +149,11 @@ class TransformersMLA(CausalSelfAttention):
         if seq > 1 and past > 0:  # new tokens after cached ones: query i sees keys up to past + i
             keys = torch.arange(past + seq, device=x.device)
             mask = (keys[None, :] <= past + torch.arange(seq, device=x.device)[:, None]).expand(batch, 1, seq, past + seq)
-        out, _ = self.attention(hidden, (cos, sin), mask, cache=cache.cache if cache is not None else None)
+        with cached_attention_kernels():  # the same SDPA backend choice as our cached rows
+            out, _ = self.attention(hidden, (cos, sin), mask, cache=cache.cache if cache is not None else None)
         if cache is not None:
             cache.observe()
-        self.backend_used = "transformers DeepseekV3Attention (sdpa), latent cache re-expanded every step"
+        self.backend_used = f"transformers DeepseekV3Attention ({CACHED_ATTENTION_KERNELS}), latent cache re-expanded every step"
         return out.to(x.dtype)
 
 

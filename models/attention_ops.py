@@ -7,6 +7,7 @@ fused kernels. Which one really ran is reported by the caller, never assumed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -100,20 +101,26 @@ def cached_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
     The queries are the last q_len positions of the k_len keys, so the mask is aligned bottom-right;
     SDPA's is_causal aligns top-left, right only when q_len == k_len. One new token sees every key.
-    k and v may have fewer heads than q (one shared latent head in MLA's latent mode, MQA's one head):
-    one K/V head is broadcast as a view, never copied per head. With several K/V heads (GQA), the
-    query heads of a group are folded into the query positions instead, so the cache is never copied either.
+    k and v may have fewer heads than q (GQA; one shared head in MQA and in MLA's latent mode). Then the
+    query heads of a group are folded into the query positions of their K/V head, so the cache is never
+    copied per head and a decode step reads each cached K/V once, not once per query head. (A prompt with
+    no past and one K/V head broadcasts that head as a view instead, so the causal mask stays implicit.)
     """
-    with sdpa_kernel(list(CACHED_ATTENTION_BACKENDS)):
+    with cached_attention_kernels():
         return _cached_attention(q, k, v, scale)
+
+
+def cached_attention_kernels() -> contextlib.AbstractContextManager[object]:
+    """The SDPA backend choice every cached prefill and decode step runs under (CACHED_ATTENTION_BACKENDS)."""
+    return sdpa_kernel(list(CACHED_ATTENTION_BACKENDS))
 
 
 def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     q_len, k_len = q.shape[-2], k.shape[-2]
     heads, kv_heads = q.shape[1], k.shape[1]
-    if kv_heads not in (1, heads):
+    if kv_heads != heads and (q_len < k_len or kv_heads > 1):
         return _grouped_cached_attention(q, k, v, scale)
-    if kv_heads != heads:
+    if kv_heads != heads:  # one K/V head, a prompt without a past: broadcast it, so SDPA's is_causal needs no mask
         shape = (q.shape[0], heads, k_len)
         k, v = k.expand(*shape, k.shape[-1]), v.expand(*shape, v.shape[-1])
     if q_len == k_len:

@@ -143,11 +143,11 @@ def test_cost_report_records_measured_and_analytic_cache_bytes_for_every_mode(co
     assert deepseek["kv_cache_mode"] == "latent" and deepseek["kv_cache_bytes_per_token_per_layer_bf16_measured"] == 320
 
 
-@pytest.mark.parametrize("model_cls,mode", ARMS)
+@pytest.mark.parametrize("model_cls,mode", ARMS + [(None, "transformers")])
 def test_prefill_and_decode_attention_run_under_the_pinned_backend_list(config, model_cls, mode, monkeypatch):
     """Every SDPA call of a cached prefill or decode step runs inside sdpa_kernel(CACHED_ATTENTION_BACKENDS)
-    (no cuDNN, whose per-shape plans would be rebuilt at every decode length), for every cache mode; the
-    module records that choice as its backend."""
+    (no cuDNN, whose per-shape plans would be rebuilt at every decode length), for every cache mode and for
+    transformers' own DeepseekV3Attention in the decode benchmark; the module records that choice."""
     from torch.nn.attention import SDPBackend
 
     import models.attention_ops as attention_ops
@@ -178,7 +178,12 @@ def test_prefill_and_decode_attention_run_under_the_pinned_backend_list(config, 
 
     monkeypatch.setattr(attention_ops, "sdpa_kernel", recording_kernel)
     monkeypatch.setattr(attention_ops.F, "scaled_dot_product_attention", recording_sdpa)
-    model = _model(config, model_cls, n_heads=4)
+    if model_cls is None:  # the decode benchmark's transformers row
+        from inference.transformers_mla import with_transformers_attention
+
+        model = with_transformers_attention(_model(config, FlashAttentionModel, n_heads=4))
+    else:
+        model = _model(config, model_cls, n_heads=4)
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         caches = model.new_caches(mode)
@@ -189,7 +194,7 @@ def test_prefill_and_decode_attention_run_under_the_pinned_backend_list(config, 
     assert SDPBackend.CUDNN_ATTENTION not in expected
     assert entered and all(backends == expected for backends in entered)
     assert sdpa_calls_under and all(under == expected for under in sdpa_calls_under), sdpa_calls_under
-    assert model.attention_backends()[0].startswith(attention_ops.CACHED_ATTENTION_KERNELS)
+    assert attention_ops.CACHED_ATTENTION_KERNELS in model.attention_backends()[0]
 
 
 def test_readme_quotes_the_cost_models_training_flops_figure():
