@@ -23,8 +23,8 @@ from hardware import check_gpu_usable
 if TYPE_CHECKING:
     from models.transformer import ModelBuilder
 
-from experiment_config import (ATTENTION_BACKENDS, MOE_DISPATCHES, OPTIMIZERS, PARALLEL_MODES, PRECISIONS, PRESETS,
-                               ConfigError, ExperimentConfig)
+from experiment_config import (ATTENTION_BACKENDS, MOE_DISPATCHES, MUON_ADJUST_LR_FNS, OPTIMIZERS, PARALLEL_MODES,
+                               PRECISIONS, PRESETS, ConfigError, ExperimentConfig)
 
 
 FULL_DEFAULTS = PRESETS["full"](ExperimentConfig())
@@ -101,8 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"default {FULL_DEFAULTS.optimizer}: Muon on every logical matrix of the blocks (Q, K, V, O, MLA's "
                              "latent/rope-key/k_nope/v parts, router, experts) + AdamW for the embedding and norms; "
                              "adamw: AdamW only, a control run (norms and the embedding are never weight-decayed)")
+    parser.add_argument("--muon-adjust-lr-fn", choices=MUON_ADJUST_LR_FNS,
+                        help=f"Muon's LR factor per block, torch.optim.Muon's adjust_lr_fn (default {FULL_DEFAULTS.muon_adjust_lr_fn}): "
+                             "original = sqrt(max(1, rows/cols)), so MLA's q_b_proj gets x1.73 and its k_nope and v x1.41 "
+                             "while MHA/GQA/MQA attention gets x1; match_rms_adamw = 0.2 * sqrt(max(rows, cols))")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (CUDA, or CPU with --precision bf16; "
                         "off by default because its speed-up has not been measured on a GPU yet)")
+    parser.add_argument("--compile-optimizer", action="store_true",
+                        help="torch.compile Muon's batched update as well (its LR then lives on the device)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture the whole training step in one CUDA graph and replay it: one launch per step; needs "
+                             "static shapes, i.e. the fused grouped_mm MoE (sm90+ in bf16), one process per run")
     parser.add_argument("--data", metavar="PATH", help="your own .txt, .jsonl or .parquet file instead of the Hub corpus")
     parser.add_argument("--offline", action="store_true", help="do not contact the Hub: use the built-in offline corpus (or your --data file) "
                         "with a tokenizer trained on it")
@@ -147,6 +156,8 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
         "save_checkpoints": False if args.no_save else None,
         "arms": tuple(args.arms) if args.arms else None, "gqa_kv_heads": args.gqa_kv_heads,
         "precision": args.precision, "moe_dispatch": args.moe_dispatch, "optimizer": args.optimizer,
+        "muon_adjust_lr_fn": args.muon_adjust_lr_fn, "compile_optimizer": args.compile_optimizer or None,
+        "cuda_graph": args.cuda_graph or None,
         "lr_sweep": True if args.lr_sweep is not None else None,
         "lr_sweep_multipliers": tuple(args.lr_sweep) if args.lr_sweep else None,
         "lr_sweep_steps": args.lr_sweep_steps, "lr_sweep_seed": args.lr_sweep_seed,

@@ -19,7 +19,8 @@ ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa", "eager")
 PRECISIONS = ("auto", "bf16", "fp32")
 MOE_DISPATCHES = ("auto", "grouped_mm", "sorted", "loop")
 PARALLEL_MODES = ("auto", "seeds", "data")  # --parallel under torchrun: one seed per rank, or one batch split over ranks
-OPTIMIZERS = ("muon", "adamw")  # --optimizer: per-matrix Muon for the block matrices, or an AdamW-only control
+OPTIMIZERS = ("muon", "adamw")
+MUON_ADJUST_LR_FNS = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn: each block's LR factor from its shape  # --optimizer: per-matrix Muon for the block matrices, or an AdamW-only control
 DEFAULT_ARMS = ("baseline", "deepseek")  # the experiment's two arms; arms.py lists every arm
 DEFAULT_GQA_KV_HEADS = 2
 
@@ -63,6 +64,9 @@ class ExperimentConfig:
     adamw_lr: float = 0.001
     weight_decay: float = 0.1  # Muon's matrices only; norm gains, biases and the embedding get none (training/optim.py)
     optimizer: str = "muon"  # "muon": per-matrix Muon + AdamW; "adamw": AdamW only (a control run)
+    # Muon's LR factor per block, torch.optim.Muon's adjust_lr_fn: "original" sqrt(max(1, rows/cols)) (MLA's
+    # q_b_proj x1.73, k_nope and v x1.41, every MHA/GQA/MQA attention block x1); "match_rms_adamw" 0.2*sqrt(max(rows, cols))
+    muon_adjust_lr_fn: str = "original"
     grad_clip: float = 1.0
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1
@@ -94,7 +98,9 @@ class ExperimentConfig:
     attention_backend: str = "auto"  # MLA model: auto | flash-attn | sdpa | eager
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU rehearses the GPU's mixed precision
     moe_dispatch: str = "auto"  # auto: grouped_mm where it runs fused or on CPU, else the one-sync sorted split
-    compile: bool = False
+    compile: bool = False  # torch.compile each block
+    compile_optimizer: bool = False  # torch.compile Muon's batched update too (its LR then lives on the device)
+    cuda_graph: bool = False  # capture the whole training step in one CUDA graph (CUDA, fused grouped_mm MoE only)
     output_dir: str = "exp6_results"
     save_checkpoints: bool = True  # each completed model run saves its weights under output_dir/checkpoints/
     sample_prompt: str = "The"  # each completed model's greedy continuation of it goes into the JSON
@@ -204,6 +210,8 @@ class ExperimentConfig:
             (self.lr_sweep_steps >= 0, f"--lr-sweep-steps {self.lr_sweep_steps}: must be at least 1 (or 0 for --steps / 4)"),
             (self.weight_decay >= 0 and self.grad_clip > 0, "weight_decay must be >= 0 and grad_clip > 0"),
             (self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer}: must be one of {', '.join(OPTIMIZERS)}"),
+            (self.muon_adjust_lr_fn in MUON_ADJUST_LR_FNS,
+             f"--muon-adjust-lr-fn {self.muon_adjust_lr_fn}: must be one of {', '.join(MUON_ADJUST_LR_FNS)}"),
             (0.0 <= self.warmup_fraction < 1.0, f"warmup_fraction={self.warmup_fraction} must be in [0, 1)"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"),
             (0.0 < self.val_fraction < 1.0, f"val_fraction={self.val_fraction} must be in (0, 1)"),
@@ -222,6 +230,12 @@ class ExperimentConfig:
              f"--precision {self.precision}: must be one of {', '.join(PRECISIONS)}"),
             (self.moe_dispatch in MOE_DISPATCHES,
              f"--moe-dispatch {self.moe_dispatch}: must be one of {', '.join(MOE_DISPATCHES)}"),
+            (not (self.cuda_graph and self.device == "cpu"), "--cuda-graph needs a CUDA GPU; drop it with --device cpu"),
+            (not (self.cuda_graph and self.moe_dispatch in ("sorted", "loop")),
+             f"--cuda-graph needs static shapes, which --moe-dispatch {self.moe_dispatch} does not have (it reads "
+             "expert sizes back to the host); use --moe-dispatch auto or grouped_mm"),
+            (not (self.compile_optimizer and self.optimizer != "muon"),
+             "--compile-optimizer compiles Muon's update, and --optimizer adamw has none (AdamW is one fused kernel); drop it"),
             (self.parallel in PARALLEL_MODES, f"--parallel {self.parallel}: must be one of {', '.join(PARALLEL_MODES)}"),
             (math.isfinite(self.dist_timeout_minutes) and self.dist_timeout_minutes > 0,
              f"--dist-timeout {self.dist_timeout_minutes}: must be a positive number of minutes"),

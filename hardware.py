@@ -14,12 +14,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
 from experiment_config import ConfigError, ExperimentConfig
 
 BF16, FP32 = "bf16", "fp32"
+T = TypeVar("T")
 
 NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")  # present whenever the NVIDIA kernel driver is loaded
 # What to install when the default wheel (torch==2.13.0 from PyPI: the CUDA 13.0 build, which needs an
@@ -158,3 +160,19 @@ def release_memory(device: torch.device) -> None:
     """Return cached GPU blocks to the driver between runs, so one model's cache does not crowd the next."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def capture_cuda_graph(device: torch.device, run: Callable[[], T], warmup_runs: int) -> tuple[Callable[[], None], T]:
+    """Capture the CUDA work of one call of `run` in a CUDA graph, after `warmup_runs` calls on a side
+    stream (PyTorch's recipe: lazy initialisations must not happen during capture). Returns (replay, what
+    the captured call returned): replay() reruns that work on the same tensors, with one launch."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup_runs):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run()
+    return graph.replay, outputs

@@ -64,7 +64,9 @@ def test_adamw_is_fused_on_cuda(config):
     _, adamw = build_optimizers(model, config, CUDA)
     assert adamw.defaults["fused"] is True
     _, adamw_cpu = build_optimizers(model, config, torch.device("cpu"))
-    assert not adamw_cpu.defaults["fused"]
+    assert adamw_cpu.defaults["fused"] is True  # one operator on the CPU as well
+    _, adamw_before = build_optimizers(model, config, torch.device("cpu"), reference=True)
+    assert not adamw_before.defaults["fused"]
     (control,) = build_optimizers(model, config.replace(optimizer="adamw"), CUDA)  # the AdamW-only control
     assert isinstance(control, torch.optim.AdamW) and control.defaults["fused"] is True
 

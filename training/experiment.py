@@ -36,7 +36,7 @@ from training.results import RESULTS_FILE, check_writable, comparison, format_ta
 from training.distributed import (Distributed, Job, RankFailed, SharedConfigError, Trained, init_distributed,
                                   launch_from_env, on_device, resolve_parallel, run_jobs, shutdown)
 from training.run_guard import output_dir_lock, sigterm_raises_run_terminated, stop_status
-from training.trainer import NonFiniteLoss, new_run_record, train_model
+from training.trainer import NonFiniteLoss, check_cuda_graph, new_run_record, step_mode_label, train_model
 
 MODEL_BUILDERS: dict[str, ModelBuilder] = arm_builders()
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,8 @@ def preflight(config: ExperimentConfig, local_rank: int | None = None) -> torch.
     if config.compile and resolve_precision(config, device) != "bf16":
         raise ConfigError("--compile needs bf16 (the grouped-GEMM MoE compiles only in bf16): add --precision bf16, "
                           "or drop --compile")
+    if config.cuda_graph:
+        check_cuda_graph(config, device)
     if config.data_path:
         check_local_path(config.data_path)
     try:
@@ -125,6 +127,7 @@ def _experiment_header(config: ExperimentConfig, data: TokenData, device: torch.
         "device_name": device_name(device),
         "precision": precision_label(resolve_precision(config, device)),
         "compile": config.compile,
+        "step_mode": step_mode_label(config),
         "distributed": dist.record(),
         "library_versions": _library_versions(),
         "git_commit": _git_commit(),
@@ -189,6 +192,9 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
     try:  # follows from the config and the world size alone: every rank raises it alike
         config.validate()
         mode = resolve_parallel(config, launch.world_size)
+        if config.cuda_graph and mode == "data":
+            raise ConfigError("--cuda-graph captures one process's step; with --parallel data the gradient all-reduce "
+                              "would be inside it: use --parallel seeds, or drop --cuda-graph")
         missing = [arm for arm in config.arms if arm not in builders]
         if missing:
             raise ConfigError(f"--arms {' '.join(config.arms)}: no model class for {', '.join(missing)}")

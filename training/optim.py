@@ -1,27 +1,40 @@
-"""Optimisers and learning-rate schedule: per-matrix Muon for the blocks' matrices, AdamW for the rest.
+"""Optimisers and learning-rate schedule: Muon on the blocks' logical matrices, batched by shape, AdamW for the rest.
 
-Muon orthogonalises each matrix it is given and scales its LR by sqrt(max(1, rows/cols)). The arms pack
-their attention weights differently (the baseline's fused `qkv_proj`; MLA's `kv_a_proj_with_mqa` =
-[latent | rope key] and `kv_b_proj` = per head [k_nope | v]), so handing Muon the raw parameters would
-treat a fused Q/K/V as one matrix in one arm and separate matrices in another. `BlockMuon` instead runs
-Muon on every *logical* matrix (each attention module declares them in `muon_blocks()`): Q, K, V, O;
-MLA's q_a, q_b, latent, rope key, k_nope, v, o; the router and every expert matrix. Every block gets the
-same update rule and the same LR rule. The model's parameters and its fused forward pass are unchanged.
+Muon orthogonalises each matrix it is given and scales its LR by a rule of the matrix's shape
+(`config.muon_adjust_lr_fn`, torch.optim.Muon's `adjust_lr_fn`: "original", sqrt(max(1, rows/cols)); or
+"match_rms_adamw", 0.2 * sqrt(max(rows, cols))). The arms pack their attention weights differently (the
+baseline's fused `qkv_proj`; MLA's `kv_a_proj_with_mqa` = [latent | rope key] and `kv_b_proj` = per head
+[k_nope | v]), so handing Muon the raw parameters would treat a fused Q/K/V as one matrix in one arm and
+separate matrices in another. `BlockMuon` instead runs Muon on every *logical* matrix (each attention module
+declares them in `muon_blocks()`): Q, K, V, O; MLA's q_a, q_b, latent, rope key, k_nope, v, o; the router and
+every expert matrix. Every block gets the same update rule and the same LR rule. The model's parameters and
+its fused forward pass are unchanged.
+
+torch.optim.Muon has no foreach path: it runs one Newton-Schulz chain of about 22 operators per matrix, so
+the 63-72 blocks of a model cost about 2,000 operator launches per step, more host time than the GPU work of a
+step at these sizes. `BlockMuon` computes the same update in a few hundred: momentum and weight decay with
+foreach operators over the model's parameters, and one batched Newton-Schulz chain (bmm/baddbmm in bf16) per
+group of blocks that share a shape (a tall block is transposed first, as Muon does, so the experts' up and
+down matrices form one group). `PerBlockMuon`, torch.optim.Muon run block by block, is kept as the reference
+it is tested against (tests/test_optim.py) and the benchmark's "before" row.
 
 Weight decay: Muon's matrices decay with config.weight_decay; the AdamW parameters (the embedding, which
 is also the tied output head, every RMSNorm gain, including MLA's two latent norms, and any bias) get
 weight_decay=0, in every arm. `--optimizer adamw` (config.optimizer) is an AdamW-only control run with
-the same two decay groups.
+the same two decay groups. AdamW runs its fused kernel (on CUDA and on the CPU).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, overload
 
 import torch
 from torch import nn
+from torch.optim._muon import _adjust_lr
 
 from experiment_config import ExperimentConfig
 from models.attention import CausalSelfAttention
@@ -37,6 +50,37 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 @dataclass(frozen=True)
+class RowRuns:
+    """Rows of a matrix that form `runs` equal runs of `length` consecutive rows, one run every `period` rows,
+    each starting `start` rows into its period: e.g. MLA's k_nope rows of kv_b_proj (one run per head). Such
+    rows are a strided view of the matrix, so a block can be read and written in place."""
+
+    runs: int
+    period: int
+    start: int
+    length: int
+
+    @classmethod
+    def of(cls, rows: list[int], total: int) -> "RowRuns":
+        runs = 1 + sum(1 for a, b in zip(rows, rows[1:]) if b != a + 1)
+        length = len(rows) // runs
+        period = total // runs
+        layout = cls(runs, period, rows[0] if rows else 0, length)
+        if not rows or total % runs or layout.rows() != rows:
+            raise ValueError(f"rows {rows[:4]}... are not equal runs spaced evenly over {total} rows")
+        return layout
+
+    def rows(self) -> list[int]:
+        return [run * self.period + self.start + i for run in range(self.runs) for i in range(self.length)]
+
+    def view(self, matrix: torch.Tensor) -> torch.Tensor:
+        """These rows of `matrix` as a view: (rows, cols) for one run, (runs, length, cols) for several."""
+        if self.runs == 1:
+            return matrix if self.length == matrix.shape[0] else matrix[self.start:self.start + self.length]
+        return matrix.view(self.runs, self.period, matrix.shape[1])[:, self.start:self.start + self.length]
+
+
+@dataclass(frozen=True)
 class MatrixBlock:
     """One logical matrix: the rows `rows` of the model parameter `source` (all of it when rows is None)."""
 
@@ -49,6 +93,12 @@ class MatrixBlock:
         if self.rows is None:
             return self.source.shape
         return torch.Size((self.rows.numel(), *self.source.shape[1:]))
+
+    def row_runs(self) -> RowRuns:
+        """The block's rows as a strided layout of its source (reads `rows` back to the host: build time only)."""
+        total = self.source.shape[0]
+        rows = list(range(total)) if self.rows is None else [int(r) for r in self.rows.tolist()]
+        return RowRuns.of(rows, total)
 
 
 def matrix_blocks(model: nn.Module) -> list[MatrixBlock]:
@@ -76,8 +126,186 @@ def matrix_blocks(model: nn.Module) -> list[MatrixBlock]:
     return result
 
 
+def lr_scale(shape: torch.Size, adjust_lr_fn: str | None) -> float:
+    """The factor torch.optim.Muon multiplies a matrix's LR by (its own `_adjust_lr`, so both rules are Muon's)."""
+    return _adjust_lr(1.0, adjust_lr_fn, shape)
+
+
+def collapsed_lr_scales(scales: dict[str, float]) -> dict[str, float]:
+    """Block name -> LR factor, with the layer and expert numbers replaced by * where every layer (expert) has
+    the same factor: "blocks.*.attention.kv_b_proj.weight[k_nope]": 1.414..."""
+    collapsed: dict[str, set[float]] = defaultdict(set)
+    for name, scale in scales.items():
+        collapsed[re.sub(r"(blocks|experts)\.\d+\.", r"\1.*.", name)].add(scale)
+    if any(len(values) > 1 for values in collapsed.values()):
+        return dict(scales)
+    return {name: values.pop() for name, values in collapsed.items()}
+
+
+# ------------------------------------------------------------------------------------------ batched Muon
+
+@dataclass
+class _SubBatch:
+    """Blocks of one group that share a layout: stacked and written back with one operator each."""
+
+    tall: bool  # rows > cols: Muon orthogonalises the transpose
+    layout_shape: tuple[int, ...]  # one block's view: (rows, cols) or (runs, length, cols)
+    updates: list[torch.Tensor]  # each block's view of its source's update buffer (read)
+    params: list[torch.Tensor]  # each block's view of its source parameter (written)
+
+
+@dataclass
+class _Group:
+    """Blocks whose matrix, transposed when tall, has one shape: one batched Newton-Schulz chain."""
+
+    sub_batches: list[_SubBatch]
+    lr_scales: torch.Tensor  # (blocks, 1, 1) float32, each block's LR factor in stacking order
+
+
+@dataclass
+class _Plan:
+    """What one step touches, for a set of parameters that have gradients; its views are made once."""
+
+    sources: list[nn.Parameter]
+    weights: list[torch.Tensor]  # the sources detached: what the foreach operators update in place
+    updates: list[torch.Tensor]  # scratch: this step's (Nesterov) update of each source
+    groups: list[_Group]
+
+
+def _orthogonalise(stacked: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                   eps: float) -> torch.Tensor:
+    """torch.optim.Muon's Newton-Schulz iteration on a batch of wide (rows <= cols) matrices at once, in bf16:
+    each matrix normalised by its own Frobenius norm, then the same quintic steps through bmm/baddbmm."""
+    a, b, c = ns_coefficients
+    x = stacked.bfloat16()
+    x = x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_(min=eps))
+    for _ in range(ns_steps):
+        gram = torch.bmm(x, x.mT)
+        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, gram_update, x, beta=a)
+    return x
+
+
+def _muon_step(plan: _Plan, grads: list[torch.Tensor], buffers: list[torch.Tensor], lr: float | torch.Tensor,
+               weight_decay: float, momentum: float, nesterov: bool, ns_coefficients: tuple[float, float, float],
+               ns_steps: int, eps: float) -> None:
+    """One Muon step over the plan's blocks (`buffers`: the sources' momentum): the arithmetic of
+    torch.optim.Muon, per block, batched."""
+    torch._foreach_lerp_(buffers, grads, 1 - momentum)
+    if nesterov:  # grad.lerp(buf, momentum), as Muon computes it
+        torch._foreach_copy_(plan.updates, grads)
+        torch._foreach_lerp_(plan.updates, buffers, momentum)
+    else:
+        torch._foreach_copy_(plan.updates, buffers)
+    if weight_decay:
+        decay = 1 - lr * weight_decay
+        if isinstance(decay, torch.Tensor):
+            torch._foreach_mul_(plan.weights, decay)
+        else:
+            torch._foreach_mul_(plan.weights, decay)
+    for group in plan.groups:
+        parts = []
+        for sub in group.sub_batches:
+            stacked = torch.stack(sub.updates)
+            if len(sub.layout_shape) == 3:  # several runs of rows: one (rows, cols) matrix per block
+                stacked = stacked.view(len(sub.updates), -1, sub.layout_shape[-1])
+            parts.append(stacked.mT if sub.tall else stacked)
+        orthogonal = _orthogonalise(parts[0] if len(parts) == 1 else torch.cat(parts), ns_coefficients, ns_steps, eps)
+        scaled = orthogonal * (group.lr_scales * -lr)  # float32: the LR applied as Muon's add_(alpha=-lr*scale)
+        start = 0
+        for sub in group.sub_batches:
+            count = len(sub.params)
+            part = scaled if len(group.sub_batches) == 1 else scaled[start:start + count]
+            start += count
+            if sub.tall:
+                part = part.mT.contiguous()
+            if len(sub.layout_shape) == 3:
+                part = part.view(count, *sub.layout_shape)
+            torch._foreach_add_(sub.params, part.unbind(0))
+
+
 class BlockMuon(torch.optim.Muon):
-    """torch.optim.Muon run on logical blocks of fused matrices.
+    """torch.optim.Muon's update on every logical block of the model's matrices, batched by shape.
+
+    Per block exactly as Muon treats a separate matrix: its own momentum (the rows of its source's
+    momentum buffer: momentum is elementwise), its own Nesterov update, its own orthogonalisation
+    (normalised by its own norm), its own LR scale from its shape, and decoupled weight decay lr * wd.
+    The batching changes only how many operators run: the test suite holds it equal to PerBlockMuon.
+
+    param_groups hold the model's Muon matrices themselves, so LR schedulers and zero_grad() work as with
+    Muon. `lr` may be a tensor (a compiled or CUDA-graphed step reads it on the device). A parameter
+    without a gradient is skipped, as Muon skips it. `compiled=True` compiles the update with torch.compile.
+    """
+
+    def __init__(self, blocks: Sequence[MatrixBlock], compiled: bool = False, **muon_kwargs: Any) -> None:
+        self.blocks = list(blocks)
+        sources = list({id(b.source): b.source for b in self.blocks}.values())
+        super().__init__(sources, **muon_kwargs)
+        if len(self.param_groups) != 1:
+            raise ValueError("BlockMuon takes one parameter group")
+        group = self.param_groups[0]
+        self._adjust_lr_fn: str | None = group["adjust_lr_fn"]
+        for source in sources:
+            self.state[source]["momentum_buffer"] = torch.zeros_like(source, memory_format=torch.preserve_format)
+        self._updates = {id(s): torch.empty_like(s, memory_format=torch.preserve_format) for s in sources}
+        self._runs = {id(block): block.row_runs() for block in self.blocks}
+        self._full_plan = self._plan(sources)
+        self._step_fn: Callable[..., None] = torch.compile(_muon_step) if compiled else _muon_step
+
+    def lr_scales(self) -> dict[str, float]:
+        """Each block's LR factor (its effective LR is the group's lr times this), by block name."""
+        return {block.name: lr_scale(block.shape, self._adjust_lr_fn) for block in self.blocks}
+
+    def _plan(self, sources: list[nn.Parameter]) -> _Plan:
+        present = {id(s) for s in sources}
+        by_shape: dict[tuple[int, int], dict[tuple[bool, tuple[int, ...]], list[MatrixBlock]]] = defaultdict(dict)
+        for block in self.blocks:
+            if id(block.source) not in present:
+                continue
+            rows, cols = block.shape
+            tall = rows > cols
+            layout = self._runs[id(block)]
+            layout_shape = (rows, cols) if layout.runs == 1 else (layout.runs, layout.length, cols)
+            by_shape[(cols, rows) if tall else (rows, cols)].setdefault((tall, layout_shape), []).append(block)
+        groups = []
+        for subs in by_shape.values():
+            sub_batches = [_SubBatch(tall, shape, [self._runs[id(b)].view(self._updates[id(b.source)]) for b in members],
+                                     [self._runs[id(b)].view(b.source.detach()) for b in members])
+                           for (tall, shape), members in subs.items()]
+            scales = [lr_scale(b.shape, self._adjust_lr_fn) for members in subs.values() for b in members]
+            device = sources[0].device
+            groups.append(_Group(sub_batches, torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1)))
+        return _Plan(list(sources), [s.detach() for s in sources], [self._updates[id(s)] for s in sources], groups)
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        plan = self._full_plan
+        if any(p.grad is None for p in plan.sources):  # e.g. an expert no token reached in the mask loop
+            plan = self._plan([p for p in plan.sources if p.grad is not None])
+            if not plan.sources:
+                return loss
+        grads = [p.grad for p in plan.sources if p.grad is not None]
+        buffers = [self.state[p]["momentum_buffer"] for p in plan.sources]
+        step = self._step_fn if plan is self._full_plan else _muon_step  # a subset would recompile: run it eagerly
+        step(plan, grads, buffers, group["lr"], group["weight_decay"], group["momentum"], group["nesterov"],
+             group["ns_coefficients"], group["ns_steps"], group["eps"])
+        return loss
+
+
+class PerBlockMuon(torch.optim.Muon):
+    """torch.optim.Muon run block by block (the reference BlockMuon is tested against, and the benchmark's
+    "before" row): one Newton-Schulz chain per block.
 
     A whole-matrix block is handed to Muon as the model parameter itself. For a block of a fused
     parameter, a block parameter holding a copy of its rows is created once and handed to Muon instead;
@@ -141,22 +369,36 @@ class BlockMuon(torch.optim.Muon):
                 source.grad.detach_().zero_()
 
 
-def build_optimizers(model: nn.Module, config: ExperimentConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """config.optimizer "muon": [BlockMuon (Nesterov, momentum 0.95, lr muon_lr, weight decay) on every
-    logical matrix of the blocks, AdamW (lr adamw_lr, no weight decay) on the embedding/tied head, norm
-    gains and biases]. "adamw": [one AdamW at adamw_lr with two groups: the block matrices with weight
-    decay, the rest without] (AdamW is elementwise, so fused or split matrices are the same to it).
-    AdamW runs its fused kernel on CUDA."""
+def build_optimizers(model: nn.Module, config: ExperimentConfig, device: torch.device,
+                     reference: bool = False) -> list[torch.optim.Optimizer]:
+    """config.optimizer "muon": [BlockMuon (Nesterov, momentum 0.95, lr muon_lr, weight decay, LR rule
+    config.muon_adjust_lr_fn) on every logical matrix of the blocks, AdamW (lr adamw_lr, no weight decay) on
+    the embedding/tied head, norm gains and biases]. "adamw": [one AdamW at adamw_lr with two groups: the block
+    matrices with weight decay, the rest without] (AdamW is elementwise, so fused or split matrices are the
+    same to it). AdamW runs its fused kernel. `reference`: the optimizers as they were before batching,
+    PerBlockMuon and an AdamW fused only on CUDA (what the tests and the benchmark's "before" rows compare with).
+
+    A compiled optimizer step (config.compile_optimizer) or a CUDA-graphed step (config.cuda_graph) reads the
+    LRs from device tensors, which the schedulers update in place, so a new LR neither recompiles nor is
+    frozen into the graph; a graphed AdamW is `capturable`."""
     matrices, others = split_parameters(model)
-    fused = device.type == "cuda" or None
+
+    def lr(value: float, on_device: bool) -> float | torch.Tensor:
+        return torch.tensor(value, dtype=torch.float32, device=device) if on_device else value
+
+    adamw_lr = lr(config.adamw_lr, config.cuda_graph)
+    adamw_options: dict[str, Any] = {"fused": True if not reference else (device.type == "cuda" or None),
+                                     "capturable": config.cuda_graph}
     if config.optimizer == "adamw":
         groups: list[dict[str, Any]] = [{"params": matrices}, {"params": others, "weight_decay": 0.0}]
-        return [torch.optim.AdamW(groups, lr=config.adamw_lr, weight_decay=config.weight_decay, fused=fused)]
-    return [
-        BlockMuon(matrix_blocks(model), lr=config.muon_lr, weight_decay=config.weight_decay, momentum=0.95,
-                  nesterov=True, adjust_lr_fn="original"),
-        torch.optim.AdamW(others, lr=config.adamw_lr, weight_decay=0.0, fused=fused),
-    ]
+        return [torch.optim.AdamW(groups, lr=adamw_lr, weight_decay=config.weight_decay, **adamw_options)]
+    muon_options: dict[str, Any] = {
+        "lr": lr(config.muon_lr, config.cuda_graph or config.compile_optimizer), "weight_decay": config.weight_decay,
+        "momentum": 0.95, "nesterov": True, "adjust_lr_fn": config.muon_adjust_lr_fn}
+    blocks = matrix_blocks(model)
+    muon = (PerBlockMuon(blocks, **muon_options) if reference
+            else BlockMuon(blocks, compiled=config.compile_optimizer, **muon_options))
+    return [muon, torch.optim.AdamW(others, lr=adamw_lr, weight_decay=0.0, **adamw_options)]
 
 
 def lr_factor(step: int, config: ExperimentConfig) -> float:

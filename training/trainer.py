@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +22,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data.dataset import TokenData, batch_starts, training_batch, validation_windows
-from experiment_config import ExperimentConfig
-from hardware import (BF16, autocast, peak_memory_mb, precision_label, reset_peak_memory, resolve_precision,
-                      synchronize)
-from models.moe import MASK_LOOP
+from experiment_config import ConfigError, ExperimentConfig
+from hardware import (BF16, autocast, cuda_capability, peak_memory_mb, precision_label, reset_peak_memory,
+                      resolve_precision, synchronize)
+from models.moe import GROUPED_FUSED, MASK_LOOP, plan_dispatch
 from models.transformer import MoELanguageModel
 from training.distributed import SINGLE, Distributed, shard_batch, shard_rows
-from training.optim import build_optimizers, build_schedulers
+from training.optim import BlockMuon, build_optimizers, build_schedulers, collapsed_lr_scales
+from training.step import (GraphedStep, count_step_operators, forward_loss, language_model_loss,  # noqa: F401
+                           optimizer_step, training_step, unchanged_training_state)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -37,11 +39,6 @@ class NonFiniteLoss(RuntimeError):
     def __init__(self, step: int) -> None:
         super().__init__(f"non-finite training loss at step {step}")
         self.step = step
-
-
-def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; works on the logits in place (a view, no extra vocab-sized copy)."""
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def perplexity(loss: float) -> float:
@@ -74,40 +71,40 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     return {"val_loss": loss, "val_accuracy": correct_total / count, "val_perplexity": perplexity(loss)}
 
 
-def forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig,
-                 device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, cross-entropy + weighted load-balancing loss) of one batch."""
-    with autocast(device, precision):
-        logits, aux_loss = model(inputs)
-        ce_loss = language_model_loss(logits, targets)
-        return ce_loss, ce_loss + config.load_balancing_weight * aux_loss
-
-
-def training_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
-                  inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig,
-                  device: torch.device, precision: str) -> torch.Tensor:
-    """One optimizer step in `precision` (bf16 autocast or fp32); returns the detached cross-entropy
-    on the device (no host sync)."""
-    ce_loss, loss = forward_loss(model, inputs, targets, config, device, precision)
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    for optimizer in optimizers:
-        optimizer.step()
-    for scheduler in schedulers:
-        scheduler.step()
-    return ce_loss.detach().float()
-
-
-def warm_up(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig,
-            device: torch.device, precision: str) -> None:
-    """One untimed forward and backward, gradients discarded and weights untouched, so one-time
-    costs (CUDA context, kernel selection, compilation, allocator growth) are not charged to whichever
-    model runs first."""
-    forward_loss(model, inputs, targets, config, device, precision)[1].backward()
-    model.zero_grad(set_to_none=True)
+def warm_up(model: nn.Module, optimizers: list[torch.optim.Optimizer], inputs: torch.Tensor, targets: torch.Tensor,
+            config: ExperimentConfig, device: torch.device, precision: str) -> dict[str, int]:
+    """Untimed warm-up, after which weights and optimizer state are as before (unchanged_training_state), so
+    that one-time costs (CUDA context, kernel selection, the optimizers' state, compiling the blocks and the
+    optimizer step, allocator growth) are not charged to whichever model runs first: an optimizer step on zero
+    gradients (creates the optimizers' state), then one training step, eager, whose operators are counted
+    (count_step_operators; returned), then, when something is compiled, one step as training runs it."""
+    with unchanged_training_state(model, optimizers):
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+        optimizer_step(optimizers, [])
+        counts = count_step_operators(model, optimizers, inputs, targets, config, device, precision)
+        if config.compile or config.compile_optimizer:
+            training_step(model, optimizers, [], inputs, targets, config, device, precision)
     synchronize(device)
+    return counts
+
+
+def compiled_so_far() -> dict[str, int]:
+    """torch.compile's work in this process so far (dynamo's counters): frames compiled and graphs made."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": counters["frames"]["ok"], "graphs": counters["stats"]["unique_graphs"]}
+
+
+def make_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
+              inputs: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig, device: torch.device,
+              precision: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training step as config asks for it: eager (the blocks compiled with config.compile, the optimizer
+    with config.compile_optimizer), or the whole step replayed from a CUDA graph (config.cuda_graph; captured
+    here on `inputs`, `targets`, leaving weights and optimizer state unchanged)."""
+    if config.cuda_graph:
+        return GraphedStep(model, optimizers, schedulers, inputs, targets, config, device, precision)
+    return lambda x, y: training_step(model, optimizers, schedulers, x, y, config, device, precision)
 
 
 def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
@@ -117,9 +114,33 @@ def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
         "val_perplexity": None, "training_time_minutes": None, "parameter_count": params,
         "parameters_millions": round(params / 1e6, 3), "tokens_per_second": None, "tokens_seen": 0,
         "peak_gpu_memory_mb": None, "precision": None, "compiled": None, "attention_backend": None, "moe_dispatch": None,
+        "step_mode": None,  # eager, or what was compiled / graphed (step_mode_label)
+        "step_operators": None,  # aten operators one eager step dispatches: forward, backward_and_clip, optimizer, total
+        "compilation": None,  # dynamo's counts: frames compiled and graphs made before the clock started, and after
+        "muon_lr_scales": None,  # each Muon block's LR factor (layers and experts with equal factors collapsed to *)
         "checkpoint": None,  # {"directory", "bytes", "files"} once a completed run's model is saved
         "curve": {"step": [], "training_seconds": [], "tokens_seen": [], "train_loss": [], "val_loss": [], "val_accuracy": []},
     }
+
+
+def step_mode_label(config: ExperimentConfig) -> str:
+    """How the training step runs, in words, for the JSON."""
+    parts = (["blocks compiled"] if config.compile else []) + (["optimizer compiled"] if config.compile_optimizer else [])
+    if config.cuda_graph:
+        parts.append("whole step in one CUDA graph")
+    return ", ".join(parts) or "eager"
+
+
+def check_cuda_graph(config: ExperimentConfig, device: torch.device) -> None:
+    """Raise ConfigError unless a CUDA-graphed step can run here: CUDA, and the fused grouped_mm MoE (the other
+    paths read expert sizes back to the host, which a graph cannot)."""
+    if device.type != "cuda":
+        raise ConfigError("--cuda-graph needs a CUDA GPU; drop it on the CPU")
+    dtype = torch.bfloat16 if resolve_precision(config, device) == BF16 else torch.float32
+    path = plan_dispatch(config.moe_dispatch, device, dtype, config.d_model, config.d_ff, cuda_capability(device))
+    if path != GROUPED_FUSED:
+        raise ConfigError(f"--cuda-graph needs static shapes, i.e. the fused grouped_mm MoE (sm90/sm100 in bf16); here the "
+                          f"MoE would run the {path}: drop --cuda-graph")
 
 
 def prepare_model(model: MoELanguageModel, config: ExperimentConfig, device: torch.device, precision: str) -> list[str]:
@@ -146,12 +167,15 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
     run and the model is trained by all of them; the record holds the global batch's numbers.
     """
     torch.manual_seed(dist.training_seed(seed))  # dropout and router noise: the same stream for every arm
+    compiled_before = compiled_so_far()
     precision = resolve_precision(config, device)
     paths = prepare_model(model, config, device, precision)
     net = dist.wrap(model, device, find_unused_parameters=MASK_LOOP in paths)  # DDP under data-parallel, else the model
-    record.update(precision=precision_label(precision), compiled=config.compile)
+    record.update(precision=precision_label(precision), compiled=config.compile, step_mode=step_mode_label(config))
     optimizers = build_optimizers(model, config, device)
     schedulers = build_schedulers(optimizers, config)
+    if isinstance(optimizers[0], BlockMuon):
+        record["muon_lr_scales"] = collapsed_lr_scales(optimizers[0].lr_scales())
     train_tokens = data.train.to(device)
     starts = batch_starts(len(data.train), config, seed)  # the global batches, (max_steps, batch_size)
     if dist.data_parallel:
@@ -183,9 +207,16 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
         record["attention_backend"] = model.attention_backends()
         return metrics
 
-    warm_up(net, *training_batch(train_tokens, starts[0], config.max_seq_len), config, device, precision)
+    first_batch = training_batch(train_tokens, starts[0], config.max_seq_len)
+    record["step_operators"] = warm_up(net, optimizers, *first_batch, config, device, precision)
+    step_fn = make_step(net, optimizers, schedulers, *first_batch, config, device, precision)
     torch.manual_seed(dist.training_seed(seed))  # reseed: training's random stream must not depend on the warm-up
-    add_point(0, 0.0, None)  # curves start at 0 s, before any update
+    add_point(0, 0.0, None)  # curves start at 0 s, before any update; compiles the eval mode, before the clock
+    compiled_at_start = compiled_so_far()
+    record["compilation"] = {
+        "frames_compiled_before_training": compiled_at_start["frames"] - compiled_before["frames"],
+        "graphs_before_training": compiled_at_start["graphs"] - compiled_before["graphs"],
+    }
     loss_sum = torch.zeros((), device=device)
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     steps_in_window, training_seconds = 0, 0.0
@@ -196,7 +227,7 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
     try:
         for step in range(config.max_steps):
             x, y = training_batch(train_tokens, starts[step], config.max_seq_len)
-            loss_detached = training_step(net, optimizers, schedulers, x, y, config, device, precision)
+            loss_detached = step_fn(x, y)
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_detached),
                                          torch.full_like(first_bad_step, step), first_bad_step)
             loss_sum += loss_detached
@@ -235,6 +266,10 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
     finally:
         progress.close()
         dist.unwrap(model)
+        compiled_now = compiled_so_far()  # any compilation from here on ran inside the training loop: a recompile
+        record["compilation"].update(
+            frames_compiled_during_training=compiled_now["frames"] - compiled_at_start["frames"],
+            graphs_during_training=compiled_now["graphs"] - compiled_at_start["graphs"])
 
     record.update(
         status="completed",
