@@ -7,6 +7,8 @@ Two parts:
   would on a GPU;
 - a TorchFunctionMode rewrites every device argument that names CUDA to the CPU, so tensors and
   modules "moved to cuda" stay on the CPU and the arithmetic really runs.
+A third part stands in for CUDA graphs (install_fake_cuda_graphs, FakeCUDAGraph): capture records the
+operators, replay reruns exactly them, so what a graph freezes stays frozen here too.
 What it cannot rehearse: CUDA kernels themselves (autocast("cuda") is entered, but CPU tensors do
 not pass through CUDA autocast, so the arithmetic stays fp32); CPU bf16 tests cover the mixed
 precision math and tests/test_gpu.py the kernels on a real GPU.
@@ -14,12 +16,16 @@ precision math and tests/test_gpu.py the kernels on a real GPU.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.host_sync import HostSyncDetector
 
 FAKE_PEAK_MEMORY_BYTES = 512 * 2**20
 
@@ -82,3 +88,81 @@ def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, name: str = "NVIDIA GeFor
         assert hasattr(torch.cuda, attribute), f"torch.cuda.{attribute} does not exist"
         monkeypatch.setattr(torch.cuda, attribute, replacement)
     return calls
+
+
+class FakeCUDAGraph(TorchDispatchMode):
+    """torch.cuda.CUDAGraph on the CPU: capture records every aten operator the captured code dispatches, with
+    its arguments as they were; replay() runs exactly those operators again on the same tensors (an in-place
+    one in place, another one writing its result into the tensor the capture made), as a GPU replays kernels.
+
+    What a real graph does and this one does too: Python code is not rerun, so a Python number read during
+    capture (an LR, a shape) is frozen; a value read back to the host during capture fails; tensors made
+    during capture stay the graph's, at fixed addresses. What differs: capture here runs the work (a GPU only
+    records it), so captured code must leave the state as it found it (GraphedStep restores it), and random
+    operators draw from the CPU generator, in the same order as the eager step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recorded: list[tuple[Any, tuple[Any, ...], dict[str, Any], Any]] = []
+        self.replays = 0
+        self._no_sync = HostSyncDetector()  # a read-back during capture fails, as CUDA fails it
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.recorded.append((func, args, kwargs, out))
+        return out
+
+    def __enter__(self) -> FakeCUDAGraph:
+        self._no_sync.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._no_sync.__exit__(*exc)
+
+    def replay(self) -> None:
+        with torch._C._AutoDispatchBelowADInplaceOrView():  # the recorded operators ran below autograd too
+            for func, args, kwargs, out in self.recorded:
+                self._rerun(func, args, kwargs, out)
+        self.replays += 1
+
+    @staticmethod
+    def _rerun(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        if func.is_view:  # the view made during capture still aliases the same storage
+            return
+        result = func(*args, **kwargs)
+        if func._schema.is_mutable:
+            return
+        outputs, results = (out, result) if isinstance(out, (list, tuple)) else ((out,), (result,))
+        for kept, new in zip(outputs, results, strict=True):
+            if isinstance(kept, torch.Tensor) and kept is not new:
+                kept.copy_(new)
+
+
+class _FakeStream:
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+
+def install_fake_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list[FakeCUDAGraph]:
+    """Patch torch.cuda's graph and stream calls with CPU stand-ins; returns the graphs made, in order."""
+    graphs: list[FakeCUDAGraph] = []
+
+    def new_graph() -> FakeCUDAGraph:
+        graphs.append(FakeCUDAGraph())
+        return graphs[-1]
+
+    replacements: dict[str, Any] = {
+        "CUDAGraph": new_graph,
+        "graph": lambda graph, *args, **kwargs: graph,  # entering the graph starts its recording
+        "Stream": lambda device=None, **kwargs: _FakeStream(),
+        "stream": lambda stream: contextlib.nullcontext(),
+        "current_stream": lambda device=None: _FakeStream(),
+    }
+    for attribute, replacement in replacements.items():
+        assert hasattr(torch.cuda, attribute), f"torch.cuda.{attribute} does not exist"
+        monkeypatch.setattr(torch.cuda, attribute, replacement)
+    return graphs

@@ -267,15 +267,16 @@ class BlockMuon(torch.optim.Muon):
             layout = self._runs[id(block)]
             layout_shape = (rows, cols) if layout.runs == 1 else (layout.runs, layout.length, cols)
             by_shape[(cols, rows) if tall else (rows, cols)].setdefault((tall, layout_shape), []).append(block)
+        weights = {id(s): s.detach() for s in sources}  # one base per source: its views alias it, and only it
         groups = []
         for subs in by_shape.values():
             sub_batches = [_SubBatch(tall, shape, [self._runs[id(b)].view(self._updates[id(b.source)]) for b in members],
-                                     [self._runs[id(b)].view(b.source.detach()) for b in members])
+                                     [self._runs[id(b)].view(weights[id(b.source)]) for b in members])
                            for (tall, shape), members in subs.items()]
             scales = [lr_scale(b.shape, self._adjust_lr_fn) for members in subs.values() for b in members]
             device = sources[0].device
             groups.append(_Group(sub_batches, torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1)))
-        return _Plan(list(sources), [s.detach() for s in sources], [self._updates[id(s)] for s in sources], groups)
+        return _Plan(list(sources), list(weights.values()), [self._updates[id(s)] for s in sources], groups)
 
     @overload
     def step(self, closure: None = None) -> None: ...

@@ -1,0 +1,206 @@
+"""The step modes, rehearsed on the CPU: compiled blocks and optimizer (bf16) with no compilation after the
+warm-up on any MoE dispatch path, a compiled optimizer step equal to the eager one, and the whole step in a
+CUDA graph (tests/fake_cuda.py replays the captured operators) equal to the eager step; and the settings
+that cannot work are refused before training."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch._dynamo
+import torch._logging
+
+from arms import arm_builders
+from data.dataset import TokenData
+from experiment_config import ConfigError, ExperimentConfig
+from models.moe import GROUPED_CPU, MASK_LOOP, SORTED_SPLIT
+from tests.fake_cuda import CudaOnCpu, install_fake_cuda, install_fake_cuda_graphs
+from tests.host_sync import HostSyncError
+from training.experiment import preflight, run_experiment
+from training.optim import BlockMuon, build_optimizers, build_schedulers
+from training.step import GraphedStep, training_step
+from training.trainer import make_step, new_run_record, train_model
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+pytestmark = pytest.mark.filterwarnings("ignore:.*CUDA is not available.*:UserWarning",
+                                        "ignore:.*autocast.*:UserWarning")
+
+
+def _tokens(vocab: int, count: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+class _RecompileReasons(logging.Handler):
+    """Collects dynamo's recompile messages (what TORCH_LOGS=recompiles prints) while installed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def recompile_reasons(monkeypatch):
+    """Dynamo's recompile messages, from a fresh compile cache (another test's compiled code would hide this
+    one's compilations)."""
+    handler = _RecompileReasons()
+    log = torch._dynamo.guards.recompiles_log
+    monkeypatch.setattr(torch._dynamo.guards, "is_recompiles_enabled", lambda: True)
+    monkeypatch.setattr(log, "propagate", False)
+    level = log.level
+    log.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    torch._dynamo.reset()
+    yield handler.messages
+    log.removeHandler(handler)
+    log.setLevel(level)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dispatch,path", [("grouped_mm", GROUPED_CPU), ("sorted", SORTED_SPLIT), ("loop", MASK_LOOP)])
+def test_compiled_training_compiles_nothing_after_warm_up(config, recompile_reasons, dispatch, path):
+    """--precision bf16 --compile: every compilation happens before the clock (warm-up and the first
+    evaluation), none in the training loop, on every MoE path; grouped_mm also compiles the optimizer
+    (--compile-optimizer). The sorted split and the mask loop run their data-dependent part eagerly, so no
+    recompile is ever caused by expert sizes (one token per expert group and top-1 routing make sizes of 0 and
+    1 common): the only recompiles are for evaluation (no grad). Those two paths' property is dynamo's (graph
+    breaks and guards), so they compile with the eager backend, which skips inductor's code generation."""
+    if dispatch != "grouped_mm":
+        torch.compiler.set_default_backend("eager")
+    cfg = config.replace(vocab_size=64, precision="bf16", compile=True, compile_optimizer=dispatch == "grouped_mm",
+                         moe_dispatch=dispatch, batch_size=1, max_seq_len=8, num_experts=8, expert_top_k=1,
+                         max_steps=10, eval_every=5)
+    data = TokenData(train=_tokens(64, 400, 1), val=_tokens(64, 40, 2), vocab_size=64)
+    model = arm_builders()["baseline"](cfg)
+    try:
+        record = train_model(model, data, cfg, cfg.seed, CPU, new_run_record("baseline", model, cfg.seed))
+    finally:
+        torch.compiler.set_default_backend(None)
+    assert record["status"] == "completed" and math.isfinite(record["val_loss"])
+    assert record["moe_dispatch"] == [path] and record["step_operators"]["total"] > 0
+    compilation = record["compilation"]
+    assert compilation["frames_compiled_before_training"] > 0  # the counter sees compilation
+    assert compilation["frames_compiled_during_training"] == compilation["graphs_during_training"] == 0
+    recompiles = [m for m in recompile_reasons if "Recompiling" in m]
+    assert recompiles and all("grad_mode" in m for m in recompiles), recompiles
+
+
+def test_compiled_optimizer_step_equals_the_eager_one(config):
+    """--compile-optimizer: Muon's update compiled (bf16 Newton-Schulz, LR read from a device tensor that the
+    scheduler updates) gives the eager update, step after step, and compiles once."""
+    torch._dynamo.reset()
+    cfg = config.replace(vocab_size=50, n_heads=4, max_steps=4)
+    models = [arm_builders()["deepseek"](cfg) for _ in range(2)]
+    muons = []
+    for model, compiled in zip(models, (False, True)):
+        (muon, _) = build_optimizers(model, cfg.replace(compile_optimizer=compiled), CPU)
+        assert isinstance(muon, BlockMuon)
+        muons.append(muon)
+    assert isinstance(muons[1].param_groups[0]["lr"], torch.Tensor)
+    schedulers = [build_schedulers([muon], cfg)[0] for muon in muons]
+    start = [p.detach().clone() for p in models[0].parameters()]
+    frames = []
+    for step in range(cfg.max_steps):
+        grads = {name: torch.randn_like(p) for name, p in models[0].named_parameters()}
+        for model, muon, scheduler in zip(models, muons, schedulers):
+            for name, param in model.named_parameters():
+                param.grad = grads[name].clone()
+            muon.step()
+            scheduler.step()
+        frames.append(torch._dynamo.utils.counters["frames"]["ok"])
+    assert frames[0] >= 1 and frames[-1] == frames[0]  # compiled at the first step, never again
+    # Newton-Schulz in bf16 is accurate to 1-3% (torch.optim.Muon's own, against float64); fused by inductor
+    # it rounds differently, so the two updates agree to that accuracy, not bit for bit
+    for (name, eager), compiled, before in zip(models[0].named_parameters(), models[1].parameters(), start):
+        if eager.ndim == 2 and name.startswith("blocks."):
+            moved, moved_compiled = eager.detach() - before, compiled.detach() - before
+            assert (moved_compiled - moved).norm() < 0.06 * moved.norm(), name
+    torch._dynamo.reset()
+
+
+def _graph_config(config: ExperimentConfig) -> ExperimentConfig:
+    return config.replace(vocab_size=50, n_heads=4, max_steps=5, device="cuda", cuda_graph=True)
+
+
+def test_cuda_graph_step_replays_exactly_the_eager_step(monkeypatch, config):
+    """--cuda-graph: the whole step captured once and replayed (a stand-in graph that reruns the captured
+    operators and nothing else) trains exactly as the eager step does, LR schedule included: the LRs live in
+    device tensors the schedulers update between replays, so nothing is frozen at its capture-time value."""
+    install_fake_cuda(monkeypatch, "NVIDIA H200", (9, 0))
+    graphs = install_fake_cuda_graphs(monkeypatch)
+    cfg = _graph_config(config)
+    losses, weights = {}, {}
+    with CudaOnCpu():
+        for mode in ("eager", "graph"):
+            model = arm_builders()["deepseek"](cfg, seed=3)
+            model.to(CUDA).train()
+            model.plan_moe_dispatch(CUDA, torch.bfloat16)
+            optimizers = build_optimizers(model, cfg, CUDA)
+            schedulers = build_schedulers(optimizers, cfg)
+            batches = [torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(s)) for s in range(cfg.max_steps)]
+            first = (batches[0][:, :-1], batches[0][:, 1:])
+            if mode == "graph":
+                step = make_step(model, optimizers, schedulers, *first, cfg, CUDA, "bf16")
+                assert isinstance(step, GraphedStep)
+            else:
+                def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                    return training_step(model, optimizers, schedulers, x, y, cfg, CUDA, "bf16")
+            torch.manual_seed(7)
+            losses[mode] = [step(b[:, :-1], b[:, 1:]).item() for b in batches]
+            weights[mode] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert len(graphs) == 1 and graphs[0].replays == cfg.max_steps and len(graphs[0].recorded) > 500
+    assert losses["graph"] == losses["eager"] and len(set(losses["eager"])) == cfg.max_steps
+    for name, value in weights["eager"].items():
+        assert torch.equal(weights["graph"][name], value), name
+
+
+def test_a_graph_with_a_frozen_lr_or_a_host_sync_is_caught(monkeypatch, config):
+    """The stand-in graph can fail the test above: with LRs as Python numbers (frozen at capture) training drifts
+    from the eager step, and a step that reads expert sizes back to the host (the sorted split) fails to capture."""
+    install_fake_cuda(monkeypatch, "NVIDIA H200", (9, 0))
+    install_fake_cuda_graphs(monkeypatch)
+    cfg = _graph_config(config)
+    with CudaOnCpu():
+        model = arm_builders()["baseline"](cfg.replace(moe_dispatch="sorted"), seed=3).to(CUDA).train()
+        model.plan_moe_dispatch(CUDA, torch.bfloat16)
+        optimizers = build_optimizers(model, cfg, CUDA)
+        x = torch.randint(0, 50, (2, 8))
+        with pytest.raises(HostSyncError, match="tolist"):
+            GraphedStep(model, optimizers, build_schedulers(optimizers, cfg), x, x, cfg, CUDA, "bf16")
+        frozen = cfg.replace(cuda_graph=False)  # Python-number LRs, as without --cuda-graph
+        trained = {}
+        for name, c in (("frozen", frozen), ("device", cfg)):
+            model = arm_builders()["baseline"](cfg, seed=3).to(CUDA).train()
+            model.plan_moe_dispatch(CUDA, torch.bfloat16)
+            optimizers = build_optimizers(model, c, CUDA)
+            step = GraphedStep(model, optimizers, build_schedulers(optimizers, c), x, x, cfg, CUDA, "bf16")
+            torch.manual_seed(7)
+            for _ in range(cfg.max_steps):
+                step(x, x)
+            trained[name] = model.embed.weight.detach().clone()
+    assert not torch.equal(trained["frozen"], trained["device"])
+
+
+def test_step_modes_that_cannot_work_are_refused_before_training(monkeypatch, config):
+    with pytest.raises(ConfigError, match="--cuda-graph needs a CUDA GPU"):
+        config.replace(cuda_graph=True, device="cpu").validate()
+    with pytest.raises(ConfigError, match="--moe-dispatch sorted"):
+        config.replace(cuda_graph=True, moe_dispatch="sorted").validate()
+    with pytest.raises(ConfigError, match="--compile-optimizer"):
+        config.replace(compile_optimizer=True, optimizer="adamw").validate()
+    with pytest.raises(ConfigError, match="--cuda-graph needs a CUDA GPU"):
+        preflight(config.replace(cuda_graph=True))  # auto device, no GPU here
+    install_fake_cuda(monkeypatch, "NVIDIA GeForce RTX 4090", (8, 9))  # auto dispatch takes the sorted split there
+    with pytest.raises(ConfigError, match="sorted split"):
+        preflight(config.replace(cuda_graph=True, device="cuda"))
+    install_fake_cuda(monkeypatch, "NVIDIA H200", (9, 0))
+    assert preflight(config.replace(cuda_graph=True, device="cuda")) == CUDA
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts rank 0 of 2: refused before joining the others
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="--parallel data"):
+        run_experiment(config.replace(cuda_graph=True, device="cuda", parallel="data"))
