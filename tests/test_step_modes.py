@@ -97,8 +97,8 @@ def test_compiled_optimizer_step_equals_the_eager_one(config):
     cfg = config.replace(vocab_size=50, n_heads=4, max_steps=4)
     models = [arm_builders()["deepseek"](cfg) for _ in range(2)]
     muons = []
-    for model, compiled in zip(models, (False, True)):
-        (muon, _) = build_optimizers(model, cfg.replace(compile_optimizer=compiled), CPU)
+    for model, compile_optimizer in zip(models, (False, True)):
+        (muon, _) = build_optimizers(model, cfg.replace(compile_optimizer=compile_optimizer), CPU)
         assert isinstance(muon, BlockMuon)
         muons.append(muon)
     assert isinstance(muons[1].param_groups[0]["lr"], torch.Tensor)
