@@ -13,6 +13,7 @@ import torch
 from training import benchmark
 
 MODEL_ROWS = ("baseline (ours)", "baseline (public style)", "deepseek (ours)", "deepseek (public style)")
+BEFORE_ROWS = ("baseline (before batching)", "deepseek (before batching)")
 SEQ_LENS = (32, 64)
 
 
@@ -29,7 +30,7 @@ def one_thread():
 def cpu_run(tmp_path_factory, one_thread):
     output = tmp_path_factory.mktemp("bench") / "out" / "benchmark.json"
     results = benchmark.run_benchmark([
-        "--device", "cpu", "--small", "--steps", "2", "--warmup", "1",
+        "--device", "cpu", "--small", "--steps", "2", "--warmup", "1", "--before",
         "--seq-lens", *map(str, SEQ_LENS), "--output", str(output),
     ])
     return results, output
@@ -45,7 +46,7 @@ def test_json_has_every_model_row_with_timings(cpu_run):
     saved = json.loads(output.read_text())
     assert saved["status"] == "completed" and saved["failed"] == []
     rows = {row["name"]: row for row in saved["rows"]}
-    assert set(rows) == set(MODEL_ROWS)
+    assert set(rows) == set(MODEL_ROWS + BEFORE_ROWS)
     for name, row in rows.items():
         assert "error" not in row, row.get("error")
         assert _positive_finite(row["median_step_s"]), name
@@ -84,6 +85,31 @@ def test_speedups_present(cpu_run):
         assert speedup == pytest.approx(expected)
 
 
+def test_rows_count_the_operators_of_a_step_and_before_batching_dispatches_more(cpu_run):
+    """Each row counts the aten operators of one step by part; the optimizers before batching (torch.optim.Muon
+    per block) dispatch many times more than BlockMuon, with the same forward and backward."""
+    saved = json.loads(cpu_run[1].read_text())
+    rows = {row["name"]: row for row in saved["rows"]}
+    for model in ("baseline", "deepseek"):
+        ours, before = rows[f"{model} (ours)"]["step_operators"], rows[f"{model} (before batching)"]["step_operators"]
+        assert ours["total"] == ours["forward"] + ours["backward_and_clip"] + ours["optimizer"]
+        assert 0 < ours["optimizer"] <= 300 < 5 * ours["optimizer"] < before["optimizer"]
+        assert (ours["forward"], ours["backward_and_clip"]) == (before["forward"], before["backward_and_clip"])
+        assert saved["speedups_over_before"][model] == pytest.approx(
+            rows[f"{model} (before batching)"]["median_step_s"] / rows[f"{model} (ours)"]["median_step_s"])
+
+
+def test_step_modes_give_one_row_each_and_a_mode_that_cannot_run_fails_its_row_only(tmp_path, one_thread):
+    results = benchmark.run_benchmark(["--device", "cpu", "--small", "--steps", "1", "--warmup", "0", "--seq-lens", "16",
+                                       "--models", "baseline", "--skip-public-style", "--step-modes", "eager", "cuda-graph",
+                                       "--output", str(tmp_path / "b.json")])
+    rows = {row["name"]: row for row in results["rows"]}
+    assert set(rows) == {"baseline (ours, eager)", "baseline (ours, cuda-graph)"}
+    assert rows["baseline (ours, eager)"]["step_mode"] == "eager" and "error" not in rows["baseline (ours, eager)"]
+    assert "needs a CUDA GPU" in rows["baseline (ours, cuda-graph)"]["error"]
+    assert results["status"] == "completed with failures"
+
+
 def test_attention_rows(cpu_run):
     saved = json.loads(cpu_run[1].read_text())
     rows = saved["attention_rows"]
@@ -101,7 +127,7 @@ def test_table_printed(tmp_path, capsys, one_thread):
                              "--output", str(tmp_path / "b.json")])
     out = capsys.readouterr().out
     for name in MODEL_ROWS + ("MultiHeadAttention", "DeepseekV3FlashAttention2", "Speedup, baseline",
-                              "Speedup, deepseek", "Step ms", "Tokens/s", "TFLOP/s", "MFU %"):
+                              "Speedup, deepseek", "Step ms", "Ops fwd/bwd/opt", "Tokens/s", "TFLOP/s", "MFU %"):
         assert name in out, name
 
 

@@ -65,16 +65,15 @@ def recompile_reasons(monkeypatch):
 @pytest.mark.parametrize("dispatch,path", [("grouped_mm", GROUPED_CPU), ("sorted", SORTED_SPLIT), ("loop", MASK_LOOP)])
 def test_compiled_training_compiles_nothing_after_warm_up(config, recompile_reasons, dispatch, path):
     """--precision bf16 --compile: every compilation happens before the clock (warm-up and the first
-    evaluation), none in the training loop, on every MoE path; grouped_mm also compiles the optimizer
-    (--compile-optimizer). The sorted split and the mask loop run their data-dependent part eagerly, so no
-    recompile is ever caused by expert sizes (one token per expert group and top-1 routing make sizes of 0 and
-    1 common): the only recompiles are for evaluation (no grad). Those two paths' property is dynamo's (graph
-    breaks and guards), so they compile with the eager backend, which skips inductor's code generation."""
+    evaluation), none in the training loop, on every MoE path. The sorted split and the mask loop run their
+    data-dependent part eagerly, so no recompile is ever caused by expert sizes (one token per expert group
+    and top-1 routing make sizes of 0 and 1 common): the only recompiles are for evaluation (no grad). Those two
+    paths' property is dynamo's (graph breaks and guards), so they compile with the eager backend, which skips
+    inductor's code generation; grouped_mm compiles with inductor. (The compiled optimizer: the next test.)"""
     if dispatch != "grouped_mm":
         torch.compiler.set_default_backend("eager")
-    cfg = config.replace(vocab_size=64, precision="bf16", compile=True, compile_optimizer=dispatch == "grouped_mm",
-                         moe_dispatch=dispatch, batch_size=1, max_seq_len=8, num_experts=8, expert_top_k=1,
-                         max_steps=10, eval_every=5)
+    cfg = config.replace(vocab_size=64, precision="bf16", compile=True, moe_dispatch=dispatch, batch_size=1,
+                         max_seq_len=8, num_experts=8, expert_top_k=1, max_steps=4, eval_every=2)
     data = TokenData(train=_tokens(64, 400, 1), val=_tokens(64, 40, 2), vocab_size=64)
     model = arm_builders()["baseline"](cfg)
     try:
@@ -92,7 +91,7 @@ def test_compiled_training_compiles_nothing_after_warm_up(config, recompile_reas
 
 def test_compiled_optimizer_step_equals_the_eager_one(config):
     """--compile-optimizer: Muon's update compiled (bf16 Newton-Schulz, LR read from a device tensor that the
-    scheduler updates) gives the eager update, step after step, and compiles once."""
+    scheduler updates) gives the eager update, step after step, and compiles once: a new LR recompiles nothing."""
     torch._dynamo.reset()
     cfg = config.replace(vocab_size=50, n_heads=4, max_steps=4)
     models = [arm_builders()["deepseek"](cfg) for _ in range(2)]

@@ -1,13 +1,17 @@
 """Training-step and attention benchmark that anyone can rerun: `python -m training.benchmark`.
 
 For each model (baseline MHA, DeepSeek MLA) at the default config it times the real training step
-of training/trainer.py (forward under autocast, loss + load-balancing term, zero_grad, backward,
+of training/step.py (forward under autocast, loss + load-balancing term, zero_grad, backward,
 gradient clipping, optimizer and scheduler steps) on random token ids, and reports the median step
-time after warm-up, tokens/s, achieved TFLOP/s from the analytic FLOP count (models/costs.py), MFU
-against a stated peak and peak memory. The same models in the public version's style (float32, the
-per-expert boolean-mask MoE loop, eager attention) are timed in the same run, so the speedup of ours
-over the public style comes from one process on one machine. Then each attention module alone,
-forward plus backward, over a range of sequence lengths.
+time after warm-up, the aten operators one step dispatches (forward, backward with clipping,
+optimizer: what costs host time at these sizes), tokens/s, achieved TFLOP/s from the analytic FLOP
+count (models/costs.py), MFU against a stated peak and peak memory. The same models in the public
+version's style (float32, the per-expert boolean-mask MoE loop, eager attention) are timed in the
+same run, so the speedup of ours over the public style comes from one process on one machine;
+`--before` adds each model with the optimizers as they were before batching (torch.optim.Muon block
+by block), and `--step-modes` times ours in several step modes (eager, compiled blocks, compiled
+blocks and optimizer, the whole step in a CUDA graph). Then each attention module alone, forward
+plus backward, over a range of sequence lengths.
 
 On CPU it runs small shapes (the CPU preset, batch 4, vocab 2048) so that it can be tested.
 The table is printed and the JSON is written atomically (after every row, so a run cut short
@@ -39,7 +43,7 @@ from hardware import (FP32, autocast, device_name, peak_memory_mb, precision_lab
                       resolve_device as experiment_device, resolve_precision, synchronize)
 from reporting import fmt, guarded, release, render_table, write_json_atomic
 from training.optim import build_optimizers, build_schedulers
-from training.trainer import prepare_model, training_step
+from training.trainer import check_cuda_graph, make_step, prepare_model, step_mode_label, warm_up
 
 DEFAULT_OUTPUT = "benchmark_results/benchmark.json"
 FULL_VOCAB_SIZE = 49152  # the SmolLM tokenizer the full experiment uses
@@ -48,6 +52,14 @@ SMALL_BATCH_SIZE = 4
 CUDA_SEQ_LENS = (256, 512, 1024, 2048, 4096)
 CPU_SEQ_LENS = (64, 128, 256)
 ATTENTION_TOKENS = {"cuda": 16384, "cpu": 1024}  # batch * seq per attention measurement
+OURS, PUBLIC, BEFORE = "ours", "public style", "before batching"  # the variants of a model row
+# --step-modes: the step settings each mode times ours with
+STEP_MODES: dict[str, dict[str, bool]] = {
+    "eager": {"compile": False, "compile_optimizer": False, "cuda_graph": False},
+    "compile": {"compile": True, "compile_optimizer": False, "cuda_graph": False},
+    "compile-all": {"compile": True, "compile_optimizer": True, "cuda_graph": False},
+    "cuda-graph": {"compile": False, "compile_optimizer": False, "cuda_graph": True},
+}
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in TFLOP/s. Matched by
 # substring of torch.cuda.get_device_name, first match wins, so the more specific names come first.
@@ -100,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each block of the 'ours' models, as training does with --compile "
                              "(needs bf16: the default on CUDA, --precision bf16 on CPU)")
+    parser.add_argument("--compile-optimizer", action="store_true",
+                        help="torch.compile Muon's update too, as training does with --compile-optimizer")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay the whole step from a CUDA graph, as training does with --cuda-graph (sm90+, bf16)")
+    parser.add_argument("--step-modes", nargs="+", choices=list(STEP_MODES), metavar="MODE",
+                        help="time ours once per step mode instead: eager, compile (the blocks), compile-all (the blocks "
+                             "and Muon's update), cuda-graph (the whole step in one CUDA graph); e.g. --step-modes eager "
+                             "compile compile-all cuda-graph")
+    parser.add_argument("--before", action="store_true",
+                        help="also time each model with the optimizers as they were before batching (torch.optim.Muon "
+                             "block by block, AdamW unfused on CPU), eager, in the same run")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help=f"sequences per training step (default 64; {SMALL_BATCH_SIZE} with --small; the CPU preset "
+                             "trains with 16)")
+    parser.add_argument("--vocab-size", type=int, metavar="N",
+                        help=f"vocabulary of the models (default {FULL_VOCAB_SIZE:,}; {SMALL_VOCAB_SIZE:,} with --small; "
+                             "the CPU preset's offline tokenizer has 8,192)")
     return parser
 
 
@@ -178,19 +207,25 @@ def make_public_style(model: MoELanguageModel) -> None:
         attention.backend = "eager"
 
 
-def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, device: torch.device,
+def benchmark_model(name: str, model_name: str, variant: str, config: ExperimentConfig, device: torch.device,
                     steps: int, warmup: int, peak_tflops: float | None) -> dict[str, Any]:
     """Median training-step time of one model variant and the numbers derived from it.
 
-    "ours" is prepared and stepped exactly as training does (trainer.prepare_model and training_step);
-    the public style runs the same step in float32 with the reference MoE loop and eager attention.
+    "ours" is prepared, warmed up and stepped exactly as training does (trainer.prepare_model, warm_up,
+    which counts the step's operators, and make_step, in config's step mode); "before batching" is the
+    same with the optimizers as they were before (eager); the public style runs the same step in float32
+    with the reference MoE loop and eager attention.
     """
-    public = variant == "public style"
+    public = variant == PUBLIC
     torch.manual_seed(config.seed)
     model = MODELS[model_name](config, seed=config.seed)
+    if variant != OURS:
+        config = config.replace(compile=False, compile_optimizer=False, cuda_graph=False)
     if public:
-        config = config.replace(compile=False, precision=FP32, moe_dispatch="loop")
+        config = config.replace(precision=FP32, moe_dispatch="loop")
         make_public_style(model)
+    if config.cuda_graph:
+        check_cuda_graph(config, device)
     precision = resolve_precision(config, device)
     prepare_model(model, config, device, precision)
     costs = cost_report(model, seq_len=config.max_seq_len)
@@ -204,13 +239,15 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
     pool = [(w[:, :-1].contiguous().to(device), w[:, 1:].contiguous().to(device)) for w in windows]
 
     reset_peak_memory(device)
-    optimizers = build_optimizers(model, config, device)
+    optimizers = build_optimizers(model, config, device, reference=variant == BEFORE)
     schedulers = build_schedulers(optimizers, config)
+    operators = warm_up(model, optimizers, *pool[0], config, device, precision)
+    step = make_step(model, optimizers, schedulers, *pool[0], config, device, precision)
     losses: list[torch.Tensor] = []
 
     def one_step(i: int) -> None:
         x, y = pool[i % len(pool)]
-        losses.append(training_step(model, optimizers, schedulers, x, y, config, device, precision))
+        losses.append(step(x, y))
 
     times = timed_runs(one_step, steps, warmup, device)
     loss = losses[-1]
@@ -219,11 +256,13 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
     flops_per_token = costs["training_flops_per_token"]
     achieved = flops_per_token * tokens_per_step / median / 1e12
     row = {
-        "name": f"{model_name} ({'public style' if public else 'ours'})",
+        "name": name,
         "model": model_name,
-        "variant": "public style" if public else "ours",
+        "variant": variant,
         "precision": precision_label(precision),
         "compiled": config.compile,
+        "step_mode": step_mode_label(config),
+        "step_operators": operators,
         "moe_dispatch": model.moe_dispatch_used(),
         "attention_backend": model.attention_backends(),
         "batch_size": batch,
@@ -243,6 +282,19 @@ def benchmark_model(model_name: str, variant: str, config: ExperimentConfig, dev
         "last_loss": float(loss) if loss is not None else None,
     }
     return row
+
+
+def rows_of_model(model_name: str, config: ExperimentConfig, args: argparse.Namespace) -> list[tuple[str, str, ExperimentConfig]]:
+    """(row name, variant, config) of every row timed for one model: ours (once per --step-modes mode), then
+    --before's row, then the public style's."""
+    if args.step_modes:
+        rows = [(f"{model_name} ({OURS}, {mode})", OURS, config.replace(**STEP_MODES[mode])) for mode in args.step_modes]
+    else:
+        rows = [(f"{model_name} ({OURS})", OURS, config)]
+    rows += [(f"{model_name} ({variant})", variant, config) for variant, wanted in ((BEFORE, args.before),
+                                                                                  (PUBLIC, not args.skip_public_style))
+             if wanted]
+    return rows
 
 
 # ------------------------------------------------------------------------------------- attention rows
@@ -309,17 +361,21 @@ def format_tables(results: dict[str, Any]) -> str:
     model_rows = []
     for r in results["rows"]:
         if "error" in r:
-            model_rows.append([r["name"], "FAILED: " + r["error"].splitlines()[0][:60]] + [""] * 7)
+            model_rows.append([r["name"], "FAILED: " + r["error"].splitlines()[0][:60]] + [""] * 8)
             continue
+        ops = r["step_operators"]
         model_rows.append([
             r["name"], r["precision"], ", ".join(r["moe_dispatch"]), ", ".join(r["attention_backend"]),
-            fmt(r["median_step_s"] * 1e3, ".1f"), fmt(r["tokens_per_s"], ",.0f"), fmt(r["achieved_tflops"], ".3f"),
+            fmt(r["median_step_s"] * 1e3, ".1f"), f"{ops['forward']}/{ops['backward_and_clip']}/{ops['optimizer']}",
+            fmt(r["tokens_per_s"], ",.0f"), fmt(r["achieved_tflops"], ".3f"),
             fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f"), fmt(r["peak_memory_mb"], ",.0f"),
         ])
-    lines += render_table(["Model", "Precision", "MoE dispatch", "Attention", "Step ms", "Tokens/s", "TFLOP/s", "MFU %",
-                      "Peak MB"], model_rows)
+    lines += render_table(["Model", "Precision", "MoE dispatch", "Attention", "Step ms", "Ops fwd/bwd/opt", "Tokens/s",
+                           "TFLOP/s", "MFU %", "Peak MB"], model_rows)
     for model_name, speedup in results["speedups"].items():
         lines.append(f"Speedup, {model_name}: public style / ours median step time = {fmt(speedup, '.2f')}x")
+    for model_name, speedup in results.get("speedups_over_before", {}).items():
+        lines.append(f"Speedup, {model_name}: before batching / ours median step time = {fmt(speedup, '.2f')}x")
     lines.append("")
     attention_rows = []
     for r in results["attention_rows"]:
@@ -356,10 +412,16 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
         config = cpu_preset(ExperimentConfig(vocab_size=SMALL_VOCAB_SIZE)).replace(batch_size=SMALL_BATCH_SIZE)
     else:
         config = ExperimentConfig(vocab_size=FULL_VOCAB_SIZE)
-    config = config.replace(device=str(device), compile=bool(args.compile), precision=args.precision,
-                            moe_dispatch=args.moe_dispatch).validate()
+    config = config.replace(device=str(device), compile=bool(args.compile), compile_optimizer=bool(args.compile_optimizer),
+                            cuda_graph=bool(args.cuda_graph), precision=args.precision, moe_dispatch=args.moe_dispatch,
+                            batch_size=args.batch_size or config.batch_size, vocab_size=args.vocab_size or config.vocab_size)
+    try:
+        config.validate()
+    except ConfigError as error:
+        parser.error(str(error))
     precision = resolve_precision(config, device)
-    if args.compile and precision != "bf16":
+    compiles = args.compile or any(STEP_MODES[mode]["compile"] for mode in args.step_modes or [])
+    if compiles and precision != "bf16":
         parser.error("--compile needs bf16 (the grouped-GEMM MoE compiles only in bf16), as in training: "
                      "add --precision bf16")
     attention_config = config.replace(max_seq_len=max(seq_lens))
@@ -382,7 +444,8 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "shapes": "small (CPU preset, batch 4, vocab 2048)" if small else "full (default config)",
+        "shapes": (f"small (CPU preset, batch {config.batch_size}, vocab {config.vocab_size})" if small
+                   else f"full (default config, batch {config.batch_size}, vocab {config.vocab_size})"),
         "config": config.to_dict(),
         "batch_size": config.batch_size,
         "seq_len": config.max_seq_len,
@@ -397,6 +460,10 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
         "flops_note": "analytic matmul FLOPs of models/costs.py (forward + backward = 3x forward); MFU = achieved / peak",
         "public_style": "same model classes in float32 (no autocast), MoE dispatch 'loop' (per-expert boolean mask), "
                         "eager attention; speedup = public-style median step time / ours",
+        "before_batching": "ours with the optimizers as they were before batching: torch.optim.Muon block by block "
+                           "(one Newton-Schulz chain each) and AdamW fused only on CUDA; eager",
+        "step_operators_note": "aten operators one eager training step dispatches (a TorchDispatchMode, counted in the "
+                               "warm-up): forward, backward_and_clip (zero_grad, backward, clip_grad_norm_), optimizer",
         "rows": [],
         "speedups": {},
         "attention_rows": [],
@@ -405,21 +472,24 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"Benchmark on {card}; shapes: {results['shapes']}; results: {output}", flush=True)
 
-    variants = ["ours"] + ([] if args.skip_public_style else ["public style"])
     for model_name in args.models:
-        for variant in variants:
-            name = f"{model_name} ({variant})"
+        for name, variant, row_config in rows_of_model(model_name, config, args):
             print(f"  timing {name} ...", flush=True)
             results["rows"].append(guarded(
-                lambda: benchmark_model(model_name, variant, config, device, steps, warmup, peak),
+                lambda: benchmark_model(name, model_name, variant, row_config, device, steps, warmup, peak),
                 {"name": name, "model": model_name, "variant": variant}))
             release(device)  # after the measurement's locals are gone, failed or not
             write_json_atomic(output, results)
-    medians = {(r["model"], r["variant"]): r.get("median_step_s") for r in results["rows"]}
+    medians: dict[tuple[str, str], float | None] = {}
+    for row in results["rows"]:  # the first "ours" row of a model is its reference (the first --step-modes mode)
+        medians.setdefault((row["model"], row["variant"]), row.get("median_step_s"))
     for model_name in args.models:
-        ours, public = medians.get((model_name, "ours")), medians.get((model_name, "public style"))
+        ours, public = medians.get((model_name, OURS)), medians.get((model_name, PUBLIC))
         if not args.skip_public_style:
             results["speedups"][model_name] = public / ours if ours and public else None
+        before = medians.get((model_name, BEFORE))
+        if args.before:
+            results.setdefault("speedups_over_before", {})[model_name] = before / ours if ours and before else None
 
     for module_name in ATTENTION_MODULES:
         for seq_len in seq_lens:
