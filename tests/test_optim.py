@@ -5,6 +5,8 @@ norms and the embedding; --optimizer adamw is an AdamW-only control."""
 from __future__ import annotations
 
 import copy
+import math
+import re
 from collections import defaultdict
 
 import pytest
@@ -16,7 +18,7 @@ from arms import arm_builders
 from deepseek_modeling import DeepseekV3Attention
 from exp6_trainer import build_parser, config_from_args
 from experiment_config import MUON_ADJUST_LR_FNS, ConfigError, ExperimentConfig
-from training.optim import BlockMuon, PerBlockMuon, build_optimizers, build_schedulers
+from training.optim import BlockMuon, PerBlockMuon, build_optimizers, build_schedulers, collapsed_lr_scales
 from training.trainer import forward_loss, training_step
 
 CPU = torch.device("cpu")
@@ -241,9 +243,40 @@ def test_batched_muon_equals_per_block_torch_muon_over_steps(config, arm, adjust
                                    msg=name)
 
 
+@pytest.mark.parametrize("rule", MUON_ADJUST_LR_FNS)
+def test_each_blocks_lr_factor_is_muons_rule_of_its_own_shape(rule):
+    """What the JSON records per arm (muon_lr_scales): at the full sizes, under the default rule, MLA's q_b_proj
+    gets x1.73 and its k_nope and v blocks x1.41 while every MHA/GQA/MQA attention block gets x1; under
+    match_rms_adamw the factor is 0.2 * sqrt(max(rows, cols)) for every block."""
+    cfg = ExperimentConfig(vocab_size=64, muon_adjust_lr_fn=rule)
+    for arm in ARMS:
+        model = arm_builders()[arm](cfg)
+        muon = _muon(build_optimizers(model, cfg, CPU))
+        scales = collapsed_lr_scales(muon.lr_scales())
+        assert len(scales) == len({re.sub(r"(blocks|experts)\.\d+\.", "", b.name) for b in muon.blocks})
+        for block in muon.blocks:
+            rows, cols = block.shape
+            expected = math.sqrt(max(1, rows / cols)) if rule == "original" else 0.2 * math.sqrt(max(rows, cols))
+            assert muon.lr_scales()[block.name] == pytest.approx(expected), block.name
+        if rule == "original":
+            attention = {name.split("attention.")[1]: scale for name, scale in scales.items() if ".attention." in name}
+            if arm == "deepseek":
+                assert attention["q_b_proj.weight"] == pytest.approx(3 ** 0.5)
+                assert attention["kv_b_proj.weight[k_nope]"] == attention["kv_b_proj.weight[v]"] == pytest.approx(2 ** 0.5)
+                assert sum(scale != 1 for scale in attention.values()) == 3
+            else:
+                assert set(attention.values()) == {1.0}
+            assert scales["blocks.*.moe.experts.*.up.weight"] == 2.0
+
+
 def test_optimizer_flag_and_validation():
     config, _ = config_from_args(build_parser().parse_args(["--optimizer", "adamw"]), cuda_available=False)
     assert config.optimizer == "adamw"
     assert config_from_args(build_parser().parse_args([]), cuda_available=False)[0].optimizer == "muon"
     with pytest.raises(ConfigError, match="--optimizer"):
         ExperimentConfig(optimizer="sgd").validate()
+    args = build_parser().parse_args(["--muon-adjust-lr-fn", "match_rms_adamw"])
+    assert config_from_args(args, cuda_available=False)[0].muon_adjust_lr_fn == "match_rms_adamw"
+    assert config_from_args(build_parser().parse_args([]), cuda_available=False)[0].muon_adjust_lr_fn == "original"
+    with pytest.raises(ConfigError, match="--muon-adjust-lr-fn"):
+        ExperimentConfig(muon_adjust_lr_fn="sqrt").validate()

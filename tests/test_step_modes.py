@@ -15,6 +15,7 @@ import torch._logging
 
 from arms import arm_builders
 from data.dataset import TokenData
+from exp6_trainer import build_parser, config_from_args
 from experiment_config import ConfigError, ExperimentConfig
 from models.moe import GROUPED_CPU, MASK_LOOP, SORTED_SPLIT
 from tests.fake_cuda import CudaOnCpu, install_fake_cuda, install_fake_cuda_graphs
@@ -22,7 +23,7 @@ from tests.host_sync import HostSyncError
 from training.experiment import preflight, run_experiment
 from training.optim import BlockMuon, build_optimizers, build_schedulers
 from training.step import GraphedStep, training_step
-from training.trainer import make_step, new_run_record, train_model
+from training.trainer import make_step, new_run_record, step_mode_label, train_model
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 pytestmark = pytest.mark.filterwarnings("ignore:.*CUDA is not available.*:UserWarning",
@@ -82,6 +83,7 @@ def test_compiled_training_compiles_nothing_after_warm_up(config, recompile_reas
         torch.compiler.set_default_backend(None)
     assert record["status"] == "completed" and math.isfinite(record["val_loss"])
     assert record["moe_dispatch"] == [path] and record["step_operators"]["total"] > 0
+    assert record["step_mode"] == "blocks compiled" and record["muon_lr_scales"]["blocks.*.attention.o_proj.weight"] == 1
     compilation = record["compilation"]
     assert compilation["frames_compiled_before_training"] > 0  # the counter sees compilation
     assert compilation["frames_compiled_during_training"] == compilation["graphs_during_training"] == 0
@@ -183,6 +185,15 @@ def test_a_graph_with_a_frozen_lr_or_a_host_sync_is_caught(monkeypatch, config):
                 step(x, x)
             trained[name] = model.embed.weight.detach().clone()
     assert not torch.equal(trained["frozen"], trained["device"])
+
+
+def test_step_mode_flags():
+    args = build_parser().parse_args(["--compile", "--compile-optimizer", "--cuda-graph"])
+    config = config_from_args(args, cuda_available=True)[0]
+    assert config.compile and config.compile_optimizer and config.cuda_graph
+    assert step_mode_label(config) == "blocks compiled, optimizer compiled, whole step in one CUDA graph"
+    default = config_from_args(build_parser().parse_args([]), cuda_available=True)[0]
+    assert not (default.compile or default.compile_optimizer or default.cuda_graph) and step_mode_label(default) == "eager"
 
 
 def test_step_modes_that_cannot_work_are_refused_before_training(monkeypatch, config):

@@ -146,12 +146,16 @@ def collapsed_lr_scales(scales: dict[str, float]) -> dict[str, float]:
 
 @dataclass
 class _SubBatch:
-    """Blocks of one group that share a layout: stacked and written back with one operator each."""
+    """Blocks of one group that share a layout (orientation and runs of rows): gathered into the group's
+    buffer with one operator and written back with two."""
 
-    tall: bool  # rows > cols: Muon orthogonalises the transpose
-    layout_shape: tuple[int, ...]  # one block's view: (rows, cols) or (runs, length, cols)
     updates: list[torch.Tensor]  # each block's view of its source's update buffer (read)
     params: list[torch.Tensor]  # each block's view of its source parameter (written)
+    into: torch.Tensor  # where torch.stack(updates) lands: this sub-batch's rows of the group's bf16 buffer
+    start: int  # its first row in the group
+    lr_scales: torch.Tensor  # (blocks, 1, 1) float32: each block's LR factor
+    deltas_oriented: torch.Tensor  # the blocks' scaled updates as the group orients them (written by one mul)
+    deltas: list[torch.Tensor]  # the same per block, laid out as `params` (contiguous)
 
 
 @dataclass
@@ -159,12 +163,12 @@ class _Group:
     """Blocks whose matrix, transposed when tall, has one shape: one batched Newton-Schulz chain."""
 
     sub_batches: list[_SubBatch]
-    lr_scales: torch.Tensor  # (blocks, 1, 1) float32, each block's LR factor in stacking order
+    stacked: torch.Tensor  # (blocks, rows, cols) bf16, rows <= cols: the chain's input
 
 
 @dataclass
 class _Plan:
-    """What one step touches, for a set of parameters that have gradients; its views are made once."""
+    """What one step touches, for a set of parameters that have gradients; its views and buffers are made once."""
 
     sources: list[nn.Parameter]
     weights: list[torch.Tensor]  # the sources detached: what the foreach operators update in place
@@ -172,12 +176,11 @@ class _Plan:
     groups: list[_Group]
 
 
-def _orthogonalise(stacked: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+def _orthogonalise(x: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
                    eps: float) -> torch.Tensor:
-    """torch.optim.Muon's Newton-Schulz iteration on a batch of wide (rows <= cols) matrices at once, in bf16:
-    each matrix normalised by its own Frobenius norm, then the same quintic steps through bmm/baddbmm."""
+    """torch.optim.Muon's Newton-Schulz iteration on a batch of wide (rows <= cols) bf16 matrices at once: each
+    matrix normalised by its own Frobenius norm (in place), then the same quintic steps through bmm/baddbmm."""
     a, b, c = ns_coefficients
-    x = stacked.bfloat16()
     x = x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_(min=eps))
     for _ in range(ns_steps):
         gram = torch.bmm(x, x.mT)
@@ -204,24 +207,14 @@ def _muon_step(plan: _Plan, grads: list[torch.Tensor], buffers: list[torch.Tenso
         else:
             torch._foreach_mul_(plan.weights, decay)
     for group in plan.groups:
-        parts = []
+        for sub in group.sub_batches:  # cast to bf16 on the way in, as Muon does
+            torch.stack(sub.updates, out=sub.into)
+        orthogonal = _orthogonalise(group.stacked, ns_coefficients, ns_steps, eps)
         for sub in group.sub_batches:
-            stacked = torch.stack(sub.updates)
-            if len(sub.layout_shape) == 3:  # several runs of rows: one (rows, cols) matrix per block
-                stacked = stacked.view(len(sub.updates), -1, sub.layout_shape[-1])
-            parts.append(stacked.mT if sub.tall else stacked)
-        orthogonal = _orthogonalise(parts[0] if len(parts) == 1 else torch.cat(parts), ns_coefficients, ns_steps, eps)
-        scaled = orthogonal * (group.lr_scales * -lr)  # float32: the LR applied as Muon's add_(alpha=-lr*scale)
-        start = 0
-        for sub in group.sub_batches:
-            count = len(sub.params)
-            part = scaled if len(group.sub_batches) == 1 else scaled[start:start + count]
-            start += count
-            if sub.tall:
-                part = part.mT.contiguous()
-            if len(sub.layout_shape) == 3:
-                part = part.view(count, *sub.layout_shape)
-            torch._foreach_add_(sub.params, part.unbind(0))
+            part = orthogonal if len(group.sub_batches) == 1 else orthogonal[sub.start:sub.start + len(sub.params)]
+            # float32, the LR applied as Muon's add_(update, alpha=-lr * scale)
+            torch.mul(part, sub.lr_scales * -lr, out=sub.deltas_oriented)
+            torch._foreach_add_(sub.params, sub.deltas)
 
 
 class BlockMuon(torch.optim.Muon):
@@ -263,19 +256,31 @@ class BlockMuon(torch.optim.Muon):
             if id(block.source) not in present:
                 continue
             rows, cols = block.shape
-            tall = rows > cols
             layout = self._runs[id(block)]
-            layout_shape = (rows, cols) if layout.runs == 1 else (layout.runs, layout.length, cols)
+            layout_shape: tuple[int, ...] = (rows, cols) if layout.runs == 1 else (layout.runs, layout.length, cols)
+            tall = rows > cols
             by_shape[(cols, rows) if tall else (rows, cols)].setdefault((tall, layout_shape), []).append(block)
         weights = {id(s): s.detach() for s in sources}  # one base per source: its views alias it, and only it
         groups = []
-        for subs in by_shape.values():
-            sub_batches = [_SubBatch(tall, shape, [self._runs[id(b)].view(self._updates[id(b.source)]) for b in members],
-                                     [self._runs[id(b)].view(weights[id(b.source)]) for b in members])
-                           for (tall, shape), members in subs.items()]
-            scales = [lr_scale(b.shape, self._adjust_lr_fn) for members in subs.values() for b in members]
+        for oriented, subs in by_shape.items():
             device = sources[0].device
-            groups.append(_Group(sub_batches, torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1)))
+            stacked = torch.empty((sum(len(m) for m in subs.values()), *oriented), dtype=torch.bfloat16, device=device)
+            sub_batches, start = [], 0
+            for (tall, layout_shape), members in subs.items():
+                rows_of_group = stacked[start:start + len(members)]
+                natural = rows_of_group.mT if tall else rows_of_group  # (blocks, rows, cols) as the blocks lie
+                into = natural.unflatten(1, layout_shape[:2]) if len(layout_shape) == 3 else natural
+                deltas = torch.empty((len(members), *layout_shape), dtype=torch.float32, device=device)
+                deltas_natural = deltas.view(len(members), -1, layout_shape[-1])
+                scales = [lr_scale(b.shape, self._adjust_lr_fn) for b in members]
+                sub_batches.append(_SubBatch(
+                    updates=[self._runs[id(b)].view(self._updates[id(b.source)]) for b in members],
+                    params=[self._runs[id(b)].view(weights[id(b.source)]) for b in members],
+                    into=into, start=start,
+                    lr_scales=torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1),
+                    deltas_oriented=deltas_natural.mT if tall else deltas_natural, deltas=list(deltas.unbind(0))))
+                start += len(members)
+            groups.append(_Group(sub_batches, stacked))
         return _Plan(list(sources), list(weights.values()), [self._updates[id(s)] for s in sources], groups)
 
     @overload
