@@ -12,11 +12,12 @@ its fused forward pass are unchanged.
 
 torch.optim.Muon has no foreach path: it runs one Newton-Schulz chain of about 22 operators per matrix, so
 the 63-72 blocks of a model cost about 2,000 operator launches per step, more host time than the GPU work of a
-step at these sizes. `BlockMuon` computes the same update in a few hundred: momentum and weight decay with
-foreach operators over the model's parameters, and one batched Newton-Schulz chain (bmm/baddbmm in bf16) per
-group of blocks that share a shape (a tall block is transposed first, as Muon does, so the experts' up and
-down matrices form one group). `PerBlockMuon`, torch.optim.Muon run block by block, is kept as the reference
-it is tested against (tests/test_optim.py) and the benchmark's "before" row.
+step at these sizes. `BlockMuon` computes the same update in 93-180 (tests/test_step_ops.py): momentum and
+weight decay with foreach operators over the model's matrices, and one batched Newton-Schulz chain
+(bmm/baddbmm in bf16) per group of blocks that share a shape (a tall block is transposed first, as Muon does,
+so the experts' up and down matrices form one group), gathered and written back through views and buffers
+made once. `PerBlockMuon`, torch.optim.Muon run block by block, is kept as the reference it is tested
+against (tests/test_optim.py) and the benchmark's "before batching" rows.
 
 Weight decay: Muon's matrices decay with config.weight_decay; the AdamW parameters (the embedding, which
 is also the tied output head, every RMSNorm gain, including MLA's two latent norms, and any bias) get
@@ -250,6 +251,8 @@ class BlockMuon(torch.optim.Muon):
         return {block.name: lr_scale(block.shape, self._adjust_lr_fn) for block in self.blocks}
 
     def _plan(self, sources: list[nn.Parameter]) -> _Plan:
+        """Group the blocks of `sources` by oriented shape, sub-batch them by layout, and make the views and
+        buffers every step reuses (a step then makes no view and allocates only the chain's products)."""
         present = {id(s) for s in sources}
         by_shape: dict[tuple[int, int], dict[tuple[bool, tuple[int, ...]], list[MatrixBlock]]] = defaultdict(dict)
         for block in self.blocks:
