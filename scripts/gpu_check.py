@@ -7,6 +7,10 @@ has room to spare; nothing is downloaded, and it needs neither `datasets` nor `f
   0. environment: fails unless CUDA is usable; card, compute capability, driver, PyTorch and CUDA versions
   1. GPU tests (tests/test_gpu.py): fails on any failure and on any test skipped for lack of CUDA
   2. training benchmark (python -m training.benchmark): per-arm step time and tokens/s
+  2b. step modes (benchmark --step-modes eager cuda-graph): per arm, the step eager and replayed from one CUDA
+     graph; fails unless both are timed where the fused grouped_mm path runs (sm90+; elsewhere the benchmark
+     skips the graph and says why). The compiled modes do not fit the budget (their compilation alone takes about a
+     minute): `python -m training.benchmark --step-modes eager compile compile-all cuda-graph` times all four.
   3. MoE dispatch, grouped_mm against sorted (deepseek step): fails when the path `auto` chose on this
      card is more than 10% slower than the other
   4. decode benchmark (1k..32k contexts, batches 1 and 8)
@@ -137,6 +141,39 @@ def benchmark_verdict(results: dict[str, Any]) -> Verdict:
     if results.get("speedups"):
         figures["speedup_over_public_style"] = results["speedups"]
     return Verdict(not notes, notes, figures)
+
+
+GRAPH_MODE, EAGER_MODE = "cuda-graph", "eager"
+FUSED_GROUPED_MM = "grouped_mm (fused kernel, sm90+)"
+
+
+def step_modes_verdict(results: dict[str, Any]) -> Verdict:
+    """Stage 2b: every arm's eager step timed, and its CUDA-graph step too wherever the fused grouped_mm path
+    ran (elsewhere the graph must be refused, before any step, for lack of static shapes); figures per arm and
+    mode: ms/step, tokens/s and operators per step, and eager / graph step time."""
+    notes: list[str] = []
+    figures: dict[str, Any] = {}
+    rows = [row for row in results.get("rows", []) if row.get("variant") == "ours"]
+    for model in dict.fromkeys(row.get("model") for row in rows):
+        modes = {str(row.get("name", "")).rsplit(", ", 1)[-1].rstrip(")"): row for row in rows if row.get("model") == model}
+        eager, graph = modes.get(EAGER_MODE, {}), modes.get(GRAPH_MODE, {})
+        figures[model] = {mode: {"ms_per_step": row["median_step_s"] * 1e3, "tokens_per_s": row.get("tokens_per_s"),
+                                 "step_operators": row.get("step_operators")}
+                          for mode, row in modes.items() if "error" not in row and _finite(row.get("median_step_s"))}
+        if EAGER_MODE not in figures[model]:
+            notes.append(f"{model}: the eager step was not timed ({eager.get('error', 'no row')})")
+            continue
+        if GRAPH_MODE in figures[model]:
+            figures[model]["eager_over_graph"] = (figures[model][EAGER_MODE]["ms_per_step"]
+                                                  / figures[model][GRAPH_MODE]["ms_per_step"])
+        elif graph.get("skipped") and FUSED_GROUPED_MM not in (eager.get("moe_dispatch") or []):
+            notes.append(f"{model}: no CUDA graph on this card (fine): {graph['skipped']}")
+        else:
+            notes.append(f"{model}: the CUDA-graph step was not timed ({graph.get('error') or graph.get('skipped') or 'no row'})")
+    if not rows:
+        notes.append("no step was timed")
+    failing = [note for note in notes if "(fine)" not in note]
+    return Verdict(not failing, notes, figures)
 
 
 def dispatch_of(moe_dispatch: list[str] | str | None) -> str | None:
@@ -300,6 +337,10 @@ STAGES: list[Stage] = [
           lambda out, py: [py, "-m", "training.benchmark", "--steps", "15", "--warmup", "5",
                            "--output", str(out / "benchmark.json")],
           lambda out: benchmark_verdict(read_json(out / "benchmark.json"))),
+    Stage("step modes", 30,
+          lambda out, py: [py, "-m", "training.benchmark", "--skip-public-style", "--step-modes", EAGER_MODE, GRAPH_MODE,
+                           "--steps", "10", "--warmup", "3", "--seq-lens", "256", "--output", str(out / "step_modes.json")],
+          lambda out: step_modes_verdict(read_json(out / "step_modes.json"))),
     Stage("dispatch grouped_mm", 20,
           lambda out, py: [py, "-m", "training.benchmark", "--models", "deepseek", "--skip-public-style",
                            "--moe-dispatch", "grouped_mm", "--steps", "10", "--warmup", "3", "--seq-lens", "256",

@@ -214,6 +214,31 @@ def test_decode_verdict_reports_the_longest_context_and_fails_on_an_error_row():
     assert not gpu_check.decode_verdict({"rows": []}).ok
 
 
+def _step_modes(graph: dict[str, Any], dispatch: str = gpu_check.FUSED_GROUPED_MM) -> dict[str, Any]:
+    rows = []
+    for model in ("baseline", "deepseek"):
+        rows.append({"name": f"{model} (ours, eager)", "model": model, "variant": "ours", "median_step_s": 0.012,
+                     "tokens_per_s": 1.4e6, "step_operators": {"total": 1200}, "moe_dispatch": [dispatch]})
+        rows.append({"name": f"{model} (ours, cuda-graph)", "model": model, "variant": "ours", **graph})
+    return {"rows": rows}
+
+
+def test_step_modes_verdict_wants_the_graph_timed_where_the_fused_path_runs():
+    timed = gpu_check.step_modes_verdict(_step_modes({"median_step_s": 0.004, "tokens_per_s": 4e6}))
+    assert timed.ok and timed.figures["deepseek"]["eager_over_graph"] == pytest.approx(3.0)
+    assert timed.figures["baseline"]["eager"]["step_operators"] == {"total": 1200}
+    crashed = gpu_check.step_modes_verdict(_step_modes({"error": "RuntimeError: operation not permitted when capturing"}))
+    assert not crashed.ok and "not timed" in crashed.notes[0]
+    refused = {"skipped": "--cuda-graph needs static shapes, i.e. the fused grouped_mm MoE (sm90/sm100 in bf16)"}
+    on_a_4090 = gpu_check.step_modes_verdict(_step_modes(refused, dispatch="sorted split (one host sync per layer)"))
+    assert on_a_4090.ok and "(fine)" in on_a_4090.notes[0]
+    assert not gpu_check.step_modes_verdict(_step_modes(refused)).ok  # skipped where the fused path ran: wrong
+    no_eager = _step_modes({"median_step_s": 0.004})
+    no_eager["rows"][0] = {**no_eager["rows"][0], "error": "CUDA out of memory", "median_step_s": None}
+    assert not gpu_check.step_modes_verdict(no_eager).ok
+    assert not gpu_check.step_modes_verdict({"rows": []}).ok
+
+
 def test_generate_verdict_wants_text_from_both_arms():
     log = "== baseline (x; greedy, cache kv, seed 0) ==\nThe\n== deepseek (y; greedy, cache latent, seed 0) ==\nThe\n"
     assert gpu_check.generate_verdict(log).ok
