@@ -8,7 +8,8 @@ to that kernel and checks the same numerics on the CPU's kernel:
 - flash-attn: a stand-in `flash_attn` module with `flash_attn_func`'s signature, layout and dtype rules,
   computing with the plain-math reference attention (the real package is CUDA-only);
 - the fused grouped_mm (sm90 only): the CPU's grouped_mm kernel;
-- `torch.cuda.set_sync_debug_mode("error")`: the CPU stand-in in tests/host_sync.py.
+- `torch.cuda.set_sync_debug_mode("error")`: the CPU stand-in in tests/host_sync.py;
+- CUDA graphs: tests/fake_cuda.py's stand-in, which replays exactly the captured operators.
 The CUDA runs are skipped without a GPU; a CUDA flash-attn case is skipped, and named, without flash-attn.
 """
 
@@ -35,8 +36,12 @@ from experiment_config import ExperimentConfig
 from hardware import cuda_capability
 from models.attention_ops import FLASH_ATTN_INSTALL, eager_causal_attention, flash_attn_import_error, sdpa_causal_attention
 from models.moe import GROUPED_CPU, GROUPED_FUSED, GROUPED_PER_GROUP, MASK_LOOP, SORTED_SPLIT, MixtureOfExperts
+from tests.fake_cuda import CudaOnCpu, install_fake_cuda, install_fake_cuda_graphs
 from tests.host_sync import HostSyncDetector
 from tests.moe_routing import force_uneven_routing
+from training.optim import build_optimizers, build_schedulers
+from training.step import GraphedStep, training_step
+from training.trainer import make_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
@@ -369,3 +374,62 @@ def test_moe_auto_dispatch_is_sync_free_on_sm90_and_the_recorded_fallback_elsewh
         _moe_step(moe, x)
     assert moe.dispatch_used == planned
     assert x.grad is not None and torch.isfinite(x.grad).all().item()
+
+
+# --------------------------------------------------------------------------------------------
+# (e) --cuda-graph: the whole training step captured once and replayed trains as the eager step does
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _graph_device(device: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """On CUDA, the card's own graphs (skipped, and named, where the static-shape path does not run); on the
+    CPU, the runtime answering like an H200, tensors "on cuda" kept on the CPU and a stand-in graph that
+    replays exactly the captured operators (tests/fake_cuda.py). Yields the stand-in graphs made (CPU)."""
+    if device == "cuda":
+        capability = cuda_capability(torch.device("cuda"))
+        if capability is None or capability[0] != 9:
+            pytest.skip(f"--cuda-graph needs the fused grouped GEMM (sm90); this card is {capability}")
+        yield []
+        return
+    install_fake_cuda(monkeypatch, "NVIDIA H200", (9, 0))
+    graphs = install_fake_cuda_graphs(monkeypatch)
+    with CudaOnCpu():
+        yield graphs
+
+
+def test_cuda_graph_step_equals_the_eager_step(device, monkeypatch):
+    """LRs live in device tensors the schedulers update between replays, so nothing is frozen at its
+    capture-time value; the CPU twin is bit-exact, CUDA's within bf16 tolerance (its backward kernels use
+    atomics, so two eager runs differ in the last bits too)."""
+    cuda = torch.device("cuda")
+    config = ExperimentConfig(vocab_size=VOCAB_SIZE, d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4,
+                              q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                              max_seq_len=32, max_steps=5, cuda_graph=True, device="cuda")
+    losses, weights = {}, {}
+    with _graph_device(device, monkeypatch) as graphs:
+        for mode in ("eager", "graph"):
+            model = FlashAttentionModel(config, seed=3).to(cuda).train()
+            model.plan_moe_dispatch(cuda, torch.bfloat16)
+            optimizers = build_optimizers(model, config, cuda)
+            schedulers = build_schedulers(optimizers, config)
+            gen = torch.Generator().manual_seed(0)
+            batches = [torch.randint(0, VOCAB_SIZE, (2, 33), generator=gen).to(cuda) for _ in range(config.max_steps)]
+            if mode == "graph":
+                step = make_step(model, optimizers, schedulers, batches[0][:, :-1], batches[0][:, 1:], config, cuda, "bf16")
+                assert isinstance(step, GraphedStep)
+            else:
+                def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                    return training_step(model, optimizers, schedulers, x, y, config, cuda, "bf16")
+            torch.manual_seed(7)
+            losses[mode] = torch.stack([step(b[:, :-1], b[:, 1:]) for b in batches]).float().cpu()
+            weights[mode] = {n: p.detach().float().cpu() for n, p in model.named_parameters()}
+    assert torch.isfinite(losses["eager"]).all() and len(set(losses["eager"].tolist())) == config.max_steps
+    if device == "cpu":
+        assert len(graphs) == 1 and graphs[0].replays == config.max_steps
+        assert torch.equal(losses["graph"], losses["eager"])
+        assert all(torch.equal(weights["graph"][n], w) for n, w in weights["eager"].items())
+    else:
+        torch.testing.assert_close(losses["graph"], losses["eager"], atol=BF16_ATOL, rtol=BF16_RTOL)
+        for name, value in weights["eager"].items():
+            torch.testing.assert_close(weights["graph"][name], value, atol=BF16_ATOL, rtol=BF16_RTOL, msg=name)
