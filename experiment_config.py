@@ -19,10 +19,28 @@ ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa", "eager")
 PRECISIONS = ("auto", "bf16", "fp32")
 MOE_DISPATCHES = ("auto", "grouped_mm", "sorted", "loop")
 PARALLEL_MODES = ("auto", "seeds", "data")  # --parallel under torchrun: one seed per rank, or one batch split over ranks
-OPTIMIZERS = ("muon", "adamw")
-MUON_ADJUST_LR_FNS = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn: each block's LR factor from its shape  # --optimizer: per-matrix Muon for the block matrices, or an AdamW-only control
+OPTIMIZERS = ("muon", "adamw")  # --optimizer: per-matrix Muon for the block matrices, or an AdamW-only control
+MUON_ADJUST_LR_FNS = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn: each block's LR factor from its shape
 DEFAULT_ARMS = ("baseline", "deepseek")  # the experiment's two arms; arms.py lists every arm
 DEFAULT_GQA_KV_HEADS = 2
+PRESET_NAMES = ("full", "cpu")  # PRESETS below builds each
+NONE_WORD = "none"  # a setting that may be None, written in TOML or on the command line (TOML has no null)
+# What a --resume may change: which runs there are (seeds, arms) and where and how often things are written
+# or logged. Every other setting changes what a run computes, so a resume that changes it is refused.
+RESUMABLE_CHANGES = frozenset({"seed", "seeds", "arms", "output_dir", "cache_dir", "device", "parallel",
+                               "dist_timeout_minutes", "log_every", "save_checkpoints", "tensorboard", "wandb_project",
+                               "save_every", "keep_training_state"})
+
+
+def setting(default: Any, **cli: Any) -> Any:
+    """A field whose command-line flag needs more than its name and type (config_cli.py reads `cli`):
+
+    flag="--steps": its flag when not --field-name (which stays an alias); choices=(...): the values
+    allowed; metavar="N"; off_flag="--no-save": a bool's extra flag that turns it off; values_into=
+    "other_field": a bool flag that may take values for another field (--lr-sweep [M ...]);
+    show_default=False: --help leaves out the default. A field's help is its trailing comment.
+    """
+    return dataclasses.field(default=default, metadata={"cli": cli})
 
 
 class ConfigError(ValueError):
@@ -32,83 +50,90 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ExperimentConfig:
     # Model (shared by both models)
-    d_model: int = 256
-    n_heads: int = 4
-    n_layers: int = 3
-    d_ff: int = 1024
-    num_experts: int = 8
-    expert_top_k: int = 2
-    max_seq_len: int = 256
-    dropout: float = 0.1
-    router_noise_std: float = 0.1  # Gaussian noise on router logits while training (public version's value)
-    load_balancing_weight: float = 0.01
-    rope_base: float = 10000.0
-    vocab_size: int | None = None  # None: taken from the tokenizer
+    d_model: int = 256  # model width (embedding and residual stream)
+    n_heads: int = 4  # attention (query) heads; must divide d_model
+    n_layers: int = 3  # transformer blocks
+    d_ff: int = 1024  # hidden width of each MoE expert
+    num_experts: int = 8  # experts per MoE layer
+    expert_top_k: int = 2  # experts each token is routed to
+    max_seq_len: int = setting(256, flag="--seq-len", metavar="N")  # tokens per training window
+    dropout: float = 0.1  # dropout probability in training
+    router_noise_std: float = 0.1  # Gaussian noise on router logits while training, as in the public version
+    load_balancing_weight: float = 0.01  # weight of the MoE load-balancing loss
+    rope_base: float = 10000.0  # RoPE base frequency
+    vocab_size: int | None = None  # vocabulary size; none: taken from the tokenizer
 
     # DeepSeek-V3 Multi-head Latent Attention
-    q_lora_rank: int | None = 128  # None: a plain q_proj instead of the low-rank query path
-    kv_lora_rank: int = 128
-    qk_nope_head_dim: int = 64
-    qk_rope_head_dim: int = 32
-    v_head_dim: int = 64
+    q_lora_rank: int | None = 128  # MLA query rank; none: a plain q_proj instead of the low-rank query path
+    kv_lora_rank: int = 128  # MLA latent (compressed K/V) width: what its KV cache holds per token
+    qk_nope_head_dim: int = 64  # MLA per-head query/key width without RoPE
+    qk_rope_head_dim: int = 32  # MLA per-head width of the decoupled rotary query/key
+    v_head_dim: int = 64  # MLA per-head value width
 
     # Grouped-query attention arm ("gqa"): the baseline's attention with this many K/V heads (MQA has 1)
-    gqa_kv_heads: int = DEFAULT_GQA_KV_HEADS
+    gqa_kv_heads: int = DEFAULT_GQA_KV_HEADS  # K/V heads of the gqa arm; must divide n_heads
 
     # Training (a step is one optimizer step)
-    batch_size: int = 64
-    max_steps: int = 1000
-    eval_every: int = 100
+    batch_size: int = 64  # sequences per optimizer step
+    max_steps: int = setting(1000, flag="--steps", metavar="N")  # optimizer steps per model
+    eval_every: int = 100  # steps between validation passes (never more than --steps)
     log_every: int = 10  # steps between progress-bar updates (the only host syncs in training)
-    muon_lr: float = 0.01
-    adamw_lr: float = 0.001
+    muon_lr: float = 0.01  # Muon learning rate (the blocks' matrices)
+    adamw_lr: float = 0.001  # AdamW learning rate (embedding, norms, biases)
     weight_decay: float = 0.1  # Muon's matrices only; norm gains, biases and the embedding get none (training/optim.py)
-    optimizer: str = "muon"  # "muon": per-matrix Muon + AdamW; "adamw": AdamW only (a control run)
+    optimizer: str = setting("muon", choices=OPTIMIZERS)  # muon: per-matrix Muon + AdamW; adamw: AdamW only (a control run)
     # Muon's LR factor per block, torch.optim.Muon's adjust_lr_fn: "original" sqrt(max(1, rows/cols)) (MLA's
     # q_b_proj x1.73, k_nope and v x1.41, every MHA/GQA/MQA attention block x1); "match_rms_adamw" 0.2*sqrt(max(rows, cols))
-    muon_adjust_lr_fn: str = "original"
-    grad_clip: float = 1.0
-    warmup_fraction: float = 0.05
-    min_lr_ratio: float = 0.1
-    seed: int = 42
-    seeds: tuple[int, ...] = ()  # several seeds: every arm once per seed; empty: (seed,)
-    arms: tuple[str, ...] = DEFAULT_ARMS  # which arms to train (names in arms.py); baseline always
-    lr_sweep: bool = False  # before the comparison, pick each arm's LR multiplier by a short sweep (training/lr_sweep.py)
-    lr_sweep_multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # each scales both muon_lr and adamw_lr
+    muon_adjust_lr_fn: str = setting("original", choices=MUON_ADJUST_LR_FNS)  # Muon's LR factor per block (torch.optim.Muon's adjust_lr_fn): original = sqrt(max(1, rows/cols)); match_rms_adamw = 0.2 * sqrt(max(rows, cols))
+    grad_clip: float = 1.0  # gradient-norm clipping threshold
+    warmup_fraction: float = 0.05  # fraction of the steps with a linear LR warmup
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the base LR
+    seed: int = 42  # the seed when --seeds is not given
+    seeds: tuple[int, ...] = setting((), metavar="SEED")  # train every arm once per seed, e.g. --seeds 42 43 44; empty: --seed alone
+    arms: tuple[str, ...] = setting(DEFAULT_ARMS, metavar="ARM")  # which arms to train: baseline (MHA, always), deepseek (MLA), gqa, mqa
+    lr_sweep: bool = setting(False, values_into="lr_sweep_multipliers", metavar="M")  # before the comparison, tune each arm's LRs: a short run per multiplier M on a seed not among --seeds, the best by its loss on the tuning set (training/lr_sweep.py)
+    lr_sweep_multipliers: tuple[float, ...] = setting((0.25, 0.5, 1.0, 2.0, 4.0), metavar="M")  # each scales both muon_lr and adamw_lr
     lr_sweep_steps: int = 0  # steps per sweep run; 0: max_steps // 4 (at least 1)
-    lr_sweep_seed: int | None = None  # the sweep runs' seed, never a reported one; None: one above the largest of run_seeds
+    lr_sweep_seed: int | None = setting(None, metavar="SEED")  # the sweep runs' seed, never a reported one; none: one above the largest of --seeds
 
     # Data
-    dataset_name: str = "HuggingFaceTB/smollm-corpus"
-    dataset_config: str = "cosmopedia-v2"
-    tokenizer_name: str = "HuggingFaceTB/SmolLM-135M"
-    num_documents: int = 1000
-    max_chars_per_doc: int = 3000
-    max_tokens: int = 100_000
-    val_fraction: float = 0.1
+    dataset_name: str = setting("HuggingFaceTB/smollm-corpus", flag="--dataset", metavar="NAME")  # Hugging Face dataset (streamed)
+    dataset_config: str = setting("cosmopedia-v2", metavar="NAME")  # its configuration (subset)
+    text_field: str = setting("text", metavar="FIELD")  # the field that holds the text, in the Hub dataset or a .jsonl/.parquet --data file
+    tokenizer_name: str = setting("HuggingFaceTB/SmolLM-135M", flag="--tokenizer", metavar="NAME")  # Hugging Face tokenizer (online runs)
+    num_documents: int = 1000  # documents read before tokenizing; 0: all (the default with --data)
+    max_chars_per_doc: int = 3000  # each document cut to this many characters; 0: whole (the default with --data)
+    max_tokens: int = 100_000  # tokens kept, every split together; 0: all (the default with --data)
+    val_fraction: float = 0.1  # the last fraction of the tokens, held out for validation
     tuning_fraction: float = 0.1  # with --lr-sweep: this fraction of all tokens, just before validation, is the sweep's tuning set
-    data_path: str | None = None  # the user's own .txt/.jsonl/.parquet instead of the Hub corpus
-    offline: bool = False  # skip the Hub and use the built-in corpus
+    data_path: str | None = setting(None, flag="--data", metavar="PATH")  # your own .txt/.jsonl/.parquet instead of the Hub corpus, read whole unless you set a cap
+    offline: bool = False  # skip the Hub and use the built-in corpus (or your --data file) with a BPE tokenizer trained on it
     offline_vocab_size: int = 8192  # vocabulary of the BPE tokenizer trained for the offline corpus
-    cache_dir: str = "data_cache"
+    cache_dir: str = "data_cache"  # where tokenized data is cached
 
     # Run
-    preset: str = "full"
-    device: str = "auto"
-    attention_backend: str = "auto"  # MLA model: auto | flash-attn | sdpa | eager
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU rehearses the GPU's mixed precision
-    moe_dispatch: str = "auto"  # auto: grouped_mm where it runs fused or on CPU, else the one-sync sorted split
-    compile: bool = False  # torch.compile each block
+    preset: str = setting("full", choices=PRESET_NAMES, show_default=False)  # the base the other settings start from: full (the experiment as published; default on CUDA) or cpu (scaled down, minutes on 2 cores; default without CUDA)
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    attention_backend: str = setting("auto", choices=ATTENTION_BACKENDS)  # MLA kernel: auto (flash-attn if installed, else SDPA), flash-attn, sdpa, eager
+    precision: str = setting("auto", choices=PRECISIONS)  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU rehearses the GPU's mixed precision
+    moe_dispatch: str = setting("auto", choices=MOE_DISPATCHES)  # auto: grouped_mm where it runs fused or on CPU, else the one-sync sorted split
+    compile: bool = False  # torch.compile each block (needs bf16: CUDA, or CPU with --precision bf16)
     compile_optimizer: bool = False  # torch.compile Muon's batched update too (its LR then lives on the device)
-    cuda_graph: bool = False  # capture the whole training step in one CUDA graph (CUDA, fused grouped_mm MoE only)
-    output_dir: str = "exp6_results"
-    save_checkpoints: bool = True  # each completed model run saves its weights under output_dir/checkpoints/
+    cuda_graph: bool = False  # capture the whole training step in one CUDA graph and replay it (CUDA, fused grouped_mm MoE only, one process per run)
+    output_dir: str = "exp6_results"  # where the JSON, plots, curves and models go; one run at a time per folder
+    save_checkpoints: bool = setting(True, off_flag="--no-save")  # each completed model run saves its weights under output_dir/checkpoints/
     sample_prompt: str = "The"  # each completed model's greedy continuation of it goes into the JSON
-    sample_tokens: int = 32
+    sample_tokens: int = 32  # length of that greedy sample, in tokens
+
+    # Live curves and resuming (training/metrics_log.py, training/train_state.py)
+    tensorboard: bool = False  # also write TensorBoard event files to output_dir/tensorboard/
+    wandb_project: str | None = setting(None, flag="--wandb", metavar="PROJECT")  # also log to this Weights & Biases project (needs `pip install wandb`)
+    save_every: int = 0  # steps between training-state saves, for --resume; 0: at each evaluation
+    keep_training_state: bool = False  # keep a run's training state after it completes (deleted by default)
 
     # Several processes started by torchrun (training/distributed.py); a single process ignores these
-    parallel: str = "auto"  # auto: seeds when there are at least as many seeds as ranks, else data
-    dist_timeout_minutes: float = 30.0  # longest a rank waits for the others in one collective before the job stops
+    parallel: str = setting("auto", choices=PARALLEL_MODES)  # auto: seeds when there are at least as many seeds as ranks, else data
+    dist_timeout_minutes: float = setting(30.0, flag="--dist-timeout", metavar="MIN")  # longest a rank waits for the others in one collective before the job stops
 
     @property
     def run_seeds(self) -> tuple[int, ...]:
@@ -138,11 +163,12 @@ class ExperimentConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
-        """The config a to_dict() wrote (e.g. in a saved model's config.json); `seeds` comes back as a tuple.
+    def from_dict(cls, values: Mapping[str, Any], base: "ExperimentConfig | None" = None) -> "ExperimentConfig":
+        """The config a to_dict() (or a TOML file) wrote; lists come back as tuples, and the string "none"
+        as None for a setting that may be None (TOML has no null).
 
         A key that is not a field, or a value of the wrong type, raises ConfigError naming it; a field
-        the dict lacks (written by an older version) takes its default.
+        the dict lacks takes its value from `base` (default: the dataclass's defaults).
         """
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(values) - set(hints))
@@ -154,11 +180,13 @@ class ExperimentConfig:
             if isinstance(value, list) and typing.get_origin(hints[name]) is tuple:  # JSON writes tuples as lists
                 value = tuple(float(v) if typing.get_args(hints[name])[0] is float and _has_type(v, float) else v
                               for v in value)
+            if value == NONE_WORD and _has_type(None, hints[name]):
+                value = None
             if not _has_type(value, hints[name]):
                 expected = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])
                 raise ConfigError(f"config key {name}={value!r}: expected {expected}")
             fields[name] = float(value) if hints[name] is float else value
-        return cls(**fields)
+        return (base or cls()).replace(**fields)
 
     def _validate_arms(self) -> None:
         from arms import ARM_NAMES, BASELINE  # the registry imports the models, which import this file
@@ -221,8 +249,15 @@ class ExperimentConfig:
             (self.lr_sweep_seed is None or self.lr_sweep_seed not in self.run_seeds,
              f"--lr-sweep-seed {self.lr_sweep_seed}: is one of the reported --seeds "
              f"{' '.join(map(str, self.run_seeds))}; the sweep must not tune on a reported seed, choose another"),
-            (self.num_documents > 0, f"--num-documents {self.num_documents}: must be at least 1"),
-            (self.max_chars_per_doc > 0, f"max_chars_per_doc={self.max_chars_per_doc} must be positive"),
+            (self.num_documents >= 0, f"--num-documents {self.num_documents}: must be at least 1, or 0 for every document"),
+            (self.num_documents > 0 or self.offline or self.data_path is not None,
+             "--num-documents 0 (every document) would stream the whole Hub dataset; give a number, or use --data"),
+            (self.max_chars_per_doc >= 0,
+             f"--max-chars-per-doc {self.max_chars_per_doc}: must be at least 1, or 0 for whole documents"),
+            (self.max_tokens >= 0, f"--max-tokens {self.max_tokens}: must be at least 1, or 0 for every token"),
+            (bool(self.text_field), "--text-field: give the name of the field that holds the text"),
+            (self.save_every >= 0, f"--save-every {self.save_every}: must be at least 1, or 0 for each evaluation"),
+            (self.wandb_project is None or bool(self.wandb_project), "--wandb: give a project name"),
             (self.vocab_size is None or self.vocab_size > 1, "vocab_size must be > 1 or None"),
             (self.attention_backend in ATTENTION_BACKENDS,
              f"--attention-backend {self.attention_backend}: must be one of {', '.join(ATTENTION_BACKENDS)}"),
@@ -256,7 +291,7 @@ class ExperimentConfig:
         def enough(tokens: int) -> bool:
             return tokens >= len(parts) * window and all(part * tokens >= window for part in parts)
 
-        if not enough(self.max_tokens):
+        if self.max_tokens and not enough(self.max_tokens):
             needed = max(len(parts) * window, *(math.ceil(window / part) for part in parts))
             while not enough(needed):  # guard against rounding in the division
                 needed += 1

@@ -92,7 +92,7 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, capsys):
 def test_ctrl_c_exits_130(monkeypatch, tmp_path, capsys):
     import training.experiment
 
-    def interrupted(config, builders=None):
+    def interrupted(config, builders=None, **options):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training.experiment, "run_experiment", interrupted)
@@ -140,7 +140,7 @@ def test_help_defaults_are_the_published_values():
     assert "default 100; CPU preset 50" in _option_help("--eval-every")
     assert "default 100,000; CPU preset 300,000" in _option_help("--max-tokens")
     assert "default 1000" in _option_help("--num-documents")
-    assert "default 42" in _option_help("--seeds")
+    assert "default 42" in _option_help("--seed")
 
 
 @pytest.mark.parametrize("args,flag", [
@@ -150,7 +150,7 @@ def test_help_defaults_are_the_published_values():
     (["--batch-size", "0"], "--batch-size 0"),
     (["--seq-len", "1"], "--seq-len 1"),
     (["--max-tokens", "50"], "--max-tokens 50"),
-    (["--num-documents", "0"], "--num-documents 0"),
+    (["--num-documents", "-1"], "--num-documents -1"),
     (["--seeds", "1", "1"], "--seeds 1 1"),
     (["--device", "tpu"], "--device tpu"),
     (["--device", "cudax"], "--device cudax"),
@@ -206,8 +206,14 @@ def test_a_bad_config_file_is_one_error_line(tmp_path, capsys, content, words):
     assert len(err) == 1 and err[0].startswith(f"error: --config {path}: ") and words in err[0], err
 
 
-def test_config_and_preset_together_are_refused(tmp_path, capsys):
-    path = tmp_path / "plain.json"
-    path.write_text("{}")
-    assert main(["--config", str(path), "--preset", "cpu"]) == 2
-    assert "--config and --preset together" in capsys.readouterr().err
+def test_a_partial_config_file_fills_the_rest_from_the_preset(tmp_path):
+    """--config with --preset: the file's settings over the chosen preset; without --preset, the machine's."""
+    path = tmp_path / "partial.toml"
+    path.write_text('d_model = 64\nmuon_lr = 0.02\n')
+    cpu, notice = config_from_args(build_parser().parse_args(["--config", str(path)]), cuda_available=False)
+    assert cpu == PRESETS["cpu"](ExperimentConfig()).replace(d_model=64, muon_lr=0.02)
+    assert notice is not None and "CPU preset" in notice
+    full, _ = config_from_args(build_parser().parse_args(["--config", str(path), "--preset", "full"]), cuda_available=False)
+    assert full == ExperimentConfig(d_model=64, muon_lr=0.02)
+    flagged, _ = config_from_args(build_parser().parse_args(["--config", str(path), "--d-model", "96"]), cuda_available=True)
+    assert (flagged.d_model, flagged.muon_lr, flagged.batch_size) == (96, 0.02, 64)  # flags > file > preset
