@@ -176,3 +176,19 @@ def capture_cuda_graph(device: torch.device, run: Callable[[], T], warmup_runs: 
     with torch.cuda.graph(graph):
         outputs = run()
     return graph.replay, outputs
+
+
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random streams a run on `device` draws from (dropout, router noise): the CPU generator's state
+    and, on CUDA, the device's, for a training state to restore (training/train_state.py)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Put back what rng_states returned."""
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)

@@ -2,7 +2,7 @@
 
 Two parts:
 - the CUDA runtime calls the project makes (`torch.cuda.is_available`, `get_device_name`,
-  `get_device_capability`, `synchronize`, peak-memory stats, `empty_cache`) are replaced by
+  `get_device_capability`, `synchronize`, peak-memory stats, `empty_cache`, the RNG state) are replaced by
   recorders that answer like a chosen card; a call to a name torch.cuda does not have fails, as it
   would on a GPU;
 - a TorchFunctionMode rewrites every device argument that names CUDA to the CPU, so tensors and
@@ -40,6 +40,8 @@ class FakeCudaCalls:
     reset_peak: list[Any] = field(default_factory=list)
     peak_reads: list[Any] = field(default_factory=list)
     empty_cache: int = 0
+    rng_reads: list[Any] = field(default_factory=list)  # devices whose RNG state was read (a training state save)
+    rng_writes: list[Any] = field(default_factory=list)  # (state, device) put back (a resume)
 
 
 def _on_cpu(value: Any) -> Any:
@@ -72,6 +74,10 @@ def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, name: str = "NVIDIA GeFor
         calls.peak_reads.append(device)
         return FAKE_PEAK_MEMORY_BYTES
 
+    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+        calls.rng_reads.append(device)
+        return torch.arange(16, dtype=torch.uint8)  # a CUDA generator's state is a byte tensor too
+
     replacements: dict[str, Any] = {
         "is_available": lambda: True,
         "device_count": lambda: 1,
@@ -83,6 +89,8 @@ def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, name: str = "NVIDIA GeFor
         "reset_peak_memory_stats": lambda device=None: calls.reset_peak.append(device),
         "max_memory_allocated": max_memory_allocated,
         "empty_cache": lambda: setattr(calls, "empty_cache", calls.empty_cache + 1),
+        "get_rng_state": get_rng_state,
+        "set_rng_state": lambda state, device="cuda": calls.rng_writes.append((state, device)),
     }
     for attribute, replacement in replacements.items():
         assert hasattr(torch.cuda, attribute), f"torch.cuda.{attribute} does not exist"

@@ -236,7 +236,7 @@ def test_a_failing_rank_stops_seed_parallel_and_finished_seeds_are_kept(tmp_path
     run = _fault(tmp_path, config, 1, 2, "raise")  # rank 1's second MLA run: deepseek on seed 45, in the third turn
     assert run.returncode != 0
     message = ("error: rank 1 failed during deepseek (seed 45): RuntimeError: injected fault; every rank stopped, "
-               f"and the runs finished so far are saved in {Path(config.output_dir) / RESULTS_FILE}")
+               f"and 5 completed and 1 failed run(s) are saved in {Path(config.output_dir) / RESULTS_FILE}")
     assert [line for line in run.stderr.splitlines() if line.startswith("error:")] == [message]
     written = _results(config)
     assert written["experiment"]["status"] == "failed"
@@ -303,7 +303,7 @@ def test_the_cli_prints_an_error_once(monkeypatch, capsys, tmp_path, rank, share
     import training.experiment
     from exp6_trainer import main
 
-    def failing(config: ExperimentConfig, builders: Any = None) -> None:
+    def failing(config: ExperimentConfig, builders: Any = None, **options: Any) -> None:
         raise distributed.SharedConfigError("every rank hit this") if shared else ConfigError("only rank 1 hit this")
 
     monkeypatch.setenv("RANK", rank)

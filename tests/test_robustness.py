@@ -145,7 +145,7 @@ def test_sigterm_is_recorded_as_terminated_and_the_old_handler_comes_back(config
 def test_main_exits_130_for_ctrl_c_and_143_for_sigterm_with_one_line(stop, code, words, monkeypatch, tmp_path, capsys):
     import training.experiment
 
-    def stopped(config: ExperimentConfig, builders: object = None) -> None:
+    def stopped(config: ExperimentConfig, builders: object = None, **options: object) -> None:
         raise stop
 
     monkeypatch.setattr(training.experiment, "run_experiment", stopped)
@@ -240,7 +240,7 @@ def test_two_runs_on_one_folder_repeatedly_exactly_one_completes_and_keeps_all_i
     base = config.replace(max_steps=2, eval_every=2, log_every=1)
     contenders = {"a": (11, 12), "b": (21, 22)}
     for round_ in range(4):
-        config = base.replace(output_dir=str(tmp_path / f"out{round_ % 2}"))  # a folder used before, too
+        config = base.replace(output_dir=str(tmp_path / "runs" / f"out{round_ % 2}"))  # a folder used before, too
         done = {name: threading.Event() for name in contenders}
         outcome: dict[str, str] = {}
         start = threading.Barrier(len(contenders))
@@ -248,7 +248,8 @@ def test_two_runs_on_one_folder_repeatedly_exactly_one_completes_and_keeps_all_i
         def contend(name: str, other: str) -> None:
             try:
                 start.wait()
-                run_experiment(config.replace(seeds=contenders[name]), builders=_gated(done[other]), log=lambda _: None)
+                run_experiment(config.replace(seeds=contenders[name]), builders=_gated(done[other]), log=lambda _: None,
+                               overwrite=True)  # a folder used before holds results: the winner moves them aside
                 outcome[name] = "completed"
             except ConfigError as error:
                 outcome[name] = f"error: {error}"

@@ -8,6 +8,7 @@ are shared out over the ranks (training/distributed.py) and rank 0 writes the sa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import importlib.metadata
@@ -29,13 +30,16 @@ from models.checkpoint import ModelBuilder, arm_builders, run_checkpoint_dir, sa
 from models.costs import cost_report
 from models.transformer import MoELanguageModel
 from reporting import write_json_atomic
-from training.lr_sweep import run_lr_sweep, untuned
+from training.lr_sweep import run_lr_sweep, scaled_lrs, untuned
 from training.plots import plot_results
 from arms import ordered_arms
-from training.results import RESULTS_FILE, check_writable, comparison, format_table, summarise_model
+from training.metrics_log import MetricsLog, check_loggers
+from training.results import RESULTS_FILE, STOPPED_STATUSES, check_writable, comparison, format_table, summarise_model
+from training.resume import finished_runs, prepare_output_dir, resume_config
 from training.distributed import (Distributed, Job, RankFailed, SharedConfigError, Trained, init_distributed,
                                   launch_from_env, on_device, resolve_parallel, run_jobs, shutdown)
 from training.run_guard import output_dir_lock, sigterm_raises_run_terminated, stop_status
+from training.train_state import TrainingState, state_path
 from training.trainer import NonFiniteLoss, check_cuda_graph, new_run_record, step_mode_label, train_model
 
 MODEL_BUILDERS: dict[str, ModelBuilder] = arm_builders()
@@ -55,6 +59,7 @@ def preflight(config: ExperimentConfig, local_rank: int | None = None) -> torch.
         check_cuda_graph(config, device)
     if config.data_path:
         check_local_path(config.data_path)
+    check_loggers(config)
     try:
         check_writable(Path(config.output_dir))
     except OSError as error:
@@ -181,10 +186,11 @@ def greedy_sample(model: MoELanguageModel, data: TokenData, config: ExperimentCo
 
 
 def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train every arm of config.arms once per seed and write JSON, plots and the table; returns the results.
 
-    Started by torchrun, this process is one rank of several (training/distributed.py): rank 0 logs and
+    An output folder that already holds results is refused, unless `resume` (continue it: training/resume.py)
+    or `overwrite` (move its results aside first). Started by torchrun, this process is one rank of several (training/distributed.py): rank 0 logs and
     writes, and the others train their share of the runs (--parallel seeds) or of every batch (--parallel data).
     """
     builders = builders or MODEL_BUILDERS
@@ -206,7 +212,7 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
         # every check that can fail on one rank alone (its GPU, its folders) is agreed, so rank 0 can say it
         device = dist.agree(lambda: preflight(config, dist.local_rank if dist.several else None))
         dist = on_device(dist, device)
-        return _run(config, builders, log if dist.is_main else _quiet, dist, device)
+        return _run(config, builders, log if dist.is_main else _quiet, dist, device, resume, overwrite)
     finally:
         shutdown(dist)
 
@@ -240,22 +246,37 @@ def _same_data_everywhere(data: TokenData, dist: Distributed) -> None:
 
 
 def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Callable[[str], None],
-         dist: Distributed, device: torch.device) -> dict[str, Any]:
+         dist: Distributed, device: torch.device, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """The experiment as this rank runs it, once it has joined the job and has its device: every step
     that could fail on one rank alone goes through dist.agree, so that all ranks stop together."""
     lock = contextlib.ExitStack()
+    output_dir = Path(config.output_dir)
     # One run per output folder: a second one stops here, before any data is loaded, naming this one's pid.
     # SIGTERM (timeout, a scheduler) raises RunTerminated, which the Ctrl-C branch below records.
     with lock, sigterm_raises_run_terminated():
-        dist.agree(lambda: lock.enter_context(output_dir_lock(Path(config.output_dir))) if dist.is_main else None)
+        dist.agree(lambda: lock.enter_context(output_dir_lock(output_dir)) if dist.is_main else None)
+        # a folder that holds results: refused, continued (--resume) or moved aside (--overwrite); rank 0 decides
+        previous = dist.gather(dist.agree(lambda: prepare_output_dir(output_dir, resume, overwrite, log)
+                                          if dist.is_main else None))[0]
+        if previous is not None:
+            config = dist.agree(lambda: resume_config(config, previous))
         data = dist.in_turn(lambda: prepare_data(config, log))  # each node's first rank fills the cache
         dist.agree(lambda: _same_data_everywhere(data, dist))
         dist.agree(lambda: check_vocab_size(config, data))
         config = config.replace(vocab_size=config.vocab_size or data.vocab_size)
-        output_dir = Path(config.output_dir)
         results_path = output_dir / RESULTS_FILE
 
         header = _experiment_header(config, data, device, dist)
+        header["data_sha256"] = data_fingerprint(data)
+        kept: dict[tuple[str, int], dict[str, Any]] = {}  # --resume: the runs already finished
+        if previous is not None:
+            dist.agree(lambda: _same_data_as_before(header, previous, output_dir))
+            kept = finished_runs(previous)
+            header["started_at"] = previous["experiment"].get("started_at")
+            header["resumed_at"] = previous["experiment"].get("resumed_at", []) + [
+                dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")]
+            log(f"Resume: {len(kept)} finished run(s) kept from {results_path}; "
+                f"{len(config.run_seeds) * len(config.arms) - len(kept)} to train.")
         log(f"Device: {header['device_name']}; preset: {config.preset}; seeds: {list(config.run_seeds)}; results: {results_path}")
         if dist.several:
             log(parallel_line(dist, config))
@@ -268,10 +289,12 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
             log("One seed: differences smaller than the seed-to-seed spread cannot be separated (use --seeds 42 43 44).")
 
         arms = ordered_arms(config.arms)  # JSON: registry order
-        records: dict[tuple[str, int], dict[str, Any]] = {}  # (arm, seed) -> its run, listed in seed order
-        costs: dict[str, dict[str, Any]] = {}
+        records: dict[tuple[str, int], dict[str, Any]] = dict(kept)  # (arm, seed) -> its run, listed in seed order
+        costs: dict[str, dict[str, Any]] = {name: previous[name]["costs"] for name in arms
+                                            if previous and (previous.get(name) or {}).get("costs")}
         results: dict[str, Any] = {"experiment": header, "lr_sweep": untuned()}
         arm_configs: dict[str, ExperimentConfig] = {}  # --lr-sweep: each arm's config at its tuned LRs
+        metrics = MetricsLog(config, output_dir) if dist.is_main else None  # only rank 0 logs
 
         def runs_of(name: str) -> list[dict[str, Any]]:
             return [records[(name, seed)] for seed in config.run_seeds if (name, seed) in records]
@@ -287,6 +310,21 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
             header["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if status != "running" else None
             write_json_atomic(results_path, results)
 
+        def training_state(job: Job) -> TrainingState:
+            return TrainingState(state_path(output_dir, job.name, job.seed), resume=previous is not None)
+
+        def saved_so_far() -> str:
+            """What a stopped or failed experiment leaves, in words that are true of it."""
+            completed = sum(r["status"] == "completed" for r in records.values())
+            failed = sum(r["status"] == "failed" for r in records.values())
+            stopped = [key for key, r in records.items() if r["status"] in STOPPED_STATUSES + ("running",)]
+            words = (f"{completed} completed{f' and {failed} failed' if failed else ''} run(s) are saved in {results_path}"
+                     if completed or failed else f"no run had finished (the settings are saved in {results_path})")
+            if stopped:
+                saved = any(state_path(output_dir, *key).exists() for key in stopped)
+                words += f"; rerun with --resume to continue{' from the last training state' if saved else ''}"
+            return words
+
         def train(job: Job) -> Trained:
             name, seed = job.name, job.seed
             model = builders[name](config, seed=seed)
@@ -298,13 +336,17 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
                           lr_multiplier=results["lr_sweep"]["arms"][name]["best_multiplier"] if name in arm_configs else 1.0,
                           **run_placement(dist))
             records[(name, seed)] = record  # the run in progress is in the JSON too, so a stop keeps its curve
+            run_log = metrics.run(name, seed) if metrics is not None else None
             try:
-                train_model(model, data, arm_config, seed, device, record, dist)
+                train_model(model, data, arm_config, seed, device, record, dist, training_state(job), run_log)
             except NonFiniteLoss as failure:
                 record.update(status="failed", failure=str(failure), failed_at_step=failure.step)
             except Exception as error:  # noqa: BLE001 - stops the experiment (run_jobs), but is recorded first
                 record.update(status="failed", failure=f"{type(error).__name__}: {error}")
                 return record, error
+            finally:
+                if run_log is not None:
+                    run_log.close()
             writes = dist.is_main or not dist.data_parallel  # under data-parallel every rank holds the same model
             if record["status"] == "completed" and config.sample_tokens > 0 and writes:
                 record["sample"] = greedy_sample(model, data, config, device)
@@ -318,24 +360,36 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
             records[(job.name, job.seed)] = record
             if record["status"] == "failed" and "failed_at_step" not in record:
                 return  # a crash: fail() below says it
+            if metrics is not None and dist.seed_parallel and job.owner != dist.rank:  # trained on another rank
+                metrics.replay(job.name, job.seed, record["curve"])
             for line in run_lines(job, record, dist):
                 log(line)
             save("running")
+            trained_here = job.owner == dist.rank if dist.seed_parallel else dist.is_main
+            if trained_here and not config.keep_training_state:  # its record is saved: its state is not needed
+                training_state(job).delete()
 
         def fail(job: Job, message: str) -> None:
             if dist.several:
                 header["failure"] = message
             save("failed")
             if not dist.several:  # the traceback follows
-                log(f"{job.label} crashed; the runs finished so far are saved in {results_path}")
+                log(f"{job.label} crashed; {saved_so_far()}")
             elif message.startswith(f"rank {dist.rank} "):  # rank 0's own run: its traceback follows
-                log(f"{message}; every rank stops, and the runs finished so far are saved in {results_path}")
+                log(f"{message}; every rank stops, and {saved_so_far()}")
 
         try:
+            save("running")  # the settings are on disk from the start: a run killed before its first result can resume
             if config.lr_sweep:
-                arm_configs = run_lr_sweep(config, data, device, builders, results["lr_sweep"], save, log, dist)
+                reused = previous_sweep(previous, config)
+                if reused is not None:
+                    results["lr_sweep"], arm_configs = reused
+                    log("LR sweep: every arm's tuned LR kept from the results being resumed.")
+                else:
+                    arm_configs = run_lr_sweep(config, data, device, builders, results["lr_sweep"], save, log, dist)
             header["arm_order"] = {str(seed): seed_arm_order(config.arms, index) for index, seed in enumerate(config.run_seeds)}
-            run_jobs(dist, comparison_jobs(config, dist), train, absorb, fail)
+            jobs = [job for job in comparison_jobs(config, dist) if (job.name, job.seed) not in kept]
+            run_jobs(dist, [dataclasses.replace(job, index=index) for index, job in enumerate(jobs)], train, absorb, fail)
         except KeyboardInterrupt as stop:  # Ctrl-C, or RunTerminated from SIGTERM
             status = stop_status(stop)  # "interrupted" or "terminated"; the run in progress is that, not failed
             for record in records.values():
@@ -345,15 +399,15 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
             if cause and not cause.startswith(f"rank {dist.rank} "):
                 header["failure"] = cause
                 save(status)
-                raise RankFailed(f"{cause}; every rank stopped, and the runs finished so far are saved in {results_path}") from None
+                raise RankFailed(f"{cause}; every rank stopped, and {saved_so_far()}") from None
             save(status)
             what = "Terminated by SIGTERM" if status == "terminated" else "Interrupted"
-            log(f"{what}: the runs finished so far are saved in {results_path}")
+            log(f"{what}: {saved_so_far()}")
             raise
         except RankFailed as failure:  # another rank crashed, was stopped or vanished
             header["failure"] = str(failure)
             save("failed")
-            raise RankFailed(f"{failure}; every rank stopped, and the runs finished so far are saved in {results_path}") from None
+            raise RankFailed(f"{failure}; every rank stopped, and {saved_so_far()}") from None
 
         save("completed")
         if not dist.is_main:
@@ -375,6 +429,27 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
         elif not config.save_checkpoints:
             log("Models not saved (--no-save).")
         return results
+
+
+def previous_sweep(previous: dict[str, Any] | None, config: ExperimentConfig
+                   ) -> tuple[dict[str, Any], dict[str, ExperimentConfig]] | None:
+    """The LR sweep of the results being resumed and each arm's config at its tuned LRs, when that sweep
+    finished for every arm of `config`; None when it must run (again: its runs are short and have no state)."""
+    sweep = (previous or {}).get("lr_sweep") or {}
+    tuned = sweep.get("arms") or {}
+    if not sweep.get("tuned") or any((tuned.get(name) or {}).get("best_multiplier") is None for name in config.arms):
+        return None
+    return sweep, {name: scaled_lrs(config, tuned[name]["best_multiplier"]) for name in config.arms}
+
+
+def _same_data_as_before(header: dict[str, Any], previous: dict[str, Any], output_dir: Path) -> None:
+    """--resume: the tokens must be those the kept runs trained on (e.g. not the offline corpus after the Hub)."""
+    before = previous["experiment"].get("data_sha256")
+    if before is not None and before != header["data_sha256"]:
+        was = previous["experiment"].get("data", {}).get("corpus_description", "?")
+        raise ConfigError(f"--resume: the data differs from the results in {output_dir} (they trained on {was}; "
+                          f"this run loaded {header['data'].get('corpus_description', '?')}); give the same data "
+                          "(--data, --offline, the same cache) or start a fresh --output-dir")
 
 
 def seed_arm_order(arms: tuple[str, ...], seed_index: int) -> list[str]:

@@ -31,6 +31,9 @@ from training.distributed import SINGLE, Distributed, shard_batch, shard_rows
 from training.optim import BlockMuon, build_optimizers, build_schedulers, collapsed_lr_scales
 from training.step import (GraphedStep, count_step_operators, forward_loss, language_model_loss,  # noqa: F401
                            optimizer_step, training_step, unchanged_training_state)
+from training.train_state import ResumePoint, TrainingState, starts_digest
+
+MetricsCallback = Callable[[dict[str, Any]], None]  # gets {step, tokens, seconds, train_loss[, val_loss, val_accuracy]}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -159,12 +162,16 @@ def prepare_model(model: MoELanguageModel, config: ExperimentConfig, device: tor
 
 
 def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConfig, seed: int,
-                device: torch.device, record: dict[str, Any], dist: Distributed = SINGLE) -> dict[str, Any]:
+                device: torch.device, record: dict[str, Any], dist: Distributed = SINGLE,
+                state: TrainingState | None = None, on_metrics: MetricsCallback | None = None) -> dict[str, Any]:
     """Train `model` for config.max_steps optimizer steps, filling `record` as it goes.
 
     `record` is updated in place so that a caller still holds the partial curve when this raises
     (NonFiniteLoss, KeyboardInterrupt). Under data-parallel (`dist`) every rank calls this for the same
     run and the model is trained by all of them; the record holds the global batch's numbers.
+    `state`: where the run's training state is saved every config.save_every steps (0: at each
+    evaluation) and, when it resumes, restored from. `on_metrics`: called at every logged step and
+    evaluation with what was measured (the live curves: metrics.jsonl, TensorBoard, W&B).
     """
     torch.manual_seed(dist.training_seed(seed))  # dropout and router noise: the same stream for every arm
     compiled_before = compiled_so_far()
@@ -178,6 +185,7 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
         record["muon_lr_scales"] = collapsed_lr_scales(optimizers[0].lr_scales())
     train_tokens = data.train.to(device)
     starts = batch_starts(len(data.train), config, seed)  # the global batches, (max_steps, batch_size)
+    batches = starts_digest(starts)
     if dist.data_parallel:
         starts = shard_batch(starts, dist.rank, dist.world_size)
     starts = starts.to(device)
@@ -196,36 +204,43 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
         if dist.data_parallel:
             dist.barrier()
 
-    curve = record["curve"]
+    def report(step: int, seconds: float, train_loss: float | None, metrics: dict[str, float] | None = None) -> None:
+        if on_metrics is not None:
+            on_metrics({"step": step, "tokens": step * tokens_per_step, "seconds": seconds, "train_loss": train_loss,
+                        **({"val_loss": metrics["val_loss"], "val_accuracy": metrics["val_accuracy"]} if metrics else {})})
 
-    def add_point(step: int, seconds: float, train_loss: float | None) -> dict[str, float]:
+    def add_point(step: int, seconds: float, train_loss: float | None) -> None:
         metrics = evaluate(model, val_x, val_y, config.batch_size, device, precision, dist)
+        curve = record["curve"]
         for key, value in (("step", step), ("training_seconds", seconds), ("tokens_seen", step * tokens_per_step),
                            ("train_loss", train_loss), ("val_loss", metrics["val_loss"]),
                            ("val_accuracy", metrics["val_accuracy"])):
             curve[key].append(value)
         record["attention_backend"] = model.attention_backends()
-        return metrics
+        report(step, seconds, train_loss, metrics)
 
     first_batch = training_batch(train_tokens, starts[0], config.max_seq_len)
     record["step_operators"] = warm_up(net, optimizers, *first_batch, config, device, precision)
     step_fn = make_step(net, optimizers, schedulers, *first_batch, config, device, precision)
     torch.manual_seed(dist.training_seed(seed))  # reseed: training's random stream must not depend on the warm-up
-    add_point(0, 0.0, None)  # curves start at 0 s, before any update; compiles the eval mode, before the clock
+    resumed = state.restore(model, optimizers, schedulers, record, batches, device, dist) if state else None
+    if resumed is None:
+        resumed = ResumePoint(step=0, training_seconds=0.0, loss_sum=torch.zeros((), device=device), steps_in_window=0)
+        add_point(0, 0.0, None)  # curves start at 0 s, before any update; compiles the eval mode, before the clock
     compiled_at_start = compiled_so_far()
     record["compilation"] = {
         "frames_compiled_before_training": compiled_at_start["frames"] - compiled_before["frames"],
         "graphs_before_training": compiled_at_start["graphs"] - compiled_before["graphs"],
     }
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, steps_in_window, training_seconds = resumed.loss_sum, resumed.steps_in_window, resumed.training_seconds
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    steps_in_window, training_seconds = 0, 0.0
-    progress = tqdm(total=config.max_steps, desc=f"{record['model_name']} (seed {seed})", unit="step",
-                    dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not dist.is_main)
+    progress = tqdm(total=config.max_steps, initial=resumed.step, desc=f"{record['model_name']} (seed {seed})",
+                    unit="step", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                    disable=not dist.is_main)
     wait_for_all()
     segment_start = time.perf_counter()
     try:
-        for step in range(config.max_steps):
+        for step in range(resumed.step, config.max_steps):
             x, y = training_batch(train_tokens, starts[step], config.max_seq_len)
             loss_detached = step_fn(x, y)
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_detached),
@@ -234,7 +249,9 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
             steps_in_window += 1
             done = step + 1
             is_eval = done % config.eval_every == 0 or done == config.max_steps
-            if done % config.log_every == 0 or is_eval:  # the only host syncs of the loop
+            is_save = state is not None and done < config.max_steps and (
+                done % config.save_every == 0 if config.save_every else is_eval)
+            if done % config.log_every == 0 or is_eval or is_save:  # the only host syncs of the loop
                 wait_for_all()
                 now = time.perf_counter()
                 seconds = training_seconds + (now - segment_start)
@@ -244,14 +261,20 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
                     first_bad_step = torch.where(first_bad_step == config.max_steps, -1, first_bad_step)
                 if (bad := int(first_bad_step)) >= 0:
                     raise NonFiniteLoss(bad)
-                progress.set_postfix(loss=f"{loss_detached.item():.3f}", tok_s=f"{done * tokens_per_step / seconds:,.0f}",
+                if dist.data_parallel:  # the global batch's loss: the mean of the ranks' equal slices
+                    loss_detached = dist.all_reduce(loss_detached / dist.world_size)
+                step_loss = loss_detached.item()
+                progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{done * tokens_per_step / seconds:,.0f}",
                                      refresh=False)
                 if done < config.max_steps:
                     progress.update(done - progress.n)
                 else:
                     progress.n = done  # close() draws the final 100% line, once
-                if is_eval:
+                if not is_eval:
+                    report(done, seconds, step_loss)
+                if is_eval or is_save:
                     training_seconds = seconds
+                if is_eval:
                     window_loss = loss_sum / steps_in_window
                     if dist.data_parallel:  # the global batch's loss: the mean of the ranks' equal slices
                         dist.all_reduce(window_loss.div_(dist.world_size))
@@ -261,6 +284,11 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
                     steps_in_window = 0
                     record["tokens_seen"] = done * tokens_per_step
                     record["training_time_minutes"] = training_seconds / 60
+                if is_save:
+                    assert state is not None
+                    state.save(ResumePoint(done, training_seconds, loss_sum, steps_in_window), model, optimizers,
+                               schedulers, record, batches, device, dist)
+                if is_eval or is_save:
                     wait_for_all()
                     segment_start = time.perf_counter()
     finally:
@@ -273,9 +301,9 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
 
     record.update(
         status="completed",
-        val_loss=curve["val_loss"][-1],
-        val_accuracy=curve["val_accuracy"][-1],
-        val_perplexity=perplexity(curve["val_loss"][-1]),
+        val_loss=record["curve"]["val_loss"][-1],
+        val_accuracy=record["curve"]["val_accuracy"][-1],
+        val_perplexity=perplexity(record["curve"]["val_loss"][-1]),
         training_seconds=training_seconds,
         training_time_minutes=training_seconds / 60,
         tokens_per_second=record["tokens_seen"] / training_seconds if training_seconds > 0 else None,
