@@ -22,11 +22,12 @@ import torch
 
 from atomic_files import write_atomic
 from data import offline_corpus
-from data.sources import check_local_path, hub_documents, hub_reachable, local_documents
+from data.sources import capped, check_local_path, hub_documents, hub_unreachable_reason, local_texts
 from data.tokenizer import TextTokenizer, hub_tokenizer, offline_tokenizer_from_json, train_offline_tokenizer
 from experiment_config import ConfigError, ExperimentConfig
 
-CACHE_FORMAT = 3  # 2: documents counts only those that contributed tokens; documents_read added; 3: the offline tokenizer is cached too
+CACHE_FORMAT = 4  # 2: documents counts only those that contributed tokens; documents_read added; 3: the offline tokenizer
+# is cached too; 4: a --data file's own size (documents_in_file, tokens_in_file) and the text field
 
 
 @dataclass
@@ -62,11 +63,11 @@ class DataPlan:
                                "num_documents": config.num_documents, "max_chars_per_doc": config.max_chars_per_doc,
                                "max_tokens": config.max_tokens}
         if self.corpus == "hub":
-            key.update(dataset=config.dataset_name, dataset_config=config.dataset_config)
+            key.update(dataset=config.dataset_name, dataset_config=config.dataset_config, text_field=config.text_field)
         elif self.corpus == "local":
             path = _data_path(config)
             stat = path.stat()
-            key.update(path=str(path.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+            key.update(path=str(path.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns, text_field=config.text_field)
         else:
             key.update(python=".".join(map(str, sys.version_info[:3])))
         key.update({"tokenizer_name": config.tokenizer_name} if self.tokenizer == "hub" else {"vocab": config.offline_vocab_size})
@@ -113,8 +114,9 @@ def prepare_data(config: ExperimentConfig, log: Callable[[str], None] = print) -
     tokens, meta, tokenizer = _load_cache(config, online_plan, log)  # a valid online cache needs no network
     if tokens is not None:
         return _token_data(tokens, meta, tokenizer, config, online_plan, log, cache_hit=True)
-    if not hub_reachable():
-        log(f"Offline: the Hugging Face Hub cannot be reached, so this run uses {_offline_words(config)}.")
+    unreachable = hub_unreachable_reason()
+    if unreachable:
+        log(f"Offline: the Hugging Face Hub cannot be reached ({unreachable}), so this run uses {_offline_words(config)}.")
         return _cached_or_built(config, offline_plan, log)
     try:
         tokens, meta, tokenizer = _build(config, online_plan)
@@ -143,36 +145,56 @@ def _offline_words(config: ExperimentConfig) -> str:
 
 
 def _build(config: ExperimentConfig, plan: DataPlan) -> tuple[np.ndarray, dict[str, Any], TextTokenizer]:
+    whole: list[str] | None = None  # a --data file's every document, uncut
     if plan.corpus == "hub":
         documents = hub_documents(config)
     elif plan.corpus == "local":
-        documents = local_documents(str(_data_path(config)), config)
+        whole = local_texts(str(_data_path(config)), config.text_field)
+        documents = capped(whole, config)
     else:
         documents = offline_corpus.stdlib_documents(config.num_documents, config.max_chars_per_doc)
     tokenizer = hub_tokenizer(config.tokenizer_name) if plan.tokenizer == "hub" else train_offline_tokenizer(
         documents, config.offline_vocab_size)
-    tokens, used = _tokenize(documents, tokenizer, config.max_tokens)
+    ids, used = _joined(documents, tokenizer, config.max_tokens)
+    tokens = np.asarray(ids[: config.max_tokens or None], dtype=np.int32)
     meta = {"corpus_description": plan.describe(config, used), "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-            "documents": used, "documents_read": len(documents), "offline": plan.offline}
+            "documents": used, "documents_read": len(documents), "offline": plan.offline,
+            "documents_in_file": None, "tokens_in_file": None}
+    if whole is not None:  # a --data file: how much of it the caps left out (its tokens counted only when cut)
+        cut = whole != documents or used < len(documents) or len(ids) > len(tokens)
+        meta.update(documents_in_file=len(whole), tokens_in_file=_token_count(whole, tokenizer) if cut else len(tokens))
     return tokens, meta, tokenizer
 
 
-def _tokenize(documents: list[str], tokenizer: TextTokenizer, max_tokens: int) -> tuple[np.ndarray, int]:
-    """Concatenate documents (separated by EOS when the tokenizer has one) up to max_tokens.
+def _token_count(documents: list[str], tokenizer: TextTokenizer) -> int:
+    """Tokens of `documents` as _tokenize joins them (EOS after each when the tokenizer has one)."""
+    eos = 1 if tokenizer.eos_token_id is not None else 0
+    return sum(len(tokenizer.encode(document)) + eos for document in documents)
 
-    Also returns how many documents contributed tokens, which is what the run reports: the
-    documents read past the cut are not part of the data.
-    """
+
+def _joined(documents: list[str], tokenizer: TextTokenizer, max_tokens: int) -> tuple[list[int], int]:
+    """The documents' tokens, each followed by EOS when the tokenizer has one, until max_tokens (0: all) are
+    reached (the last document whole, so the list may run past it), and how many documents contributed."""
     ids: list[int] = []
     used = 0
     for document in documents:
-        if len(ids) >= max_tokens:
+        if max_tokens and len(ids) >= max_tokens:
             break
         ids.extend(tokenizer.encode(document))
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
         used += 1
-    return np.asarray(ids[:max_tokens], dtype=np.int32), used
+    return ids, used
+
+
+def _tokenize(documents: list[str], tokenizer: TextTokenizer, max_tokens: int) -> tuple[np.ndarray, int]:
+    """Concatenate documents (separated by EOS when the tokenizer has one) up to max_tokens (0: all).
+
+    Also returns how many documents contributed tokens, which is what the run reports: the
+    documents read past the cut are not part of the data.
+    """
+    ids, used = _joined(documents, tokenizer, max_tokens)
+    return np.asarray(ids[: max_tokens or None], dtype=np.int32), used
 
 
 def _cache_paths(config: ExperimentConfig, plan: DataPlan) -> tuple[Path, Path, dict[str, Any]]:
@@ -271,6 +293,18 @@ def _save_cache(config: ExperimentConfig, plan: DataPlan, tokens: np.ndarray, me
     write_atomic(meta_path, lambda file: json.dump(meta, file, indent=2), binary=False)
 
 
+def caps_line(meta: dict[str, Any], tokens: int, config: ExperimentConfig) -> str | None:
+    """The one line that says how much of a --data file the caps left out; None when it is used whole."""
+    in_file, tokens_in_file = meta.get("documents_in_file"), meta.get("tokens_in_file")
+    if in_file is None or tokens_in_file is None or (meta["documents"] == in_file and tokens == tokens_in_file):
+        return None
+    caps = [f"{flag} {value:,}" for flag, value in (("--num-documents", config.num_documents),
+                                                    ("--max-chars-per-doc", config.max_chars_per_doc),
+                                                    ("--max-tokens", config.max_tokens)) if value]
+    return (f"Data: your caps ({', '.join(caps)}) cut {config.data_path}: used {meta['documents']:,} of {in_file:,} "
+            f"documents and {tokens:,} of {tokens_in_file:,} tokens; set them to 0 to use the whole file.")
+
+
 def split_tokens(tokens: torch.Tensor, val_fraction: float,
                  tuning_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train, tune, val), contiguous: the last val_fraction of the tokens validate, the tuning_fraction of
@@ -295,10 +329,13 @@ def _token_data(tokens: np.ndarray, meta: dict[str, Any], tokenizer: TextTokeniz
     """Say what the data is (tokenizer and any shortfall included), then split it."""
     origin = "from cache" if cache_hit else "cached in"
     log(f"Data: {meta['corpus_description']}, {len(tokens):,} tokens, tokenizer {meta['tokenizer']} ({origin} {meta['cache_file']})")
-    shortfall = max(0, config.max_tokens - len(tokens))
+    cut = caps_line(meta, len(tokens), config)
+    if cut:
+        log(cut)
+    shortfall = max(0, config.max_tokens - len(tokens)) if config.max_tokens else 0
     if shortfall:
         remedy = (f"raise --num-documents (now {config.num_documents:,}) or use a larger corpus"
-                  if meta["documents_read"] >= config.num_documents else
+                  if config.num_documents and meta["documents_read"] >= config.num_documents else
                   f"all {meta['documents_read']:,} documents it holds were used: use a larger corpus")
         log(f"Data: the corpus holds only {len(tokens):,} tokens, fewer than --max-tokens {config.max_tokens:,}; {remedy}")
     tuning_fraction = config.tuning_fraction if config.lr_sweep else 0.0  # no sweep: the tuning tokens train
@@ -311,7 +348,7 @@ def _token_data(tokens: np.ndarray, meta: dict[str, Any], tokenizer: TextTokeniz
             f"than one window of {window} in a part; raise --max-tokens or --num-documents, or lower --seq-len"
         )
     info = {key: meta[key] for key in ("corpus_description", "tokenizer", "vocab_size", "documents", "documents_read",
-                                       "offline", "cache_file")}
+                                       "documents_in_file", "tokens_in_file", "offline", "cache_file")}
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     info.update(source_label=plan.source_label(config), total_tokens=len(tokens), max_tokens_shortfall=shortfall,
                 train_tokens=len(train), tuning_tokens=len(tune), val_tokens=len(val), cache_hit=cache_hit,

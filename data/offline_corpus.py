@@ -25,15 +25,17 @@ def _module_docstrings(path: Path) -> str:
 
 
 def stdlib_documents(num_documents: int, max_chars: int) -> list[str]:
-    """Standard-library docstrings (modules sorted by path), in documents of at most max_chars."""
+    """Standard-library docstrings (modules sorted by path), in documents of at most max_chars (0: a module's
+    docstrings whole), the first num_documents of them (0: all)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     documents: list[str] = []
     for path in sorted(root.rglob("*.py")):
         if SKIPPED_PACKAGES.intersection(path.relative_to(root).parts):
             continue
         text = _module_docstrings(path)
-        for start in range(0, len(text), max_chars):
-            chunk = text[start : start + max_chars]
+        size = max_chars or len(text) or 1  # 0: each module's docstrings whole
+        for start in range(0, len(text), size):
+            chunk = text[start : start + size]
             if len(chunk) >= 200:
                 documents.append(chunk)
             if len(documents) == num_documents:

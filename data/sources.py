@@ -1,12 +1,12 @@
-"""Where the text comes from: the Hugging Face Hub, the user's own file, or the offline corpus."""
+"""Where the text comes from: the Hugging Face Hub (when huggingface_hub can reach it), the user's own file,
+or the offline corpus."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
+from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlparse
 
 from experiment_config import ConfigError, ExperimentConfig
 
@@ -15,29 +15,66 @@ JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a 
               list: "an array", dict: "an object"}  # every type json.loads returns
 
 
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """A quick TCP probe of the Hub, so an offline machine does not sit through library retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+TRUE_WORDS = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub.constants._is_true takes as set
+
+
+def hub_offline_variable(environ: Mapping[str, str] | None = None) -> str | None:
+    """The variable that puts the Hub libraries offline (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, as
+    huggingface_hub reads them, or HF_DATASETS_OFFLINE, as datasets does), e.g. "HF_HUB_OFFLINE=1"; None if none."""
+    environ = os.environ if environ is None else environ
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if environ.get(name, "").upper() in TRUE_WORDS:
+            return f"{name}={environ[name]}"
+    return None
+
+
+def hub_unreachable_reason(timeout_s: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub cannot be used now, or None when it answers.
+
+    Decided as huggingface_hub itself connects, so that the answer holds for the downloads that follow:
+    its offline variables first, then one HEAD request to HF_ENDPOINT (default https://huggingface.co)
+    through huggingface_hub's own HTTP client (`get_session()`), which honours HTTPS_PROXY, HTTP_PROXY,
+    ALL_PROXY and NO_PROXY, and the endpoint's scheme and port. Any answer below 500 means reachable.
+    """
+    offline = hub_offline_variable()
+    if offline:
+        return offline
+    from huggingface_hub import get_session  # heavy import, only needed on this path
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+        response = get_session().head(endpoint + "/", timeout=timeout_s)
+    except Exception as error:  # noqa: BLE001 - no route, DNS, proxy refused, TLS, offline mode set at import ...
+        return f"{endpoint}: {type(error).__name__}: {str(error)[:100]}"
+    if response.status_code >= 500:
+        return f"{endpoint} answered HTTP {response.status_code}"
+    return None
+
+
+def hub_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether the Hub can be used now (hub_unreachable_reason is None)."""
+    return hub_unreachable_reason(timeout_s) is None
 
 
 def hub_documents(config: ExperimentConfig) -> list[str]:
-    """The public experiment's data: the first documents of the streamed corpus, each cut to max_chars."""
+    """The public experiment's data: the first num_documents documents of the streamed corpus (its
+    config.text_field), each cut to max_chars_per_doc characters (0: whole)."""
     from datasets import load_dataset  # heavy import, only needed on this path
 
     stream = load_dataset(config.dataset_name, config.dataset_config, split="train", streaming=True)
     documents: list[str] = []
     for row in stream:
-        documents.append(row["text"][: config.max_chars_per_doc])
+        if config.text_field not in row:
+            raise ConfigError(f"--text-field {config.text_field}: the dataset {config.dataset_name} has no such field "
+                              f"(its fields: {', '.join(map(str, row))})")
+        documents.append(_cut(str(row[config.text_field]), config.max_chars_per_doc))
         if len(documents) == config.num_documents:
             break
     return documents
+
+
+def _cut(text: str, max_chars: int) -> str:
+    return text[:max_chars] if max_chars else text
 
 
 def check_local_path(path: str) -> None:
@@ -52,7 +89,17 @@ def check_local_path(path: str) -> None:
 
 
 def local_documents(path: str, config: ExperimentConfig) -> list[str]:
-    """Documents from a local file: .txt (blank-line separated), .jsonl or .parquet (a 'text' field).
+    """Documents from a local file (local_texts), capped by num_documents and max_chars_per_doc (0: no cap)."""
+    return capped(local_texts(path, config.text_field), config)
+
+
+def capped(texts: list[str], config: ExperimentConfig) -> list[str]:
+    """The first num_documents texts, each cut to max_chars_per_doc characters (0: no cap)."""
+    return [_cut(t, config.max_chars_per_doc) for t in texts[: config.num_documents or None]]
+
+
+def local_texts(path: str, text_field: str = "text") -> list[str]:
+    """Every document of a local file: .txt (blank-line separated), .jsonl or .parquet (the `text_field` field).
 
     The path was checked by check_local_path before any data work started. Every problem with the
     content is a ConfigError that names the file and, for text formats, the line, so the user gets
@@ -62,10 +109,10 @@ def local_documents(path: str, config: ExperimentConfig) -> list[str]:
     if suffix == ".txt":
         texts = [t.strip() for t in _read_text(path).split("\n\n")]
     elif suffix == ".jsonl":
-        texts = _jsonl_texts(path)
+        texts = _jsonl_texts(path, text_field)
     else:
-        texts = _parquet_texts(path)
-    documents = [t[: config.max_chars_per_doc] for t in texts if t][: config.num_documents]
+        texts = _parquet_texts(path, text_field)
+    documents = [t for t in texts if t]
     if not documents:
         raise ConfigError(f"--data {path}: the file holds no text")
     return documents
@@ -94,8 +141,8 @@ def _json_kind(value: object) -> str:
     return JSON_KINDS.get(type(value), type(value).__name__)
 
 
-def _jsonl_texts(path: str) -> list[str]:
-    """The 'text' field of every non-blank line; lines are counted as an editor counts them (blank ones too)."""
+def _jsonl_texts(path: str, field: str = "text") -> list[str]:
+    """The `field` of every non-blank line; lines are counted as an editor counts them (blank ones too)."""
     texts: list[str] = []
     for line_no, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
@@ -105,31 +152,31 @@ def _jsonl_texts(path: str) -> list[str]:
         except json.JSONDecodeError as error:  # its own "line 1" is the line within this one line
             raise ConfigError(f"--data {path}: line {line_no} is not valid JSON ({error.msg} at column {error.colno})") from error
         if not isinstance(row, dict):
-            raise ConfigError(f"--data {path}: line {line_no} is {_json_kind(row)}, not an object with a 'text' field")
-        if "text" not in row:
-            raise ConfigError(f"--data {path}: line {line_no} has no 'text' field")
-        if not isinstance(row["text"], str):
-            raise ConfigError(f"--data {path}: line {line_no}: 'text' is {_json_kind(row['text'])}, not a string")
-        texts.append(row["text"])
+            raise ConfigError(f"--data {path}: line {line_no} is {_json_kind(row)}, not an object with a {field!r} field")
+        if field not in row:
+            raise ConfigError(f"--data {path}: line {line_no} has no {field!r} field (name the field with --text-field)")
+        if not isinstance(row[field], str):
+            raise ConfigError(f"--data {path}: line {line_no}: {field!r} is {_json_kind(row[field])}, not a string")
+        texts.append(row[field])
     return texts
 
 
-def _parquet_texts(path: str) -> list[str]:
-    """The non-null values of the 'text' column; a corrupt file or a non-string column is a ConfigError."""
+def _parquet_texts(path: str, field: str = "text") -> list[str]:
+    """The non-null values of the `field` column; a corrupt file or a non-string column is a ConfigError."""
     import pyarrow as pa  # installed with datasets
     import pyarrow.parquet as pq
 
     try:
         with pq.ParquetFile(path) as file:
             names = file.schema_arrow.names
-            column = file.read(columns=["text"]).column("text") if "text" in names else None
+            column = file.read(columns=[field]).column(field) if field in names else None
     except (pa.ArrowException, OSError, ValueError) as error:
         raise ConfigError(f"--data {path}: not a readable parquet file ({type(error).__name__}: {str(error)[:120]})") from error
     if column is None:
-        raise ConfigError(f"--data {path}: no 'text' column (columns: {', '.join(names)})")
+        raise ConfigError(f"--data {path}: no {field!r} column (columns: {', '.join(names)}; name it with --text-field)")
     values = column.to_pylist()
     for row, value in enumerate(values, 1):
         if value is not None and not isinstance(value, str):
-            raise ConfigError(f"--data {path}: the 'text' column holds {column.type} values (row {row}: {value!r:.40}), "
+            raise ConfigError(f"--data {path}: the {field!r} column holds {column.type} values (row {row}: {value!r:.40}), "
                               f"not strings")
     return [v for v in values if v]

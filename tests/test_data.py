@@ -211,7 +211,7 @@ def test_hub_loading_code_on_a_local_copy(config, tmp_path, monkeypatch):
     docs = hub_documents(cfg)
     assert docs == [t[:3000] for t in texts[:12]]
     assert hub_tokenizer(str(tok_dir)).vocab_size == raw.get_vocab_size()
-    monkeypatch.setattr(dataset_module, "hub_reachable", lambda: True)
+    monkeypatch.setattr(dataset_module, "hub_unreachable_reason", lambda: None)
     lines: list[str] = []
     data = prepare_data(cfg, lines.append)
     assert data.info["offline"] is False and not any(line.startswith("Offline") for line in lines)
@@ -241,7 +241,7 @@ def fake_hub(monkeypatch) -> list[str]:
         calls.append("tokenizer")
         return TextTokenizer("fake-characters", 128, lambda text: [ord(c) for c in text], 0)
 
-    monkeypatch.setattr(dataset_module, "hub_reachable", lambda: True)
+    monkeypatch.setattr(dataset_module, "hub_unreachable_reason", lambda: None)
     monkeypatch.setattr(dataset_module, "hub_documents", documents)
     monkeypatch.setattr(dataset_module, "hub_tokenizer", tokenizer)
     return calls
@@ -262,10 +262,10 @@ def test_an_online_cache_needs_no_network(config, fake_hub, monkeypatch):
     online = config.replace(offline=False)
     prepare_data(online, lambda _: None)
 
-    def no_probe() -> bool:
+    def no_probe() -> str | None:
         raise AssertionError("a valid online cache must not probe the Hub")
 
-    monkeypatch.setattr(dataset_module, "hub_reachable", no_probe)
+    monkeypatch.setattr(dataset_module, "hub_unreachable_reason", no_probe)
     lines: list[str] = []
     again = prepare_data(online, lines.append)
     assert again.info["cache_hit"] and again.info["offline"] is False
@@ -323,7 +323,7 @@ def test_wording_names_the_users_file_and_only_the_builtin_corpus_is_called_a_pi
     corpus.write_text("\n\n".join(f"Note {i}. " + "Tomatoes need sun and water every day. " * 15 for i in range(40)))
     lines: list[str] = []
     mine = prepare_data(config.replace(data_path=str(corpus), offline=False), lines.append)
-    assert lines[0] == f"Offline: the Hugging Face Hub cannot be reached, so this run uses your file {corpus} with a BPE tokenizer trained on it."
+    assert lines[0] == f"Offline: the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE=1), so this run uses your file {corpus} with a BPE tokenizer trained on it."
     assert not any("web-text" in line or "offline corpus" in line for line in lines), lines
     assert mine.info["source_label"] == "your file my notes.txt"
     builtin = prepare_data(config, lambda _: None)

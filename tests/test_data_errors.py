@@ -85,7 +85,7 @@ def test_a_broken_data_file_on_the_command_line_exits_2_with_one_error_line(tmp_
 
 def test_a_broken_file_is_not_blamed_on_the_hub(config, tmp_path, monkeypatch):
     """With the Hub reachable, a bad --data file stops the run; it does not fall back to the offline tokenizer."""
-    monkeypatch.setattr(dataset_module, "hub_reachable", lambda: True)
+    monkeypatch.setattr(dataset_module, "hub_unreachable_reason", lambda: None)
     monkeypatch.setattr(dataset_module, "hub_tokenizer", lambda name: TextTokenizer("chars", 128, lambda t: [ord(c) % 128 for c in t], 0))
     path = _write(tmp_path, "malformed.jsonl", _jsonl(GOOD, GOOD, "{oops"))
     lines: list[str] = []
