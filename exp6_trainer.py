@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a saved model's config.json; flags override it")
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML and exit; "
                         "save it, edit it, and run it with --config FILE")
-    parser.add_argument("--resume", action="store_true", help="continue the experiment in --output-dir: finished runs "
-                        "are kept, the run in progress continues from its last training state, new seeds or arms train")
+    parser.add_argument("--resume", action="store_true", help="continue the experiment in --output-dir with the "
+                        "settings saved there: finished runs are kept, the run in progress continues from its last "
+                        "training state, seeds or arms added on the command line train alone")
     parser.add_argument("--overwrite", action="store_true", help="move the results already in --output-dir aside, to "
                         "a folder named after it with the time (nothing is deleted), and start afresh")
     add_config_flags(parser)

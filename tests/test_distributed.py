@@ -26,6 +26,7 @@ from tests.fake_cuda import install_fake_cuda
 from training.distributed import (DATA, NONE, SEEDS, Distributed, Launch, launch_from_env, resolve_parallel, shard_batch,
                                   shard_rows)
 from training.experiment import comparison_jobs, run_experiment
+from training.metrics_log import METRICS_FILE
 from training.results import RESULTS_FILE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,6 +176,13 @@ def _differences(ours: Any, theirs: Any, path: str = "") -> list[str]:
     return [] if ours == theirs else [f"{path}: {str(ours)[:60]} != {str(theirs)[:60]}"]
 
 
+def _evaluations(output_dir: str) -> list[dict[str, Any]]:
+    """The evaluation lines of metrics.jsonl, without timings, in a fixed order."""
+    lines = [json.loads(line) for line in (Path(output_dir) / METRICS_FILE).read_text().splitlines()]
+    return sorted(({k: v for k, v in line.items() if k != "seconds"} for line in lines if line["kind"] == "eval"),
+                  key=lambda line: (line["arm"], line["seed"], line["step"]))
+
+
 def test_seed_parallel_writes_the_sequential_results(tmp_path):
     config = tiny_config(tmp_path, seeds=(42, 43), lr_sweep=True, lr_sweep_multipliers=(0.5, 2.0), lr_sweep_steps=3,
                          save_checkpoints=False, sample_tokens=4)
@@ -190,6 +198,7 @@ def test_seed_parallel_writes_the_sequential_results(tmp_path):
     ignored = TIMING_KEYS | PLACEMENT_KEYS | PATH_KEYS
     assert _differences(_without(parallel, ignored), _without(sequential, ignored)) == []  # every loss, sample, statistic
     assert "Parallel: seeds over 2 ranks" in run.stdout and run.stdout.count("Results:") == 1  # rank 0 alone speaks
+    assert _evaluations(config.output_dir) == _evaluations(str(tmp_path / "sequential"))  # rank 1's runs too, once
     assert (Path(config.output_dir) / "exp6_loss_vs_step.png").is_file()
 
 
@@ -213,6 +222,8 @@ def test_data_parallel_matches_one_process(tmp_path, optimizer, tolerance):
         assert ours["curve"]["val_loss"][0] == pytest.approx(one["curve"]["val_loss"][0], abs=1e-6)  # sharded eval
         for key in ("val_loss", "train_loss"):
             assert ours["curve"][key][1:] == pytest.approx(one["curve"][key][1:], abs=tolerance), (arm, key)
+        assert [line["val_loss"] for line in _evaluations(config.output_dir) if line["arm"] == arm] == \
+            ours["curve"]["val_loss"]  # logged by rank 0 alone: each evaluation once
 
 
 def test_a_bad_batch_split_stops_before_training(tmp_path):

@@ -20,6 +20,7 @@ from tests.conftest import tiny_config
 from tests.fake_cuda import CudaOnCpu, install_fake_cuda
 from training.distributed import DATA, Distributed
 from training.experiment import MODEL_BUILDERS, run_experiment
+from training.metrics_log import METRICS_FILE
 from training.results import RESULTS_FILE
 from training.resume import move_aside, prepare_output_dir
 from training.train_state import STATE_DIR, TrainingState
@@ -116,6 +117,11 @@ def test_resume_keeps_finished_runs_continues_the_stopped_one_and_trains_only_ne
         assert all(torch.equal(ours_w[name], theirs_w[name]) for name in theirs_w), arm
     assert resumed["experiment"]["status"] == "completed" and len(resumed["experiment"]["resumed_at"]) == 1
     assert not any((out / STATE_DIR).iterdir())  # deleted once the run completed
+    logged = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    keys = [(line["arm"], line["kind"], line["step"]) for line in logged]
+    assert len(keys) == len(set(keys))  # the steps logged before the stop, after the saved state, were dropped
+    assert [line["val_loss"] for line in logged if line["arm"] == "deepseek" and line["kind"] == "eval"] == \
+        resumed["deepseek"]["runs"][0]["curve"]["val_loss"]
 
     calls.clear()
     more = run_experiment(config.replace(seeds=(42, 43)), log=lines.append, resume=True)
