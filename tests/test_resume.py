@@ -44,12 +44,13 @@ class StopAt:
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("arm,save_every,stop_at", [("baseline", 0, 4), ("deepseek", 2, 4)])
-def test_a_run_stopped_at_step_k_and_resumed_is_bit_identical(config, tmp_path, arm, save_every, stop_at):
+@pytest.mark.parametrize("arm,optimizer,save_every,stop_at", [("baseline", "muon", 0, 4), ("deepseek", "adamw", 2, 4),
+                                                                ("deepseek", "muon", 2, 4)])
+def test_a_run_stopped_at_step_k_and_resumed_is_bit_identical(config, tmp_path, arm, optimizer, save_every, stop_at):
     """save_every 0: the state of the evaluation at step 3; save_every 2: the state at step 2, in the middle of an
     evaluation window (its summed train loss restored). Muon's momentum, AdamW's moments, the LR schedule and the
     dropout/router-noise stream must all continue exactly."""
-    config = config.replace(save_every=save_every)
+    config = config.replace(save_every=save_every, optimizer=optimizer)
     data = prepare_data(config, lambda _: None)
     device = torch.device("cpu")
 

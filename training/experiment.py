@@ -190,8 +190,9 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
     """Train every arm of config.arms once per seed and write JSON, plots and the table; returns the results.
 
     An output folder that already holds results is refused, unless `resume` (continue it: training/resume.py)
-    or `overwrite` (move its results aside first). Started by torchrun, this process is one rank of several (training/distributed.py): rank 0 logs and
-    writes, and the others train their share of the runs (--parallel seeds) or of every batch (--parallel data).
+    or `overwrite` (move its results aside first). Started by torchrun, this process is one rank of several
+    (training/distributed.py): rank 0 logs and writes, and the others train their share of the runs
+    (--parallel seeds) or of every batch (--parallel data).
     """
     builders = builders or MODEL_BUILDERS
     launch = launch_from_env()

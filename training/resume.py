@@ -11,6 +11,7 @@ would not be comparable.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -91,9 +92,9 @@ def resume_config(config: ExperimentConfig, previous: dict[str, Any]) -> Experim
         saved = ExperimentConfig.from_dict(previous["experiment"]["config"], base=config)
     except (ConfigError, TypeError) as error:
         raise ConfigError(f"--resume: the saved settings in {RESULTS_FILE} cannot be read ({error})") from None
-    differing = [name for name, value in config.to_dict().items()
-                 if name not in RESUMABLE_CHANGES and value != getattr(saved, name)
-                 and not (name == "vocab_size" and value is None)]  # None: the tokenizer's, as saved
+    differing = [field.name for field in dataclasses.fields(config)
+                 if field.name not in RESUMABLE_CHANGES and getattr(config, field.name) != getattr(saved, field.name)
+                 and not (field.name == "vocab_size" and config.vocab_size is None)]  # None: the tokenizer's, as saved
     if differing:
         details = "; ".join(f"{name}: {_show(getattr(saved, name))} saved, {_show(getattr(config, name))} now"
                             for name in differing)
