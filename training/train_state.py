@@ -15,6 +15,7 @@ It is deleted when the run completes, unless config.keep_training_state.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,5 +135,7 @@ class TrainingState:
                            loss_sum=state["loss_sum"].to(device), steps_in_window=state["steps_in_window"])
 
     def delete(self) -> None:
-        """Remove the state file (the run completed and its record is saved)."""
+        """Remove the state file (the run completed and its record is saved), and its folder once empty."""
         self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: other runs' states are still there
+            self.path.parent.rmdir()
