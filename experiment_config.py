@@ -129,7 +129,7 @@ class ExperimentConfig:
     tensorboard: bool = False  # also write TensorBoard event files to output_dir/tensorboard/
     wandb_project: str | None = setting(None, flag="--wandb", metavar="PROJECT")  # also log to this Weights & Biases project (needs `pip install wandb`)
     save_every: int = 0  # steps between training-state saves, for --resume; 0: at each evaluation
-    keep_training_state: bool = False  # keep a run's training state after it completes (deleted by default)
+    keep_training_state: bool = False  # keep each run's training state, saved once more at its last step (deleted by default)
 
     # Several processes started by torchrun (training/distributed.py); a single process ignores these
     parallel: str = setting("auto", choices=PARALLEL_MODES)  # auto: seeds when there are at least as many seeds as ranks, else data

@@ -125,8 +125,11 @@ def test_resume_keeps_finished_runs_continues_the_stopped_one_and_trains_only_ne
         resumed["deepseek"]["runs"][0]["curve"]["val_loss"]
 
     calls.clear()
-    more = run_experiment(config.replace(seeds=(42, 43)), log=lines.append, resume=True)
+    more = run_experiment(config.replace(seeds=(42, 43), keep_training_state=True), log=lines.append, resume=True)
     assert len(calls) == 2 * 6  # seed 43's two runs, nothing else
+    kept = sorted((out / STATE_DIR).iterdir())
+    assert [p.name for p in kept] == ["baseline-seed43.pt", "deepseek-seed43.pt"]  # --keep-training-state
+    assert all(torch.load(p, weights_only=True)["step"] == 6 for p in kept)  # the state at the end
     assert more["baseline"]["seeds_completed"] == [42, 43]
     assert more["baseline"]["runs"][0] == resumed["baseline"]["runs"][0]
 

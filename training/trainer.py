@@ -249,8 +249,8 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
             steps_in_window += 1
             done = step + 1
             is_eval = done % config.eval_every == 0 or done == config.max_steps
-            is_save = state is not None and done < config.max_steps and (
-                done % config.save_every == 0 if config.save_every else is_eval)
+            is_save = state is not None and (config.keep_training_state if done == config.max_steps else
+                                             done % config.save_every == 0 if config.save_every else is_eval)
             if done % config.log_every == 0 or is_eval or is_save:  # the only host syncs of the loop
                 wait_for_all()
                 now = time.perf_counter()
