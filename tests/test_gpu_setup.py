@@ -35,7 +35,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[ExperimentConfig]:
     import training.experiment
 
     configs: list[ExperimentConfig] = []
-    monkeypatch.setattr(training.experiment, "run_experiment", lambda config, builders=None: configs.append(config))
+    monkeypatch.setattr(training.experiment, "run_experiment", lambda config, builders=None, **options: configs.append(config))
     return configs
 
 
