@@ -180,11 +180,12 @@ def test_overwrite_moves_the_old_results_aside_and_deletes_nothing(tmp_path):
     (folder / "checkpoints" / "baseline-seed42").mkdir(parents=True)
     (folder / "checkpoints" / "baseline-seed42" / "model.safetensors").write_bytes(b"weights")
     (folder / ".exp6.lock").write_text("")
+    (folder / "notes.txt").write_text("mine")
     lines: list[str] = []
     assert prepare_output_dir(folder, resume=False, overwrite=True, log=lines.append) is None
     aside = next(p for p in tmp_path.iterdir() if p.name.startswith("out-old-"))
     assert (aside / RESULTS_FILE).is_file() and (aside / "checkpoints/baseline-seed42/model.safetensors").read_bytes() == b"weights"
-    assert [p.name for p in folder.iterdir()] == [".exp6.lock"]  # the lock this run holds stays
+    assert sorted(p.name for p in folder.iterdir()) == [".exp6.lock", "notes.txt"]  # the lock this run holds stays
     assert str(aside) in lines[0]
     assert move_aside(folder).name.startswith("out-old-")  # a second one in the same second gets its own name
 

@@ -22,7 +22,6 @@ from experiment_config import RESUMABLE_CHANGES, ConfigError, ExperimentConfig
 from training.metrics_log import METRICS_FILE, TENSORBOARD_DIR
 from training.plots import LOSS_STEP_PLOT, LR_SWEEP_PLOT, VAL_TIME_PLOT
 from training.results import RESULTS_FILE
-from training.run_guard import LOCK_FILE
 from training.train_state import STATE_DIR
 
 CHECKPOINTS_DIR = "checkpoints"  # models.checkpoint.run_checkpoint_dir puts the saved models there
@@ -41,8 +40,9 @@ def existing_outputs(directory: Path) -> list[str]:
 
 
 def move_aside(directory: Path) -> Path:
-    """Move everything in `directory` but the lock into a new sibling folder named after it and the time;
-    returns that folder. Nothing is deleted, and the lock this run holds stays where it is."""
+    """Move the experiment's outputs in `directory` (OUTPUTS) into a new sibling folder named after it and the
+    time; returns that folder. Nothing is deleted; the lock this run holds, other files and another process's
+    passing temporary files (e.g. a write check) stay where they are."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = directory.with_name(f"{directory.name}-old-{stamp}")
     suffix = 1
@@ -50,9 +50,9 @@ def move_aside(directory: Path) -> Path:
         aside = directory.with_name(f"{directory.name}-old-{stamp}-{suffix}")
         suffix += 1
     aside.mkdir()
-    for entry in directory.iterdir():
-        if entry.name != LOCK_FILE:
-            os.replace(entry, aside / entry.name)
+    for name in OUTPUTS:
+        if (directory / name).exists():
+            os.replace(directory / name, aside / name)
     return aside
 
 
