@@ -127,7 +127,7 @@ class ExperimentConfig:
 
     # Live curves and resuming (training/metrics_log.py, training/train_state.py)
     tensorboard: bool = False  # also write TensorBoard event files to output_dir/tensorboard/
-    wandb_project: str | None = setting(None, flag="--wandb", metavar="PROJECT")  # also log to this Weights & Biases project (needs `pip install wandb`)
+    wandb_project: str | None = setting(None, flag="--wandb", metavar="PROJECT")  # also log to this Weights & Biases project (wandb, in the requirements)
     save_every: int = 0  # steps between training-state saves, for --resume; 0: at each evaluation
     keep_training_state: bool = False  # keep each run's training state, saved once more at its last step (deleted by default)
 

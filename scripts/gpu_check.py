@@ -322,7 +322,7 @@ def _two_gpu_stage(mode: str) -> Stage:
     return Stage(
         f"2-GPU {mode}", 120,
         lambda out, py: [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "exp6_trainer.py",
-                         "--offline", "--parallel", mode, "--seeds", *seeds, "--steps", "200", "--no-save",
+                         "--offline", "--overwrite", "--parallel", mode, "--seeds", *seeds, "--steps", "200", "--no-save",
                          "--output-dir", str(out / f"two_gpu_{mode}"), "--cache-dir", str(out / "data_cache")],
         lambda out: two_gpu_verdict(read_json(out / f"two_gpu_{mode}" / "exp6_attention_comparison.json")),
         multi_gpu=True)
@@ -358,7 +358,7 @@ STAGES: list[Stage] = [
                            "--batch-sizes", "1", "8", "--new-tokens", "64", "--output", str(out / "decode.json")],
           lambda out: decode_verdict(read_json(out / "decode.json"))),
     Stage("experiment", 140,
-          lambda out, py: [py, "exp6_trainer.py", "--offline", "--output-dir", str(_experiment_dir(out)),
+          lambda out, py: [py, "exp6_trainer.py", "--offline", "--overwrite", "--output-dir", str(_experiment_dir(out)),
                            "--cache-dir", str(out / "data_cache")],
           lambda out: experiment_verdict(read_json(_experiment_dir(out) / "exp6_attention_comparison.json"))),
     Stage("generate", 15,
