@@ -3,12 +3,12 @@ or the offline corpus."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from experiment_config import ConfigError, ExperimentConfig
+from safe_json import JSONInputError, parse_json
 
 LOCAL_FORMATS = (".txt", ".jsonl", ".parquet")
 JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
@@ -148,9 +148,9 @@ def _jsonl_texts(path: str, field: str = "text") -> list[str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:  # its own "line 1" is the line within this one line
-            raise ConfigError(f"--data {path}: line {line_no} is not valid JSON ({error.msg} at column {error.colno})") from error
+            row = parse_json(line)  # bounded: a line nested 100,000 deep or a 5,000-digit number is an error, not a crash
+        except JSONInputError as error:
+            raise ConfigError(f"--data {path}: line {line_no}: {error}") from None
         if not isinstance(row, dict):
             raise ConfigError(f"--data {path}: line {line_no} is {_json_kind(row)}, not an object with a {field!r} field")
         if field not in row:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from atomic_files import write_atomic
+from safe_json import MAX_FILE_BYTES
 
 TOKENIZER_FILE = "tokenizer.json"
 OFFLINE_BPE = "offline-bpe"  # spec kinds: the offline BPE's JSON, or a Hub tokenizer's name
@@ -117,7 +118,8 @@ def load_tokenizer(source: Path | Mapping[str, Any], directory: Path | None = No
     `source` is either a spec returned by save_tokenizer (its file, if any, is read from `directory`),
     or a folder holding a tokenizer.json (a saved model's folder keeps the spec in its config.json's
     extra["tokenizer"]; pass that for a Hub tokenizer). A Hub name is loaded from the local Hugging Face cache first,
-    then from the Hub. Raises TokenizerError naming the file or name when it cannot be loaded.
+    then from the Hub. Raises TokenizerError naming the file or name when it cannot be loaded; a spec's
+    file must lie inside `directory` (a link or `..` that leads out of it is refused).
     """
     if isinstance(source, Path):
         spec: Mapping[str, Any] = {"kind": OFFLINE_BPE, "file": TOKENIZER_FILE}
@@ -128,10 +130,18 @@ def load_tokenizer(source: Path | Mapping[str, Any], directory: Path | None = No
     if kind == OFFLINE_BPE:
         if directory is None:
             raise TokenizerError("an offline-bpe tokenizer spec needs the folder that holds its file")
-        path = directory / str(spec.get("file", TOKENIZER_FILE))
+        file = spec.get("file", TOKENIZER_FILE)
+        path = directory / str(file)
+        inside = isinstance(file, str) and file and "\x00" not in file and path.resolve().is_relative_to(directory.resolve())
+        if not inside:
+            raise TokenizerError(f"tokenizer file {file!r} is not a file inside {directory}; a saved model's tokenizer "
+                                 "must be in its own folder: save the model again")
         if not path.is_file():
             raise TokenizerError(f"tokenizer file {path} is missing; save the model again (a Hub tokenizer is "
                                  "saved as its name: pass the spec save_tokenizer returned)")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise TokenizerError(f"tokenizer file {path} is {path.stat().st_size:,} bytes, more than a tokenizer "
+                                 f"holds (at most {MAX_FILE_BYTES:,}); save the model again")
         try:
             return offline_tokenizer_from_json(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as error:

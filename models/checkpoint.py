@@ -28,6 +28,7 @@ import torch
 
 from atomic_files import write_atomic
 from experiment_config import ConfigError, ExperimentConfig
+from safe_json import JSONInputError, read_json_file
 from models.transformer import ModelBuilder, MoELanguageModel
 
 FORMAT = "exp6-moe-lm"
@@ -97,6 +98,16 @@ class LoadedCheckpoint:
     config: ExperimentConfig
     extra: dict[str, Any]  # what the saver added (the experiment: seed, tokenizer spec, metrics)
     directory: Path
+
+    def tokenizer_spec(self) -> dict[str, Any]:
+        """The tokenizer spec the experiment saved in config.json's extra["tokenizer"] (data/tokenizer.py
+        loads it); CheckpointError when there is none, e.g. a model saved by other code."""
+        spec = self.extra.get("tokenizer")
+        if not isinstance(spec, dict):
+            raise CheckpointError(f"{self.directory / CONFIG_FILE} names no tokenizer (no \"extra\": {{\"tokenizer\": ...}}); "
+                                  "generation needs the tokenizer the model was trained with: save the model with "
+                                  "exp6_trainer.py, which records it")
+        return spec
 
 
 def arm_builders() -> dict[str, ModelBuilder]:
@@ -172,11 +183,11 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a folder; give the folder a model was saved to")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {directory} holds no finished save; save the model again")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: {directory} holds no finished save; save the model again") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        meta = read_json_file(path)
+    except JSONInputError as error:
         raise CheckpointError(f"{path} is not readable JSON ({error}); the file is damaged: save the model again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not the config of a saved {FORMAT} model (no \"format\": \"{FORMAT}\")")

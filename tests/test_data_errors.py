@@ -38,7 +38,7 @@ BROKEN_FILES: list[tuple[str, bytes | Callable[[Path], None], str]] = [
     ("latin1.txt", "first document\n\nsecond one\n\ncaf\xe9 au lait".encode("latin-1"), r"line 5 is not UTF-8 text \(byte 0xe9\)"),
     ("nul.txt", b"some text\nmore text\n\x00\x00\x00\x00", r"line 3 holds NUL bytes, so this is a binary file"),
     ("latin1.jsonl", _jsonl(GOOD) + b'\n{"text": "caf\xe9"}', r"line 2 is not UTF-8 text"),
-    ("malformed.jsonl", _jsonl(GOOD, "", '{"text": "trailing comma",}', GOOD), r"line 3 is not valid JSON \(.* column 27\)"),
+    ("malformed.jsonl", _jsonl(GOOD, "", '{"text": "trailing comma",}', GOOD), r"line 3: not valid JSON \(.* column 27\)"),
     ("array_row.jsonl", _jsonl(GOOD, '["a", "list"]'), r"line 2 is an array, not an object with a 'text' field"),
     ("string_row.jsonl", _jsonl(GOOD, GOOD, '"just a string"'), r"line 3 is a string, not an object"),
     ("number_text.jsonl", _jsonl(GOOD, '{"text": 42}'), r"line 2: 'text' is a number, not a string"),
@@ -89,7 +89,7 @@ def test_a_broken_file_is_not_blamed_on_the_hub(config, tmp_path, monkeypatch):
     monkeypatch.setattr(dataset_module, "hub_tokenizer", lambda name: TextTokenizer("chars", 128, lambda t: [ord(c) % 128 for c in t], 0))
     path = _write(tmp_path, "malformed.jsonl", _jsonl(GOOD, GOOD, "{oops"))
     lines: list[str] = []
-    with pytest.raises(ConfigError, match=r"line 3 is not valid JSON"):
+    with pytest.raises(ConfigError, match=r"line 3: not valid JSON"):
         prepare_data(config.replace(data_path=str(path), offline=False), lines.append)
     assert not any(line.startswith("Offline") for line in lines), lines
 
