@@ -277,20 +277,25 @@ def _save_cache(config: ExperimentConfig, plan: DataPlan, tokens: np.ndarray, me
 
     Concurrent runs sharing a cache then never trip over each other's temp files, and a reader
     sees either a whole old file or a whole new one. A plan with an offline tokenizer needs it here:
-    without it the cache would be judged stale.
+    without it the cache would be judged stale. A write that fails (a full disk) raises ConfigError; each
+    file is whole or untouched (write_atomic), and without the new metadata the old cache stands or none does.
     """
     tokens_path, meta_path, key = _cache_paths(config, plan)
-    tokens_path.parent.mkdir(parents=True, exist_ok=True)
+    if plan.tokenizer == "offline" and (tokenizer is None or tokenizer.tokenizer_json is None):
+        raise ValueError("an offline-tokenizer cache needs the tokenizer's JSON (TextTokenizer.tokenizer_json)")
     meta.update(key=key, num_tokens=int(len(tokens)), sha256=hashlib.sha256(tokens.tobytes()).hexdigest(),
                 cache_file=str(tokens_path))
-    write_atomic(tokens_path, lambda file: np.save(file, tokens, allow_pickle=False))
-    if plan.tokenizer == "offline":
-        if tokenizer is None or tokenizer.tokenizer_json is None:
-            raise ValueError("an offline-tokenizer cache needs the tokenizer's JSON (TextTokenizer.tokenizer_json)")
-        text = tokenizer.tokenizer_json.encode("utf-8")
-        write_atomic(_tokenizer_path(tokens_path), lambda file: file.write(text))
-        meta.update(tokenizer_sha256=hashlib.sha256(text).hexdigest())
-    write_atomic(meta_path, lambda file: json.dump(meta, file, indent=2), binary=False)
+    try:
+        tokens_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(tokens_path, lambda file: np.save(file, tokens, allow_pickle=False))
+        if tokenizer is not None and plan.tokenizer == "offline" and tokenizer.tokenizer_json is not None:
+            text = tokenizer.tokenizer_json.encode("utf-8")
+            write_atomic(_tokenizer_path(tokens_path), lambda file: file.write(text))
+            meta.update(tokenizer_sha256=hashlib.sha256(text).hexdigest())
+        write_atomic(meta_path, lambda file: json.dump(meta, file, indent=2), binary=False)
+    except OSError as error:  # disk full, no permission: each file is whole or absent, and the run stops in one line
+        raise ConfigError(f"cannot write the token cache to {tokens_path.parent} ({error.strerror or error}); "
+                          "free some space or choose another --cache-dir") from None
 
 
 def caps_line(meta: dict[str, Any], tokens: int, config: ExperimentConfig) -> str | None:

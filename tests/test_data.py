@@ -381,7 +381,7 @@ def test_a_failed_cache_write_leaves_the_old_cache_and_no_temp_file(config, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "save", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ConfigError, match=r"cannot write the token cache to .*\(No space left on device\); .*--cache-dir"):
         _save_cache(config, DataPlan("offline", "offline", offline=True), first.train.numpy().astype(np.int32), {},
                     first.tokenizer)
     assert {p.name: p.read_bytes() for p in Path(config.cache_dir).iterdir()} == before
