@@ -46,7 +46,7 @@ def _read_results(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def _lock_is_free(directory: Path) -> bool:
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -201,10 +201,10 @@ def test_a_locked_output_dir_stops_a_second_process_at_once_naming_the_pid(tmp_p
     """This test holds the folder's lock as a running experiment would; the CLI in another process must stop."""
     out = tmp_path / "out"
     out.mkdir()
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # the lock is on the folder itself
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        (out / LOCK_FILE).write_text(f"{os.getpid()}\n")
         result = subprocess.run(_cli(tmp_path, "--steps", "2", "--seq-len", "32", "--max-tokens", "20000",
                                      "--num-documents", "40"),
                                 cwd=REPO, capture_output=True, text=True, timeout=120, env=CLI_ENV)
