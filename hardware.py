@@ -1,4 +1,4 @@
-"""Where the experiment runs: device choice, the card's name, precision, timing syncs and memory stats.
+"""Where the experiment runs: device choice, the card's name, precision, timing syncs, memory stats and size.
 
 Every call into the CUDA runtime (`torch.cuda.*`) that training, the benchmark and inference make
 lives here, so a CPU test can drive each CUDA branch with those calls monkeypatched, and mypy
@@ -192,3 +192,32 @@ def set_rng_states(states: dict[str, torch.Tensor], device: torch.device) -> Non
     torch.set_rng_state(states["cpu"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def available_ram() -> int:
+    """Bytes of RAM a new allocation can get now: the kernel's MemAvailable, capped by this process's cgroup
+    limit when it has one (a container), else the free physical pages."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit, used = (Path("/sys/fs/cgroup", name).read_text().strip() for name in ("memory.max", "memory.current"))
+        if limit != "max":
+            available = min(available, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def memory_capacity(device: torch.device) -> tuple[int, str]:
+    """(bytes, what they are) a run on `device` can use: the card's whole memory on CUDA, the available RAM on the CPU."""
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return int(properties.total_memory), f"{properties.name}'s memory"
+    return available_ram(), "available RAM"

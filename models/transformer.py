@@ -57,7 +57,8 @@ class MoELanguageModel(nn.Module):
         self.norm = nn.RMSNorm(config.d_model, eps=NORM_EPS)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight
-        init_parameters(self, config.seed if seed is None else seed)
+        if self.embed.weight.device.type != "meta":  # a shape-only model (memory planning) has nothing to draw
+            init_parameters(self, config.seed if seed is None else seed)
 
     def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None,
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +127,6 @@ def init_parameters(model: nn.Module, seed: int) -> None:
             if param.ndim == 1:  # norm gains
                 param.fill_(1.0)
                 continue
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)
             values = torch.randn(param.shape, generator=generator) * INIT_STD
             param.copy_(values.to(param.dtype))

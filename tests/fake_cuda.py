@@ -2,9 +2,9 @@
 
 Two parts:
 - the CUDA runtime calls the project makes (`torch.cuda.is_available`, `get_device_name`,
-  `get_device_capability`, `synchronize`, peak-memory stats, `empty_cache`, the RNG state) are replaced by
-  recorders that answer like a chosen card; a call to a name torch.cuda does not have fails, as it
-  would on a GPU;
+  `get_device_capability`, `get_device_properties`, `synchronize`, peak-memory stats, `empty_cache`,
+  the RNG state) are replaced by recorders that answer like a chosen card; a call to a name torch.cuda
+  does not have fails, as it would on a GPU;
 - a TorchFunctionMode rewrites every device argument that names CUDA to the CPU, so tensors and
   modules "moved to cuda" stay on the CPU and the arithmetic really runs.
 A third part stands in for CUDA graphs (install_fake_cuda_graphs, FakeCUDAGraph): capture records the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.host_sync import HostSyncDetector
 
 FAKE_PEAK_MEMORY_BYTES = 512 * 2**20
+FAKE_TOTAL_MEMORY_BYTES = 24 * 2**30  # an RTX 4090's 24 GiB
 
 
 @dataclass
@@ -85,6 +87,7 @@ def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, name: str = "NVIDIA GeFor
         "is_bf16_supported": lambda including_emulation=True: True,  # asked by torch.autocast("cuda", bfloat16)
         "get_device_name": lambda device=None: name,
         "get_device_capability": lambda device=None: capability,
+        "get_device_properties": lambda device=None: SimpleNamespace(name=name, total_memory=FAKE_TOTAL_MEMORY_BYTES),
         "synchronize": lambda device=None: calls.synchronize.append(device),
         "reset_peak_memory_stats": lambda device=None: calls.reset_peak.append(device),
         "max_memory_allocated": max_memory_allocated,

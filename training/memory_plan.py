@@ -1,0 +1,64 @@
+"""What one run of the experiment needs in memory, estimated from its config before anything is allocated.
+
+The arms train one after another, so the model part is the largest arm's. The data part follows from
+the corpus settings: the documents read (at most num_documents x max_chars_per_doc characters), their
+tokens (at most max_tokens) as the Python list, NumPy and torch arrays the pipeline builds, and the
+batch offsets of every step (max_steps x batch_size, and the LR sweep's). The greedy sample's KV cache
+covers the prompt and sample_tokens. models/memory.py holds the model estimates and the check.
+"""
+
+from __future__ import annotations
+
+from experiment_config import ExperimentConfig
+from models.memory import (TRAINING_BYTES_PER_PARAMETER, MemoryNeed, decode_cache_bytes, parameter_count,
+                           shape_only_model, training_activation_bytes)
+from models.transformer import ModelBuilder
+from training.lr_sweep import sweep_steps
+
+HUB_VOCAB_ESTIMATE = 49_152  # the SmolLM-135M tokenizer's; the real size is checked again once the tokenizer is loaded
+TEXT_BYTES_PER_CHAR = 2  # Python strings of mostly ASCII text, and the streaming reader's copies
+HOST_BYTES_PER_TOKEN = 36 + 4 + 8 + 24  # list of ints while tokenizing, the int32 cache array, int64 tensor, exposure counts
+DEVICE_BYTES_PER_TOKEN = 8 + 8  # the train and validation tokens on the device, and the validation windows
+BYTES_PER_BATCH_OFFSET = 8  # int64 start of one window
+HOST_OFFSET_COPIES = 3  # the exposure report's offsets, their flat copy and the +1/-1 counts it scatters
+
+
+def planned_vocab_size(config: ExperimentConfig) -> int:
+    """The vocabulary to plan for before the tokenizer is loaded: the configured one, or the largest the
+    tokenizer could have (the offline BPE's size, or the Hub tokenizer's unless the run is offline)."""
+    if config.vocab_size is not None:
+        return config.vocab_size
+    return config.offline_vocab_size if config.offline else max(config.offline_vocab_size, HUB_VOCAB_ESTIMATE)
+
+
+def max_corpus_tokens(config: ExperimentConfig) -> int:
+    """An upper bound on the tokens the corpus yields: max_tokens, or fewer when the documents cannot hold
+    that many (a byte-level tokenizer makes at most 4 tokens of a character, plus an EOS per document)."""
+    return min(config.max_tokens, config.num_documents * (4 * config.max_chars_per_doc + 1))
+
+
+def experiment_memory(config: ExperimentConfig, builders: dict[str, ModelBuilder], batch_shards: int = 1) -> MemoryNeed:
+    """The estimate for one process: the largest arm's training step (its share of each batch under
+    data-parallel: `batch_shards` ranks), the data, and the greedy sample's cache."""
+    plan_config = config.replace(vocab_size=planned_vocab_size(config))
+    models = [shape_only_model(builders[arm], plan_config) for arm in config.arms]
+    batch = max(1, config.batch_size // batch_shards)
+    weights = max(parameter_count(model) for model in models) * TRAINING_BYTES_PER_PARAMETER
+    activations = max(training_activation_bytes(model, batch, config.max_seq_len) for model in models)
+    sample_tokens = len(config.sample_prompt.encode("utf-8")) + 1 + config.sample_tokens if config.sample_tokens else 0
+    sample_cache = max(decode_cache_bytes(model, None, sample_tokens) for model in models)
+    tokens = max_corpus_tokens(config)
+    steps = max(config.max_steps, sweep_steps(config) if config.lr_sweep else 0)  # one run's offsets at a time
+    offsets = steps * config.batch_size * BYTES_PER_BATCH_OFFSET
+    return MemoryNeed(
+        device={"parameters and optimizer state": weights, "activations": activations,
+                "greedy sample's KV cache": sample_cache,
+                "token arrays and batch offsets": tokens * DEVICE_BYTES_PER_TOKEN + offsets},
+        host={"documents": config.num_documents * config.max_chars_per_doc * TEXT_BYTES_PER_CHAR,
+              "tokenizing": tokens * HOST_BYTES_PER_TOKEN, "exposure report": HOST_OFFSET_COPIES * offsets},
+    )
+
+
+ADVICE = ("lower the largest part (--batch-size and --seq-len for activations; d_model, d_ff, n_layers, num_experts and "
+          "the vocabulary for parameters; --steps, --max-tokens and --num-documents for data; sample_tokens for the "
+          "sample's cache)")
