@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import inspect
 import io
-import json
 import sys
 import tokenize
 import types
@@ -30,6 +29,7 @@ from typing import Any
 import tomli_w
 
 from experiment_config import NONE_WORD, PRESETS, ConfigError, ExperimentConfig
+from safe_json import check_depth, read_json_file, read_text_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -206,10 +206,14 @@ def read_config_file(path: str) -> dict[str, Any]:
     """The settings in a JSON or TOML file (TOML when it ends in .toml): a plain table of settings, a results
     JSON (its experiment.config) or a saved model's config.json (its "config")."""
     kind = "TOML" if path.lower().endswith(".toml") else "JSON"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        values: Any = tomllib.loads(text) if kind == "TOML" else json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+    try:  # within bounds (safe_json): a file nested 100,000 deep or a 5,000-digit number is an error, not a crash
+        if kind == "TOML":
+            values: Any = check_depth(tomllib.loads(read_text_file(Path(path))))
+        else:
+            values = read_json_file(Path(path))
+    except RecursionError:
+        raise ConfigError(f"--config {path}: cannot read it as {kind} (nested too deeply)") from None
+    except ValueError as error:  # JSONInputError, TOMLDecodeError and the int-size limit are ValueErrors
         raise ConfigError(f"--config {path}: cannot read it as {kind} ({error}); give a .toml or .json file of settings, "
                           "a results JSON or a saved model's config.json") from None
     if isinstance(values, dict) and isinstance(values.get("experiment"), dict):  # a results file

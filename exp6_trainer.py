@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None, builders: dict[str, ModelBuilder] | None
         return 0
     from training.distributed import RankFailed, SharedConfigError, launch_from_env  # after argparse: --help is instant
     from training.experiment import run_experiment
-    from training.run_guard import RunTerminated
+    from training.run_guard import ExperimentFailed, RunTerminated, SaveFailed
 
     rank = 0
     try:
@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None, builders: dict[str, ModelBuilder] | None
             print(f"error: {f'rank {rank}: ' if rank else ''}{error}", file=sys.stderr)
         return 2
     except RankFailed as failure:  # the failing rank prints its own traceback; rank 0 says what happened
+        if rank == 0:
+            print(f"error: {failure}", file=sys.stderr)
+        return 1
+    except (SaveFailed, ExperimentFailed) as failure:  # the run went its course; its outcome cannot stand as a result
         if rank == 0:
             print(f"error: {failure}", file=sys.stderr)
         return 1

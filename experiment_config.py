@@ -23,6 +23,11 @@ OPTIMIZERS = ("muon", "adamw")  # --optimizer: per-matrix Muon for the block mat
 MUON_ADJUST_LR_FNS = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn: each block's LR factor from its shape
 DEFAULT_ARMS = ("baseline", "deepseek")  # the experiment's two arms; arms.py lists every arm
 DEFAULT_GQA_KV_HEADS = 2
+INT64_LIMIT = 2**63  # every integer setting lies in [-2**63, 2**63): torch tensors, generators and numpy hold it
+MAX_SEED = INT64_LIMIT - 1
+MIN_OFFLINE_VOCAB = 257  # the byte-level BPE's 256 byte symbols and its EOS token; merges come on top
+MAX_EXPERT_MODULES = 100_000  # n_layers x num_experts: a model is built module by module, in Python
+MAX_DIST_TIMEOUT_MINUTES = 30 * 24 * 60  # 30 days: longer than any run, and well inside what timedelta and gloo/NCCL hold
 PRESET_NAMES = ("full", "cpu")  # PRESETS below builds each
 NONE_WORD = "none"  # a setting that may be None, written in TOML or on the command line (TOML has no null)
 # What a --resume may change: which runs there are (seeds, arms) and where and how often things are written
@@ -43,8 +48,16 @@ def setting(default: Any, **cli: Any) -> Any:
     return dataclasses.field(default=default, metadata={"cli": cli})
 
 
+def one_line(text: object) -> str:
+    """`text` with every run of whitespace (newlines too) made one space: an error is one line."""
+    return " ".join(str(text).split())
+
+
 class ConfigError(ValueError):
-    """A setting that cannot work; the message says what is wrong and how to fix it."""
+    """A setting that cannot work; the message, always one line, says what is wrong and how to fix it."""
+
+    def __init__(self, message: object) -> None:
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)
@@ -147,7 +160,7 @@ class ExperimentConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.n_heads else 0  # 0 heads: refused by validate(), not a crash
 
     @property
     def warmup_steps(self) -> int:
@@ -200,8 +213,30 @@ class ExperimentConfig:
         if BASELINE not in self.arms:
             raise ConfigError(f"--arms {given}: must include {BASELINE} (every comparison is paired with it)")
 
+    def _validate_kinds(self) -> None:
+        """The checks every field gets from its type alone, so a setting added tomorrow has them too: the
+        right type; strings non-empty and free of NUL bytes (paths, names, the prompt); integers inside
+        int64; floats finite (NaN and infinity mean nothing as a rate, a weight or a fraction)."""
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            hint = hints[field.name]
+            value = getattr(self, field.name)
+            if not _has_type(value, hint):
+                expected = hint.__name__ if isinstance(hint, type) else str(hint)
+                raise ConfigError(f"{field.name}={value!r:.60}: expected {expected}")
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, str) and (not item or "\x00" in item):
+                    raise ConfigError(f"{field.name}={item!r:.60}: must be a non-empty string without NUL bytes")
+                if isinstance(item, int) and not isinstance(item, bool) and not -INT64_LIMIT <= item < INT64_LIMIT:
+                    raise ConfigError(f"{field.name}={item}: out of range (integers must lie within +-2**63)")
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"{field.name}={item}: must be a finite number")
+
     def validate(self) -> "ExperimentConfig":
         """Raise ConfigError on the first impossible setting; return self when all is well."""
+        self._validate_kinds()
+        bad_seeds = [seed for seed in (self.seed, *self.seeds) if not 0 <= seed <= MAX_SEED]
+        top_lr = max(self.muon_lr, self.adamw_lr) * (max(self.lr_sweep_multipliers, default=1.0) if self.lr_sweep else 1.0)
         checks: list[tuple[bool, str]] = [
             (self.d_model > 0 and self.n_heads > 0, "d_model and n_heads must be positive"),
             (self.d_model % max(self.n_heads, 1) == 0,
@@ -209,11 +244,16 @@ class ExperimentConfig:
             (self.head_dim % 2 == 0, f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE"),
             (self.n_layers > 0 and self.d_ff > 0, "n_layers and d_ff must be positive"),
             (self.num_experts > 0, f"num_experts={self.num_experts} must be positive"),
+            (self.n_layers * self.num_experts <= MAX_EXPERT_MODULES,
+             f"n_layers={self.n_layers} x num_experts={self.num_experts}: at most {MAX_EXPERT_MODULES:,} expert modules "
+             "(each is built on its own); lower one of them"),
             (1 <= self.expert_top_k <= self.num_experts,
              f"expert_top_k={self.expert_top_k} must be between 1 and num_experts={self.num_experts}"),
             (self.max_seq_len >= 2, f"--seq-len {self.max_seq_len}: must be at least 2"),
             (0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
-            (self.router_noise_std >= 0, "router_noise_std must be >= 0"),
+            (self.router_noise_std >= 0, f"router_noise_std={self.router_noise_std} must be >= 0"),
+            (self.load_balancing_weight >= 0, f"load_balancing_weight={self.load_balancing_weight} must be >= 0"),
+            (self.rope_base > 1, f"rope_base={self.rope_base} must be greater than 1 (10000 is the usual value)"),
             (self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be positive or None"),
             (self.kv_lora_rank > 0, f"kv_lora_rank={self.kv_lora_rank} must be positive"),
             (self.qk_nope_head_dim > 0,
@@ -223,13 +263,15 @@ class ExperimentConfig:
             (self.v_head_dim > 0, f"v_head_dim={self.v_head_dim} must be positive"),
             (self.gqa_kv_heads >= 1 and self.n_heads % max(self.gqa_kv_heads, 1) == 0,
              f"--gqa-kv-heads {self.gqa_kv_heads}: must be at least 1 and divide n_heads={self.n_heads} "
-             f"(e.g. {', '.join(str(h) for h in range(1, self.n_heads + 1) if self.n_heads % h == 0)})"),
+             f"(e.g. {', '.join(str(h) for h in range(1, min(self.n_heads, 64) + 1) if self.n_heads % h == 0)})"),
             (self.batch_size > 0, f"--batch-size {self.batch_size}: must be at least 1"),
             (self.max_steps > 0, f"--steps {self.max_steps}: must be at least 1"),
             (self.eval_every > 0, f"--eval-every {self.eval_every}: must be at least 1"),
             (self.sample_tokens >= 0 and bool(self.sample_prompt), "sample_tokens must be >= 0 and sample_prompt non-empty"),
             (self.log_every > 0, f"log_every={self.log_every} must be positive"),
             (self.muon_lr > 0 and self.adamw_lr > 0, "muon_lr and adamw_lr must be positive"),
+            (math.isfinite(top_lr), f"muon_lr={self.muon_lr}, adamw_lr={self.adamw_lr} times the largest --lr-sweep multiplier "
+                                    "overflows to infinity; use smaller values"),
             (len(self.lr_sweep_multipliers) > 0
              and all(math.isfinite(m) and m > 0 for m in self.lr_sweep_multipliers)
              and len(set(self.lr_sweep_multipliers)) == len(self.lr_sweep_multipliers),
@@ -259,6 +301,9 @@ class ExperimentConfig:
             (self.save_every >= 0, f"--save-every {self.save_every}: must be at least 1, or 0 for each evaluation"),
             (self.wandb_project is None or bool(self.wandb_project), "--wandb: give a project name"),
             (self.vocab_size is None or self.vocab_size > 1, "vocab_size must be > 1 or None"),
+            (self.offline_vocab_size >= MIN_OFFLINE_VOCAB,
+             f"offline_vocab_size={self.offline_vocab_size}: must be at least {MIN_OFFLINE_VOCAB} (the offline tokenizer's "
+             "256 byte symbols and its end-of-text token); 8192 is the default"),
             (self.attention_backend in ATTENTION_BACKENDS,
              f"--attention-backend {self.attention_backend}: must be one of {', '.join(ATTENTION_BACKENDS)}"),
             (self.precision in PRECISIONS,
@@ -272,10 +317,12 @@ class ExperimentConfig:
             (not (self.compile_optimizer and self.optimizer != "muon"),
              "--compile-optimizer compiles Muon's update, and --optimizer adamw has none (AdamW is one fused kernel); drop it"),
             (self.parallel in PARALLEL_MODES, f"--parallel {self.parallel}: must be one of {', '.join(PARALLEL_MODES)}"),
-            (math.isfinite(self.dist_timeout_minutes) and self.dist_timeout_minutes > 0,
-             f"--dist-timeout {self.dist_timeout_minutes}: must be a positive number of minutes"),
+            (0 < self.dist_timeout_minutes <= MAX_DIST_TIMEOUT_MINUTES,
+             f"--dist-timeout {self.dist_timeout_minutes:g}: must be a positive number of minutes, at most "
+             f"{MAX_DIST_TIMEOUT_MINUTES} (30 days)"),
             (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"--device {self.device}: must be auto, cpu, cuda or cuda:N"),
+            (not bad_seeds, f"seed {' '.join(map(str, bad_seeds))}: a seed must be between 0 and 2**63 - 1"),
             (len(set(self.run_seeds)) == len(self.run_seeds),
              f"--seeds {' '.join(map(str, self.run_seeds))}: a seed is repeated; give each seed once"),
         ]

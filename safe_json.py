@@ -1,4 +1,5 @@
-"""JSON from files the user hands us (--config, --data lines, a checkpoint's config.json), read within limits.
+"""JSON (and a TOML file's text) from files the user hands us (--config, --data lines, a checkpoint's
+config.json), read within limits.
 
 Python's json module turns hostile input into exceptions that are not decoding errors: a value
 nested 100,000 deep raises RecursionError, an integer of 5,000 digits ValueError (the interpreter's
@@ -59,16 +60,27 @@ def parse_json(text: str, max_depth: int = MAX_DEPTH) -> Any:
     return value
 
 
-def read_json_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> Any:
-    """The JSON in `path`, refused without reading it when it is larger than max_bytes; OSError and
-    UnicodeDecodeError become JSONInputError too."""
+def read_text_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """The UTF-8 text of `path`, refused without reading it when it is larger than max_bytes; OSError and
+    UnicodeDecodeError become JSONInputError (the message says which)."""
     try:
         size = path.stat().st_size
         if size > max_bytes:
             raise JSONInputError(f"{size:,} bytes, more than the {max_bytes:,} accepted")
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as error:
         raise JSONInputError(f"cannot read it ({error.strerror or error})") from None
     except UnicodeDecodeError as error:
         raise JSONInputError(f"not UTF-8 text (byte {error.start})") from None
-    return parse_json(text)
+
+
+def read_json_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> Any:
+    """The JSON in `path` (read_text_file, then parse_json)."""
+    return parse_json(read_text_file(path, max_bytes))
+
+
+def check_depth(value: Any, max_depth: int = MAX_DEPTH) -> Any:
+    """`value` (parsed from any format, e.g. TOML), or JSONInputError when lists and tables nest deeper than max_depth."""
+    if _depth(value) > max_depth:
+        raise JSONInputError(f"nested too deeply (at most {max_depth} levels of lists and objects)")
+    return value

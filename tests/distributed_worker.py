@@ -4,8 +4,10 @@
 
 On rank RANK, the RUN-th deepseek model that rank trains (1-based) meets FAULT at its 5th training
 forward pass (step 3, after the untimed warm-up pass): `raise` raises RuntimeError("injected fault"),
-`sigterm` sends the process SIGTERM, as a scheduler killing one rank would, and `nan` returns NaN logits
-(that rank's loss goes non-finite). Every other run is untouched.
+`sigterm` sends the process SIGTERM, as a scheduler killing one rank would, `sigkill` SIGKILL (the
+out-of-memory killer: no chance to say anything), and `nan` returns NaN logits (that rank's loss goes
+non-finite). Every other run is untouched. FAULT `flags:OPTIONS` instead starts rank RANK with OPTIONS
+appended to its command line (RUN is ignored): ranks started with different flags.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ class FailsOnOneRank(FlashAttentionModel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.faulty, self.calls = False, 0
+        if self.embed.weight.is_meta:  # the memory plan's shapes, not a model that trains
+            return
         FailsOnOneRank.built += 1
         self.faulty = int(os.environ.get("RANK", "0")) == self.fail_rank and FailsOnOneRank.built == self.fail_run
-        self.calls = 0
 
     def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None,
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +46,8 @@ class FailsOnOneRank(FlashAttentionModel):
             self.calls += 1
             if self.calls == 5 and self.fault == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)  # the experiment's handler raises RunTerminated right here
+            elif self.calls == 5 and self.fault == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
             elif self.calls == 5 and self.fault == "nan":
                 logits, aux = super().forward(input_ids, caches, last_only)
                 return logits * float("nan"), aux
@@ -52,4 +58,7 @@ class FailsOnOneRank(FlashAttentionModel):
 
 if __name__ == "__main__":
     FailsOnOneRank.fail_rank, FailsOnOneRank.fail_run, FailsOnOneRank.fault = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    sys.exit(main(sys.argv[4:], builders={**MODEL_BUILDERS, "deepseek": FailsOnOneRank}))
+    argv = sys.argv[4:]
+    if FailsOnOneRank.fault.startswith("flags:") and int(os.environ.get("RANK", "0")) == FailsOnOneRank.fail_rank:
+        argv += FailsOnOneRank.fault.removeprefix("flags:").split()
+    sys.exit(main(argv, builders={**MODEL_BUILDERS, "deepseek": FailsOnOneRank}))

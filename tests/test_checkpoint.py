@@ -26,6 +26,7 @@ from exp6_baseline_attention_model import MultiHeadAttention
 from models.transformer import MoELanguageModel
 from training.experiment import run_experiment
 from training.results import RESULTS_FILE
+from training.run_guard import ExperimentFailed
 
 ARM_CLASSES: dict[str, Callable[..., MoELanguageModel]] = arm_builders()  # every arm of the registry
 
@@ -335,8 +336,10 @@ def test_no_save_writes_nothing_and_a_failed_run_saves_nothing(config):
     assert "Models not saved (--no-save)." in lines
 
     failing = config.replace(max_steps=2, eval_every=2, output_dir=str(Path(config.output_dir) / "failing"))
-    results = run_experiment(failing, builders={"baseline": BaselineAttentionModel, "deepseek": DivergingDeepseek},
-                             log=lambda _: None)
+    with pytest.raises(ExperimentFailed):  # deepseek has no completed run: nothing to compare
+        run_experiment(failing, builders={"baseline": BaselineAttentionModel, "deepseek": DivergingDeepseek},
+                       log=lambda _: None)
+    results = json.loads((Path(failing.output_dir) / RESULTS_FILE).read_text())
     assert results["deepseek"]["runs"][0]["status"] == "failed" and results["deepseek"]["runs"][0]["checkpoint"] is None
     assert [path.name for path in (Path(failing.output_dir) / "checkpoints").iterdir()] == [f"baseline-seed{config.seed}"]
 

@@ -286,6 +286,53 @@ def test_a_rank_stopped_by_sigterm_stops_the_job_and_is_named(tmp_path, parallel
     assert written["baseline"]["seeds_completed"][:len(finished)] == finished  # runs of earlier turns are kept
     if parallel == "seeds":
         assert written["deepseek"]["seeds_completed"][:2] == [42, 43]
+        # rank 1's run in progress never reached rank 0, and is listed all the same: stopped, not failed
+        assert written["deepseek"]["seeds_interrupted"] == [45] and written["deepseek"]["seeds_failed"] == []
+        stopped = written["deepseek"]["runs"][-1]
+        assert (stopped["seed"], stopped["rank"]) == (45, 1) and stopped["status"] in ("interrupted", "terminated")
+
+
+@pytest.mark.parametrize("parallel", ["seeds", "data"])
+def test_a_rank_killed_without_a_word_is_named_as_lost(tmp_path, parallel):
+    """SIGKILL (or the out-of-memory killer) leaves no note: torchrun then stops rank 0 with SIGTERM, and rank 0
+    must say that rank 1 was lost, not that it was itself stopped by SIGTERM, and record it."""
+    seeds, run, seed = ((42, 43, 44, 45), 2, 45) if parallel == "seeds" else ((42,), 1, 42)
+    config = tiny_config(tmp_path, seeds=seeds, save_checkpoints=False, sample_tokens=0)
+    result = _fault(tmp_path, config, 1, run, "sigkill", "--parallel", parallel)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: rank 1 was lost without a word during deepseek (seed {seed}) (its process is gone"), result.stderr[-2000:]
+    assert "Stopped by SIGTERM" not in result.stderr
+    written = _results(config)
+    assert written["experiment"]["status"] == "failed"
+    assert written["experiment"]["failure"].startswith(f"rank 1 was lost without a word during deepseek (seed {seed})")
+    lost = next(r for r in written["deepseek"]["runs"] if r["seed"] == seed)
+    assert lost["status"] == "failed" and seed in written["deepseek"]["seeds_failed"]
+
+
+@pytest.mark.parametrize("parallel, common, rank_1, differing", [
+    ("seeds", ["--seeds", "42", "43"], "--seeds 42 44", "seeds (rank 0: [42, 43], rank 1: [42, 44])"),
+    ("data", ["--steps", "4"], "--steps 6", "max_steps (rank 0: 4, rank 1: 6)"),
+])
+def test_ranks_started_with_different_flags_stop_before_any_data(tmp_path, parallel, common, rank_1, differing):
+    config = tiny_config(tmp_path, save_checkpoints=False, sample_tokens=0)
+    run = _fault(tmp_path, config, 1, 0, f"flags:{rank_1}", "--parallel", parallel, *common)
+    assert run.returncode != 0  # torchrun's own code (each rank exited 2)
+    assert "exitcode: 2" in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: the ranks were started with different settings: {differing}; start every rank "
+                      "with the same command line"], run.stderr[-2000:]  # said once, by rank 0, naming the setting
+    assert not (Path(config.output_dir) / RESULTS_FILE).exists()
+    assert not Path(config.cache_dir).exists()  # stopped before any data was loaded
+
+
+def test_config_differences_name_each_setting_with_every_ranks_value():
+    ours = ExperimentConfig(seeds=(42, 43)).to_dict()
+    theirs = {**ours, "max_steps": 6, "seeds": [42, 44]}
+    assert distributed.config_differences([ours, ours]) == []
+    assert distributed.config_differences([ours, theirs, ours]) == [
+        "max_steps (rank 0: 1000, rank 1: 6, rank 2: 1000)", "seeds (rank 0: [42, 43], rank 1: [42, 44], rank 2: [42, 43])"]
 
 
 def _two_ranks_where_rank_1_reports(monkeypatch: pytest.MonkeyPatch, rank_1_failure: Any) -> Distributed:

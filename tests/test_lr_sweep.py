@@ -142,7 +142,7 @@ def test_best_multiplier_ignores_failed_runs_and_breaks_ties_towards_the_smaller
     assert best_multiplier([run(2.0, 2.0), run(0.5, 2.0), run(1.0, 2.0)]) == 0.5  # ties: the smaller
     assert best_multiplier([run(1.0, 3.0), run(4.0, 1.0, "failed")]) == 1.0  # a failed run counts as +inf
     assert best_multiplier([run(1.0, math.nan), run(2.0, 3.0)]) == 2.0
-    assert best_multiplier([run(2.0, None, "failed"), run(1.0, math.inf, "failed")]) == 1.0  # all failed: smallest
+    assert best_multiplier([run(2.0, None, "failed"), run(1.0, math.inf, "failed")]) is None  # all failed: none chosen
     assert best_multiplier([]) is None
 
 

@@ -23,6 +23,7 @@ from training.experiment import MODEL_BUILDERS, ModelBuilder, run_experiment
 from training.optim import build_optimizers, build_schedulers, lr_factor, split_parameters
 from training.plots import LOSS_STEP_PLOT, VAL_TIME_PLOT
 from training.results import RESULTS_FILE
+from training.run_guard import ExperimentFailed
 from training.stats import paired_difference
 from training.trainer import new_run_record, train_model, training_step
 from tests.host_sync import HostSyncDetector, HostSyncError
@@ -144,22 +145,38 @@ class _FailingModel(FlashAttentionModel):
 
 
 def test_nan_at_a_step_fails_that_run_only_and_is_recorded(config):
+    """The NaN fails its run only: the other arm trains and is kept. An arm left with no completed run
+    leaves nothing to compare, so the experiment ends "failed" (a non-zero exit in the CLI)."""
     builders = {**MODEL_BUILDERS, "deepseek": _FailingModel}
     lines: list[str] = []
-    results = run_experiment(config, builders=builders, log=lines.append)
+    with pytest.raises(ExperimentFailed, match="no run of deepseek completed"):
+        run_experiment(config, builders=builders, log=lines.append)
     written = _read_results(config)
     failed = written["deepseek"]["runs"][0]
     assert failed["status"] == "failed" and failed["failed_at_step"] == 3
     assert "non-finite" in failed["failure"]
     assert written["baseline"]["runs"][0]["status"] == "completed"
-    assert written["experiment"]["status"] == "completed"
+    assert written["experiment"]["status"] == "failed" and written["experiment"]["finished_at"] is not None
     assert written["deepseek"]["val_loss"] is None and written["deepseek"]["seeds_failed"] == [config.seed]
     assert any("FAILED" in line for line in lines)
-    assert results["comparison"]["verdict"] == (f"no seed finished for both models; seed {config.seed} excluded: "
+    assert written["comparison"]["verdict"] == (f"no seed finished for both models; seed {config.seed} excluded: "
                                                 "deepseek failed at step 3 (non-finite loss)")
-    assert results["comparison"]["n"] == 0
-    assert results["comparison"]["excluded_seeds"] == [
+    assert written["comparison"]["n"] == 0
+    assert written["comparison"]["excluded_seeds"] == [
         {"seed": config.seed, "reason": "deepseek failed at step 3 (non-finite loss)"}]
+
+
+def test_an_arm_with_one_completed_seed_keeps_the_experiment_completed(config):
+    class FailsFirstSeedOnly(_FailingModel):
+        def __init__(self, config: ExperimentConfig, seed: int | None = None) -> None:
+            super().__init__(config, seed=seed)
+            self.fail_at_call = 5 if seed == 1 else -1
+
+    run_experiment(config.replace(seeds=(1, 2), save_checkpoints=False, sample_tokens=0),
+                   builders={**MODEL_BUILDERS, "deepseek": FailsFirstSeedOnly}, log=lambda line: None)
+    written = _read_results(config)
+    assert written["experiment"]["status"] == "completed"
+    assert written["deepseek"]["seeds_failed"] == [1] and written["deepseek"]["seeds_completed"] == [2]
 
 
 def test_ctrl_c_keeps_what_finished_and_says_where(config):

@@ -12,19 +12,24 @@ system has to be shared. Plain `python exp6_trainer.py` is one process and start
   rank takes its slice of the global batch (shard_batch) and of the validation windows, and the
   gradients and the metrics are averaged over ranks.
 
+Before anything else the ranks compare their resolved configs through torchrun's rendezvous store, so
+ranks started with different flags stop at once with one error naming the settings that differ.
 A rank that fails tells the others (in the seed-parallel exchange, or through the rendezvous store
 under data-parallel, where the others are waiting inside a collective) and the job stops on every rank
-with one message naming it. Every collective has a timeout (--dist-timeout), so no rank waits forever.
+with one message naming it; a rank killed without a word (SIGKILL, the out-of-memory killer) is named
+as lost. Every collective has a timeout (--dist-timeout), so no rank waits forever.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import gc
+import json
 import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -46,7 +51,12 @@ T = TypeVar("T")
 
 
 class RankFailed(RuntimeError):
-    """A rank failed, so every rank stops; the message names the rank and what it was doing."""
+    """A rank failed, so every rank stops; the message names the rank and what it was doing. `lost_rank`:
+    the rank whose process vanished without a word, when that is the failure."""
+
+    def __init__(self, message: str, lost_rank: int | None = None) -> None:
+        super().__init__(message)
+        self.lost_rank = lost_rank
 
 
 class SharedConfigError(ConfigError):
@@ -61,6 +71,7 @@ class Launch:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes of this job on this machine (they share its RAM)
 
     @property
     def several(self) -> bool:
@@ -76,11 +87,13 @@ def launch_from_env(environ: Mapping[str, str] | None = None) -> Launch:
         world_size = int(environ["WORLD_SIZE"])
         rank = int(environ.get("RANK", "0"))
         local_rank = int(environ.get("LOCAL_RANK", str(rank)))
+        local_world_size = int(environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun sets it; other launchers may not
     except ValueError as error:
         raise ConfigError(f"the launcher's RANK/WORLD_SIZE/LOCAL_RANK are not integers ({error}); start with torchrun") from error
-    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
-        raise ConfigError(f"the launcher gave RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank}; start with torchrun")
-    return Launch(rank=rank, world_size=world_size, local_rank=local_rank)
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0 or not 1 <= local_world_size <= world_size:
+        raise ConfigError(f"the launcher gave RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank}, "
+                          f"LOCAL_WORLD_SIZE={local_world_size}; start with torchrun")
+    return Launch(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size)
 
 
 def resolve_parallel(config: ExperimentConfig, world_size: int) -> str:
@@ -125,6 +138,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # ranks on this machine
     mode: str = NONE
     backend: str | None = None
     timeout: dt.timedelta | None = None
@@ -227,6 +241,23 @@ class Distributed:
         except Exception:  # noqa: BLE001 - nothing posted in time, or the store is gone
             return None
 
+    def lost_peers(self) -> list[int]:
+        """The other ranks on this machine whose process is gone without leaving a note: killed by SIGKILL or
+        the out-of-memory killer, or crashed in native code. (Ranks on other machines cannot be seen from here.)"""
+        host = socket.gethostname()
+        return [peer["rank"] for peer in self.devices
+                if peer["rank"] != self.rank and peer.get("host") == host and _process_gone(peer.get("pid"))]
+
+    def lost_peer(self, doing: Mapping[int, str] | None = None) -> tuple[int, str] | None:
+        """(N, 'rank N was lost without a word during X (...)') for the first lost peer (`doing`: rank -> what
+        it was training, when known); None when no peer is lost."""
+        lost = self.lost_peers()
+        if not lost:
+            return None
+        during = f" during {(doing or {})[lost[0]]}" if lost[0] in (doing or {}) else ""
+        return lost[0], (f"rank {lost[0]} was lost without a word{during} (its process is gone: killed by SIGKILL or "
+                         "the out-of-memory killer, or crashed)")
+
     # --- data-parallel training -------------------------------------------------------------------
     def wrap(self, model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
         """The model as this rank trains it: DistributedDataParallel under --parallel data, else itself.
@@ -271,23 +302,86 @@ class Distributed:
 SINGLE = Distributed()
 
 
+def _process_gone(pid: Any) -> bool:
+    """Whether process `pid` has exited (a zombie counts: dead, not yet reaped by torchrun)."""
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _object_group(backend: str, timeout: dt.timedelta) -> Any:
     """A gloo group for object collectives: records stay on the CPU even when the training group is NCCL."""
     return None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
 
 
-def init_distributed(config: ExperimentConfig, launch: Launch, mode: str, device_type: str) -> Distributed:
+def rendezvous(launch: Launch, minutes: float) -> Any:
+    """The store every rank of the job shares (torchrun's rendezvous), reached before any process group exists."""
+    store, _, _ = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size,
+                                       timeout=dt.timedelta(minutes=minutes)))
+    return store
+
+
+def exchange(store: Any, launch: Launch, topic: str, value: str) -> list[str]:
+    """Every rank's `value` for `topic`, in rank order, through the store (no process group needed)."""
+    store.set(f"exp6/{topic}/{launch.rank}", value)
+    return [bytes(store.get(f"exp6/{topic}/{rank}")).decode() for rank in range(launch.world_size)]
+
+
+def config_differences(settings: list[dict[str, Any]]) -> list[str]:
+    """The settings on which some rank differs from rank 0, each with every rank's value, e.g.
+    "max_steps (rank 0: 4, rank 1: 6)"; empty when all ranks agree."""
+    keys = sorted({key for values in settings for key in values})
+    differing = [key for key in keys if any(values.get(key) != settings[0].get(key) for values in settings[1:])]
+    return [f"{key} ({', '.join(f'rank {rank}: {values.get(key)!r:.40}' for rank, values in enumerate(settings))})"
+            for key in differing]
+
+
+def check_same_config(store: Any, launch: Launch, settings: dict[str, Any]) -> None:
+    """Stop every rank, with SharedConfigError naming the settings that differ, unless every rank resolved
+    the same config (its canonical JSON is the fingerprint compared)."""
+    fingerprints = exchange(store, launch, "config", json.dumps(settings, sort_keys=True, default=str))
+    if len(set(fingerprints)) > 1:
+        differences = config_differences([json.loads(text) for text in fingerprints])
+        raise SharedConfigError(f"the ranks were started with different settings: {'; '.join(differences)}; "
+                                "start every rank with the same command line")
+
+
+def agree_before_joining(store: Any, launch: Launch, problem: str | None) -> None:
+    """Share each rank's setup error (None: none) through the store, so that one rank's error stops every
+    rank, named, before any of them waits for the others in the process group."""
+    problems = exchange(store, launch, "setup", json.dumps(problem))
+    for rank, text in enumerate(problems):
+        message = json.loads(text)
+        if message is not None:
+            raise SharedConfigError(f"rank {rank}: {message}" if rank else message)
+
+
+def init_distributed(config: ExperimentConfig, launch: Launch, mode: str, device_type: str,
+                     store: Any = None) -> Distributed:
     """Join the process group when several ranks run (NCCL when they train on CUDA, gloo on the CPU);
     SINGLE otherwise. Each rank's own device is chosen afterwards (on_device), so that a rank without
-    its GPU can say so through agree() rather than leave the others waiting at the rendezvous."""
+    its GPU can say so through agree() rather than leave the others waiting at the rendezvous.
+    `store`: the rendezvous store, when the ranks already met there (rendezvous())."""
     if not launch.several:
         return SINGLE
     backend = "nccl" if device_type == "cuda" else "gloo"
     timeout = dt.timedelta(minutes=config.dist_timeout_minutes)
-    store, rank, world_size = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size,
-                                                   timeout=timeout))
+    rank, world_size = launch.rank, launch.world_size
+    if store is None:
+        store, rank, world_size = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size,
+                                                       timeout=timeout))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    return Distributed(rank=rank, world_size=world_size, local_rank=launch.local_rank, mode=mode, backend=backend,
+    return Distributed(rank=rank, world_size=world_size, local_rank=launch.local_rank,
+                       local_world_size=launch.local_world_size, mode=mode, backend=backend,
                        timeout=timeout, store=store, object_group=_object_group(backend, timeout))
 
 
@@ -297,7 +391,7 @@ def on_device(context: Distributed, device: torch.device) -> Distributed:
     if not context.several:
         return context
     use_cuda_device(device)
-    devices = context.gather({"rank": context.rank, "host": socket.gethostname(), "device": str(device),
+    devices = context.gather({"rank": context.rank, "host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
                               "device_name": device_name(device)})
     return replace(context, devices=devices)
 
@@ -327,7 +421,8 @@ Trained = tuple[dict[str, Any], BaseException | None]  # a job's record, and the
 
 
 def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained],
-             absorb: Callable[[Job, dict[str, Any]], None], fail: Callable[[Job, str], None]) -> None:
+             absorb: Callable[[Job, dict[str, Any]], None], fail: Callable[[Job, str], None],
+             unreported: Callable[[list[Job]], None] | None = None) -> None:
     """Train every job once; `absorb(job, record)` runs on every rank for every record, in job order per turn.
 
     One process or data-parallel: every rank trains every job in order (under data-parallel, together).
@@ -339,33 +434,57 @@ def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained]
     failing rank re-raises its error and the others raise RankFailed(message). Under data-parallel the
     others learn of it through the rendezvous store, since they are waiting in a collective; a rank
     stopped by Ctrl-C or SIGTERM leaves its note there too, and one that loses contact with the others
-    raises RankFailed with the note it finds (or, when a peer vanished without one, says so).
+    raises RankFailed with the note it finds (or, when a peer vanished without one, says so: a peer on
+    this machine whose process is gone was lost without a word).
+
+    Seed-parallel: when this rank stops (Ctrl-C, SIGTERM, a lost peer) in the middle of a turn,
+    `unreported(jobs)` first receives the other ranks' jobs of that turn, whose records never arrived, so
+    that rank 0 can list them as interrupted rather than leave them out.
     """
     if not dist.seed_parallel:
         for job in jobs:
             record, error = _train_noting_stops(dist, train, job)
             if error is not None:
                 own = _failure_message(dist, job, error)
-                # a peer that failed first has left its note (give it a moment): this rank's error is its consequence
-                standing = (dist.failure_note(FAILURE_NOTE_WAIT_S) or dist.post_failure(own)) if dist.several else own
+                # a peer that failed first has left its note (give it a moment), or vanished without one:
+                # this rank's error (a collective that lost its peer) is its consequence
+                standing, lost = own, None
+                if dist.several:
+                    note = dist.failure_note()
+                    lost = None if note else dist.lost_peer(dict.fromkeys(range(dist.world_size), job.label))
+                    standing = (note or (lost[1] if lost else None) or dist.failure_note(FAILURE_NOTE_WAIT_S)
+                                or dist.post_failure(own))
                 if standing != own:  # a peer failed first: this rank's error is its consequence
                     record["failure"] = standing
                 absorb(job, record)
                 fail(job, standing)
                 if standing == own:
                     raise error
-                raise RankFailed(standing)
+                raise RankFailed(standing, lost[0] if lost and standing == lost[1] else None)
             absorb(job, record)
         return
     mine = [job for job in jobs if job.owner == dist.rank]
     turns = max(sum(1 for job in jobs if job.owner == rank) for rank in range(dist.world_size))
+    owned = [[job for job in jobs if job.owner == rank] for rank in range(dist.world_size)]
     for turn in range(turns):
         current = mine[turn] if turn < len(mine) else None
-        record, error = _train_noting_stops(dist, train, current) if current is not None else ({}, None)
+        others = {rank: their[turn] for rank, their in enumerate(owned) if rank != dist.rank and turn < len(their)}
+        try:
+            record, error = _train_noting_stops(dist, train, current) if current is not None else ({}, None)
+        except KeyboardInterrupt:
+            if unreported is not None:
+                unreported(list(others.values()))
+            raise
         message = None if current is None or error is None else _failure_message(dist, current, error)
         try:
             shared = dist.gather((current.index if current is not None else None, record, message))
         except Exception as lost:  # noqa: BLE001 - a peer died or was stopped: say which, if it left word
+            if unreported is not None:
+                unreported(list(others.values()))
+            if note := dist.failure_note():
+                raise RankFailed(note) from lost
+            if vanished := dist.lost_peer({rank: job.label for rank, job in others.items()}):
+                raise RankFailed(vanished[1], vanished[0]) from lost
             raise RankFailed(dist.failure_note(FAILURE_NOTE_WAIT_S) or f"rank {dist.rank} lost contact with the other "
                              f"ranks after turn {turn + 1} ({type(lost).__name__}: {str(lost)[:200]})") from lost
         for index, their_record, _ in shared:

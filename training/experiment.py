@@ -1,8 +1,12 @@
 """The whole experiment: check the setup, load data, train every arm (config.arms) per seed, write results.
 
-Results are written atomically after every model run, so a failure or Ctrl-C later on keeps what
-finished; a non-finite loss fails that run only and the experiment goes on. Under torchrun the runs
-are shared out over the ranks (training/distributed.py) and rank 0 writes the same results.
+Results are written atomically the moment each model's training ends (its greedy sample and saved
+model come after, and their failure is recorded, never fatal), so a failure or Ctrl-C later on keeps
+what finished; a second Ctrl-C cannot cut a save short, and a save that fails (disk full) prints the
+results instead. A non-finite loss fails that run only and the experiment goes on; an arm left with no
+completed run makes the experiment "failed". Before anything is allocated the run's memory is
+estimated and refused when the machine cannot hold it. Under torchrun the runs are shared out over
+the ranks (training/distributed.py) and rank 0 writes the same results.
 """
 
 from __future__ import annotations
@@ -12,33 +16,40 @@ import dataclasses
 import datetime as dt
 import hashlib
 import importlib.metadata
+import json
 import platform
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from data.dataset import TokenData, exposure_line, exposure_report, prepare_data, validation_windows
 from data.sources import check_local_path
 from data.tokenizer import TOKENIZER_FILE, save_tokenizer
-from experiment_config import ConfigError, ExperimentConfig
+from atomic_files import atomic_directory
+from experiment_config import MAX_DIST_TIMEOUT_MINUTES, ConfigError, ExperimentConfig
 from hardware import BF16, cuda_capability, device_name, precision_label, release_memory, resolve_device, resolve_precision
 from inference.generate import cache_mode_for, generate_text
 from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_import_error, flash_attn_unusable
 from models.checkpoint import ModelBuilder, arm_builders, run_checkpoint_dir, save_checkpoint
 from models.costs import cost_report
+from models.memory import check_fits
 from models.transformer import MoELanguageModel
-from reporting import write_json_atomic
+from reporting import json_safe, write_json_atomic
 from training.lr_sweep import run_lr_sweep, scaled_lrs, untuned
 from training.plots import plot_results
 from arms import ordered_arms
+from training.memory_plan import ADVICE, experiment_memory
 from training.metrics_log import MetricsLog, check_loggers
 from training.results import RESULTS_FILE, STOPPED_STATUSES, check_writable, comparison, format_table, summarise_model
 from training.resume import finished_runs, prepare_output_dir, resume_config
-from training.distributed import (Distributed, Job, RankFailed, SharedConfigError, Trained, init_distributed,
-                                  launch_from_env, on_device, resolve_parallel, run_jobs, shutdown)
-from training.run_guard import output_dir_lock, sigterm_raises_run_terminated, stop_status
+from training.distributed import (NONE, Distributed, Job, RankFailed, Trained, agree_before_joining, check_same_config,
+                                  init_distributed, launch_from_env, on_device, rendezvous, resolve_parallel, run_jobs,
+                                  shutdown)
+from training.run_guard import (ExperimentFailed, SaveFailed, output_dir_lock, sigterm_raises_run_terminated,
+                                signals_deferred, stop_status)
 from training.train_state import TrainingState, state_path
 from training.trainer import NonFiniteLoss, check_cuda_graph, new_run_record, step_mode_label, train_model
 
@@ -46,9 +57,11 @@ MODEL_BUILDERS: dict[str, ModelBuilder] = arm_builders()
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def preflight(config: ExperimentConfig, local_rank: int | None = None) -> torch.device:
+def preflight(config: ExperimentConfig, local_rank: int | None = None,
+              builders: dict[str, ModelBuilder] | None = None, batch_shards: int = 1, processes: int = 1) -> torch.device:
     """Every check that can fail before any data is loaded or any step is trained (`local_rank`: this
-    process's rank on its node, under torchrun)."""
+    process's rank on its node, under torchrun), the memory estimate included: `batch_shards` ranks share
+    each batch (data-parallel), `processes` ranks share this machine's RAM."""
     config.validate()
     device = resolve_device(config, local_rank)
     check_flash_attn(config, device)
@@ -60,6 +73,7 @@ def preflight(config: ExperimentConfig, local_rank: int | None = None) -> torch.
     if config.data_path:
         check_local_path(config.data_path)
     check_loggers(config)
+    check_fits(experiment_memory(config, builders or MODEL_BUILDERS, batch_shards), device, ADVICE, processes)
     try:
         check_writable(Path(config.output_dir))
     except OSError as error:
@@ -156,22 +170,38 @@ def validation_line(config: ExperimentConfig, data: TokenData, n_val_windows: in
 def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
                         config: ExperimentConfig) -> None:
     """Save a completed run's model, config and tokenizer to OUTPUT_DIR/checkpoints/<name>-seed<seed>/ and
-    note it in `record["checkpoint"]`. A failure is recorded (`checkpoint_error`, with `checkpoint_directory`),
-    never raised: the run's results matter more than its weights."""
+    note it in `record["checkpoint"]`. The folder appears whole or not at all (built beside it, then renamed).
+    A failure is recorded (`checkpoint_error`, with `checkpoint_directory`), never raised: the run's results
+    matter more than its weights."""
     directory = run_checkpoint_dir(Path(config.output_dir), name, seed)
     try:
-        # a Hub tokenizer that is not in the local cache is saved as its name alone
-        tokenizer = save_tokenizer(data.tokenizer or config.tokenizer_name, directory)
-        extra = {"seed": seed, "tokenizer": tokenizer, "data": data.info.get("corpus_description"),
-                 **{key: record.get(key) for key in ("val_loss", "val_accuracy", "val_perplexity", "tokens_seen", "precision")}}
-        saved = save_checkpoint(model, name, directory, extra)
-        files = dict(saved["files"])
-        if "file" in tokenizer:
-            files[TOKENIZER_FILE] = (directory / TOKENIZER_FILE).stat().st_size
+        with atomic_directory(directory) as staging:  # a save cut short leaves no half folder
+            # a Hub tokenizer that is not in the local cache is saved as its name alone
+            tokenizer = save_tokenizer(data.tokenizer or config.tokenizer_name, staging)
+            extra = {"seed": seed, "tokenizer": tokenizer, "data": data.info.get("corpus_description"),
+                     **{key: record.get(key) for key in ("val_loss", "val_accuracy", "val_perplexity", "tokens_seen", "precision")}}
+            saved = save_checkpoint(model, name, staging, extra)
+            files = dict(saved["files"])
+            if "file" in tokenizer:
+                files[TOKENIZER_FILE] = (staging / TOKENIZER_FILE).stat().st_size
     except Exception as error:  # noqa: BLE001 - disk full, permissions, ...: keep the results, say so, go on
         record.update(checkpoint_error=f"{type(error).__name__}: {error}", checkpoint_directory=str(directory))
         return
     record["checkpoint"] = {"directory": str(directory), "bytes": sum(files.values()), "files": files}
+
+
+def add_extras(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
+               config: ExperimentConfig, device: torch.device) -> None:
+    """The greedy sample and the saved model of a completed run, after its record is saved: a failure in
+    either is recorded in the run (`sample_error`, `checkpoint_error`) and never drops the run or stops
+    the experiment."""
+    if config.sample_tokens > 0:
+        try:
+            record["sample"] = greedy_sample(model, data, config, device)
+        except Exception as error:  # noqa: BLE001 - out of memory, a tokenizer problem, ...: the run stands
+            record["sample_error"] = f"{type(error).__name__}: {error}"
+    if config.save_checkpoints:
+        save_run_checkpoint(model, name, seed, record, data, config)
 
 
 def greedy_sample(model: MoELanguageModel, data: TokenData, config: ExperimentConfig,
@@ -196,7 +226,12 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
     """
     builders = builders or MODEL_BUILDERS
     launch = launch_from_env()
-    try:  # follows from the config and the world size alone: every rank raises it alike
+    store = None
+    if launch.several:  # the ranks meet in torchrun's store first: same settings everywhere, or every rank stops
+        store = rendezvous(launch, join_minutes(config))
+        check_same_config(store, launch, config.to_dict())
+    problem, mode, device_type = None, NONE, "cpu"
+    try:  # follows from the config and the machine: shared through the store, so rank 0 can say it
         config.validate()
         mode = resolve_parallel(config, launch.world_size)
         if config.cuda_graph and mode == "data":
@@ -207,15 +242,32 @@ def run_experiment(config: ExperimentConfig, builders: dict[str, ModelBuilder] |
             raise ConfigError(f"--arms {' '.join(config.arms)}: no model class for {', '.join(missing)}")
         device_type = resolve_device(config).type  # cuda or cpu; each rank's own GPU is chosen after joining
     except ConfigError as error:
-        raise (SharedConfigError(str(error)) if launch.several else error) from None
-    dist = init_distributed(config, launch, mode, device_type)
+        if not launch.several:
+            raise
+        problem = str(error)
+    if launch.several:
+        agree_before_joining(store, launch, problem)
+    dist = init_distributed(config, launch, mode, device_type, store)
     try:
         # every check that can fail on one rank alone (its GPU, its folders) is agreed, so rank 0 can say it
-        device = dist.agree(lambda: preflight(config, dist.local_rank if dist.several else None))
+        shards = dist.world_size if dist.data_parallel else 1
+        device = dist.agree(lambda: preflight(config, dist.local_rank if dist.several else None, builders, shards,
+                                              dist.local_world_size))
         dist = on_device(dist, device)
         return _run(config, builders, log if dist.is_main else _quiet, dist, device, resume, overwrite)
     finally:
-        shutdown(dist)
+        # already stopping (an error on its way to the CLI's one line): a late SIGTERM, e.g. torchrun stopping
+        # every rank once one has died, must not kill the process before that line is printed
+        with signals_deferred(redeliver=sys.exc_info()[1] is None):
+            shutdown(dist)
+
+
+def join_minutes(config: ExperimentConfig) -> float:
+    """How long the ranks wait for each other at the rendezvous: --dist-timeout when it is valid (else the
+    default; the error is reported once the ranks have met)."""
+    minutes = config.dist_timeout_minutes
+    valid = isinstance(minutes, (int, float)) and 0 < minutes <= MAX_DIST_TIMEOUT_MINUTES
+    return float(minutes) if valid else ExperimentConfig.dist_timeout_minutes
 
 
 def check_vocab_size(config: ExperimentConfig, data: TokenData) -> None:
@@ -265,6 +317,9 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
         dist.agree(lambda: _same_data_everywhere(data, dist))
         dist.agree(lambda: check_vocab_size(config, data))
         config = config.replace(vocab_size=config.vocab_size or data.vocab_size)
+        # planned before the tokenizer existed: checked again at its real vocabulary
+        dist.agree(lambda: check_fits(experiment_memory(config, builders, dist.world_size if dist.data_parallel else 1),
+                                      device, ADVICE, dist.local_world_size))
         results_path = output_dir / RESULTS_FILE
 
         header = _experiment_header(config, data, device, dist)
@@ -295,6 +350,7 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
                                             if previous and (previous.get(name) or {}).get("costs")}
         results: dict[str, Any] = {"experiment": header, "lr_sweep": untuned()}
         arm_configs: dict[str, ExperimentConfig] = {}  # --lr-sweep: each arm's config at its tuned LRs
+        started: dict[int, str] = {}  # rank -> the run it started last (this rank's; every rank's under data-parallel)
         metrics = MetricsLog(config, output_dir) if dist.is_main else None  # only rank 0 logs
 
         def runs_of(name: str) -> list[dict[str, Any]]:
@@ -309,7 +365,31 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
             results["comparison"] = comparison(runs, {name: results[name] for name in arms})
             header["status"] = status
             header["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if status != "running" else None
-            write_json_atomic(results_path, results)
+            try:
+                # a Ctrl-C (or SIGTERM) now waits for the file: a save is never cut short
+                with signals_deferred(redeliver=status == "running"):
+                    write_json_atomic(results_path, results)
+            except OSError as error:  # disk full, folder gone: the results go to the terminal instead
+                log(json.dumps(json_safe(results), indent=2))
+                message = (f"cannot write the results to {results_path} ({error.strerror or error}); the results so far "
+                           "are printed above as JSON: free some space or choose another --output-dir")
+                dist.post_failure(f"rank {dist.rank} failed: {message}")
+                raise SaveFailed(message) from None
+
+        def unreported(jobs: list[Job]) -> None:
+            """Other ranks' runs in progress when this rank stopped: listed, so that a stop names them."""
+            for job in jobs:
+                records.setdefault((job.name, job.seed), unreported_run(job))
+
+        def mark_unfinished(status: str, lost: set[int], lost_message: str | None = None) -> None:
+            """Give every run still running its final status; one on a lost rank failed with it."""
+            for record in records.values():
+                if record["status"] != "running":
+                    continue
+                if lost_message and (record.get("rank") in lost or lost and record.get("rank") is None):
+                    record.update(status="failed", failure=lost_message)
+                else:
+                    record["status"] = status
 
         def training_state(job: Job) -> TrainingState:
             return TrainingState(state_path(output_dir, job.name, job.seed), resume=previous is not None)
@@ -328,6 +408,7 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
 
         def train(job: Job) -> Trained:
             name, seed = job.name, job.seed
+            started.update(dict.fromkeys(range(dist.world_size) if dist.data_parallel else [dist.rank], job.label))
             model = builders[name](config, seed=seed)
             if dist.is_main and name not in costs:  # once per arm, not per seed: the report builds and measures a cache
                 costs[name] = cost_report(model)
@@ -349,10 +430,9 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
                 if run_log is not None:
                     run_log.close()
             writes = dist.is_main or not dist.data_parallel  # under data-parallel every rank holds the same model
-            if record["status"] == "completed" and config.sample_tokens > 0 and writes:
-                record["sample"] = greedy_sample(model, data, config, device)
-            if config.save_checkpoints and record["status"] == "completed" and writes:
-                save_run_checkpoint(model, name, seed, record, data, config)
+            if record["status"] == "completed" and writes:
+                save("running")  # the run is on disk the moment its training ends, before the extras below
+                add_extras(model, name, seed, record, data, config, device)
             del model
             release_memory(device)
             return record, None
@@ -379,6 +459,32 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
             elif message.startswith(f"rank {dist.rank} "):  # rank 0's own run: its traceback follows
                 log(f"{message}; every rank stops, and {saved_so_far()}")
 
+        def record_stop(stop: KeyboardInterrupt) -> None:
+            """Ctrl-C or SIGTERM: give the runs in progress their status and save; RankFailed when the stop
+            came from another rank's failure (its note), or from a rank lost without a word."""
+            status = stop_status(stop)  # "interrupted" or "terminated"; the run in progress is that, not failed
+            cause = dist.failure_note() if dist.several else None  # another rank failed or was stopped first
+            lost: set[int] = set()
+            if dist.several and (cause is None or cause.startswith(f"rank {dist.rank} ")):
+                # torchrun stops every rank when one died; one that left no note was lost without a word
+                if vanished := dist.lost_peer({**started, **runs_in_progress(records.values(), dist.world_size)}):
+                    lost, cause = {vanished[0]}, vanished[1]
+            mark_unfinished(status, lost, cause)
+            if cause and not cause.startswith(f"rank {dist.rank} "):
+                header["failure"] = cause
+                save("failed" if lost else status)
+                raise RankFailed(f"{cause}; every rank stopped, and {saved_so_far()}")
+            save(status)
+            what = "Terminated by SIGTERM" if status == "terminated" else "Interrupted"
+            log(f"{what}: {saved_so_far()}")
+
+        def record_rank_failure(failure: RankFailed) -> None:
+            """Another rank crashed, was stopped or vanished: runs it cut short are interrupted, those of a rank
+            lost without a word failed; the experiment failed."""
+            mark_unfinished("interrupted", set() if failure.lost_rank is None else {failure.lost_rank}, str(failure))
+            header["failure"] = str(failure)
+            save("failed")
+
         try:
             save("running")  # the settings are on disk from the start: a run killed before its first result can resume
             if config.lr_sweep:
@@ -390,30 +496,30 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
                     arm_configs = run_lr_sweep(config, data, device, builders, results["lr_sweep"], save, log, dist)
             header["arm_order"] = {str(seed): seed_arm_order(config.arms, index) for index, seed in enumerate(config.run_seeds)}
             jobs = [job for job in comparison_jobs(config, dist) if (job.name, job.seed) not in kept]
-            run_jobs(dist, [dataclasses.replace(job, index=index) for index, job in enumerate(jobs)], train, absorb, fail)
+            run_jobs(dist, [dataclasses.replace(job, index=index) for index, job in enumerate(jobs)], train, absorb, fail,
+                     unreported)
         except KeyboardInterrupt as stop:  # Ctrl-C, or RunTerminated from SIGTERM
-            status = stop_status(stop)  # "interrupted" or "terminated"; the run in progress is that, not failed
-            for record in records.values():
-                if record["status"] == "running":
-                    record["status"] = status
-            cause = dist.failure_note() if dist.several else None  # another rank failed or was stopped first
-            if cause and not cause.startswith(f"rank {dist.rank} "):
-                header["failure"] = cause
-                save(status)
-                raise RankFailed(f"{cause}; every rank stopped, and {saved_so_far()}") from None
-            save(status)
-            what = "Terminated by SIGTERM" if status == "terminated" else "Interrupted"
-            log(f"{what}: {saved_so_far()}")
+            with signals_deferred(redeliver=False):  # stopping already: a second Ctrl-C waits until it is recorded
+                record_stop(stop)
             raise
-        except RankFailed as failure:  # another rank crashed, was stopped or vanished
-            header["failure"] = str(failure)
-            save("failed")
+        except RankFailed as failure:
+            with signals_deferred(redeliver=False):
+                record_rank_failure(failure)
             raise RankFailed(f"{failure}; every rank stopped, and {saved_so_far()}") from None
 
-        save("completed")
+        unfinished = [name for name in arms if not any(record["status"] == "completed" for record in runs_of(name))]
+        if unfinished:
+            header["failure"] = f"no run of {', '.join(unfinished)} completed: nothing to compare"
+        save("failed" if unfinished else "completed")
         if not dist.is_main:
+            if unfinished:
+                raise ExperimentFailed(header["failure"])
             return results
-        plots = plot_results(results, output_dir)
+        try:
+            plots = plot_results(results, output_dir)
+        except Exception as error:  # noqa: BLE001 - the results are saved; a plot that fails is said, not fatal
+            plots = []
+            log(f"Plots not drawn ({type(error).__name__}: {error}); the results are in {results_path}")
         log("\n" + format_table(results))
         if config.lr_sweep:
             tuned = results["lr_sweep"]["arms"]
@@ -423,12 +529,14 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
                 for name in config.arms if name in tuned))
         else:
             log(f"LR: {untuned()['note']}.")
-        log(f"Results: {results_path}; plots: {', '.join(str(p) for p in plots)}")
-        saved = [record["checkpoint"]["directory"] for name in arms for record in runs_of(name) if record["checkpoint"]]
+        log(f"Results: {results_path}; plots: {', '.join(str(p) for p in plots) or 'none'}")
+        saved = [record["checkpoint"]["directory"] for name in arms for record in runs_of(name) if record.get("checkpoint")]
         if saved:
             log(f"Models saved: {', '.join(saved)}")
         elif not config.save_checkpoints:
             log("Models not saved (--no-save).")
+        if unfinished:
+            raise ExperimentFailed(f"{header['failure']} (see seeds_failed in {results_path})")
         return results
 
 
@@ -470,6 +578,25 @@ def comparison_jobs(config: ExperimentConfig, dist: Distributed) -> list[Job]:
     return jobs
 
 
+def runs_in_progress(records: Iterable[dict[str, Any]], world_size: int) -> dict[int, str]:
+    """rank -> the run it was training, from the records still running (a data-parallel run, rank None, is every rank's)."""
+    doing: dict[int, str] = {}
+    for record in records:
+        if record["status"] == "running":
+            label = f"{record['model_name']} (seed {record['seed']})"
+            ranks = range(world_size) if record.get("rank") is None else [record["rank"]]
+            doing.update(dict.fromkeys(ranks, label))
+    return doing
+
+
+def unreported_run(job: Job) -> dict[str, Any]:
+    """The record rank 0 keeps of another rank's run whose own record never arrived (the job stopped first)."""
+    return {"model_name": job.name, "seed": job.seed, "status": "running", "rank": job.owner, "world_size": 1,
+            "val_loss": None, "val_accuracy": None, "val_perplexity": None, "checkpoint": None,
+            "note": f"trained on rank {job.owner}; the job stopped before its record reached rank 0",
+            "curve": {key: [] for key in ("step", "training_seconds", "tokens_seen", "train_loss", "val_loss", "val_accuracy")}}
+
+
 def run_placement(dist: Distributed) -> dict[str, Any]:
     """Where a run was trained, for its record: the rank (None: all ranks, under data-parallel) and how many ranks."""
     if dist.data_parallel:
@@ -489,6 +616,9 @@ def run_lines(job: Job, record: dict[str, Any], dist: Distributed) -> list[str]:
                      "(a nondeterministic kernel?); rank 0's model is the one evaluated and saved.")
     if record.get("sample"):
         lines.append(f"{job.label} greedy sample: {record['sample']['prompt']}{record['sample']['text']!r}")
+    if record.get("sample_error"):
+        lines.append(f"{job.label}: its greedy sample FAILED ({record['sample_error']}); its results are kept and the "
+                     "experiment goes on.")
     if record.get("checkpoint"):
         lines.append(f"{job.label}: model saved to {record['checkpoint']['directory']} "
                      f"({record['checkpoint']['bytes'] / 1e6:.1f} MB)")

@@ -12,6 +12,8 @@ as failed and counts as +inf: its training loss went non-finite, or its final tu
 untrained model's (the step-0 evaluation), e.g. 700 against ln(vocab) after a far too large LR; the main
 comparison then trains each arm at its tuned LRs. A choice at the smallest or largest multiplier may not be
 the best LR at all: it is flagged (log, JSON, plot) with EDGE_NOTE.
+When every multiplier of an arm diverged there is nothing to choose: the sweep is saved, the experiment
+ends "failed" and the error says so (ConfigError, exit 2), rather than train at a diverged LR.
 
 Sweep runs save no model and no greedy sample. The sweep is recorded under the results' `lr_sweep` key as
 it goes, so an interrupted sweep keeps the runs that finished.
@@ -25,11 +27,11 @@ from typing import Any, Callable
 import torch
 
 from data.dataset import TokenData
-from experiment_config import ExperimentConfig
+from experiment_config import ConfigError, ExperimentConfig
 from hardware import release_memory
 from models.checkpoint import ModelBuilder
 from reporting import fmt
-from training.distributed import SINGLE, Distributed, Job, Trained, run_jobs
+from training.distributed import SINGLE, Distributed, Job, SharedConfigError, Trained, run_jobs
 from training.run_guard import stop_status
 from training.trainer import NonFiniteLoss, new_run_record, train_model
 
@@ -60,15 +62,16 @@ def untuned() -> dict[str, Any]:
 
 
 def best_multiplier(runs: list[dict[str, Any]]) -> float | None:
-    """The multiplier of the lowest tuning-set loss among `runs` (failed or missing losses count as +inf;
-    ties: the smaller multiplier); None for no runs."""
-    def key(run: dict[str, Any]) -> tuple[float, float]:
-        loss = run.get("tuning_loss")
-        if run.get("status") != COMPLETED or not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            loss = math.inf
-        return (float(loss), float(run["multiplier"]))
+    """The multiplier of the lowest tuning-set loss among the completed `runs` (ties: the smaller multiplier);
+    None when none completed with a finite loss: a diverged run is never chosen."""
+    def loss(run: dict[str, Any]) -> float:
+        value = run.get("tuning_loss")
+        if run.get("status") != COMPLETED or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return math.inf
+        return float(value)
 
-    return min(runs, key=key)["multiplier"] if runs else None
+    usable = [run for run in runs if math.isfinite(loss(run))]
+    return min(usable, key=lambda run: (loss(run), float(run["multiplier"])))["multiplier"] if usable else None
 
 
 def at_grid_edge(best: float, multipliers: tuple[float, ...]) -> bool:
@@ -157,15 +160,22 @@ def run_lr_sweep(config: ExperimentConfig, data: TokenData, device: torch.device
 
     run_jobs(dist, sweep_jobs(config, dist.world_size), train, absorb, fail)
 
+    diverged = [name for name in config.arms if best_multiplier(sweep["arms"][name]["runs"]) is None]
+    if diverged:  # nothing to choose from: the README promises a diverged multiplier is never chosen
+        for name in diverged:
+            sweep["arms"][name]["note"] = "every sweep run diverged: no multiplier chosen"
+        save("failed")
+        message = (f"--lr-sweep: every multiplier ({' '.join(f'{m:g}' for m in config.lr_sweep_multipliers)}) diverged "
+                   f"for {', '.join(diverged)}, so no learning rate can be chosen; try smaller multipliers (e.g. "
+                   "--lr-sweep 0.25 0.5 1) or a lower muon_lr/adamw_lr")
+        raise SharedConfigError(message) if dist.several else ConfigError(message)
     tuned: dict[str, ExperimentConfig] = {}
     for name in config.arms:
         entry = sweep["arms"][name]
         best = best_multiplier(entry["runs"])
-        assert best is not None  # lr_sweep_multipliers is never empty (validated)
+        assert best is not None  # every arm has a completed run (checked above)
         arm_config = scaled_lrs(config, best)
         entry.update(best_multiplier=best, muon_lr=arm_config.muon_lr, adamw_lr=arm_config.adamw_lr)
-        if all(run["status"] != COMPLETED for run in entry["runs"]):
-            entry["note"] = "every sweep run failed: the smallest multiplier is used"
         tuned[name] = arm_config
         entry["at_grid_edge"] = at_grid_edge(best, config.lr_sweep_multipliers)
         if entry["at_grid_edge"]:
