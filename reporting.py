@@ -1,12 +1,15 @@
 """What the experiment and both benchmarks share to report results: strict JSON written whole or not
-at all, plain-text tables, and measurement rows that turn a failure into an error row."""
+at all (to an --output checked before the first row), plain-text tables, and measurement rows that
+turn a failure into an error row."""
 
 from __future__ import annotations
 
 import gc
 import json
 import math
+import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from atomic_files import write_atomic
+from experiment_config import ConfigError
 from hardware import release_memory
 
 
@@ -26,6 +30,28 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def check_output_file(text: str, flag: str = "--output") -> Path:
+    """The JSON file a benchmark will write, checked before the first row: a .json name (a plot may go
+    beside it as .png, so a .png name would be overwritten), not a folder, not a read-only file, in a
+    folder that can be created and written. ConfigError naming the flag otherwise."""
+    path = Path(text)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {text}: is a folder; name a .json file in it")
+    if path.suffix.lower() != ".json":
+        raise ConfigError(f"{flag} {text}: must name a .json file (e.g. results.json); "
+                          "a plot may be written beside it as .png")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {text}: the file is read-only; choose another --output")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{flag} {text}: cannot write in {path.parent} ({error.strerror or error}); "
+                          "choose another --output") from None
+    return path
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

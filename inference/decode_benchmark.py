@@ -43,15 +43,18 @@ import torch
 
 from arms import ARMS, arm_color
 from atomic_files import write_atomic
-from experiment_config import PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
+from cli_values import check_parsed_values
+from experiment_config import MAX_SEED, PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
 from hardware import (BF16, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
                       resolve_device as experiment_device, resolve_precision, synchronize)
 from models.attention import KVCache
 from models.attention_ops import CACHED_ATTENTION_BACKENDS
 from models.checkpoint import arm_builders, load_checkpoint
+from models.memory import (MemoryNeed, check_fits, decode_cache_bytes, inference_activation_bytes, parameter_count,
+                           shape_only_model)
 from models.transformer import MoELanguageModel
 from inference.transformers_mla import TRANSFORMERS_MODE, with_transformers_attention
-from reporting import fmt, guarded, release, render_table, write_json_atomic
+from reporting import check_output_file, fmt, guarded, release, render_table, write_json_atomic
 
 DEFAULT_OUTPUT = "benchmark_results/decode_benchmark.json"
 FULL_VOCAB_SIZE = 49152  # the SmolLM tokenizer the full experiment uses
@@ -63,6 +66,7 @@ CPU_BATCH_SIZES = (1, 4)
 CUDA_NEW_TOKENS = 128
 CPU_NEW_TOKENS = 32
 DEFAULT_BUDGET_GB = 24.0  # an RTX 4090
+MAX_BUDGET_GB = 1e6  # a petabyte: far above any machine, far below where GiB -> bytes overflows a float
 WARMUP_CONTEXT, WARMUP_TOKENS = 8, 2  # the untimed warm-up decode before each row
 # MHA; MLA with per-head K/V, with DeepSeek's absorbed latent cache, and through transformers' own module
 MODE_ORDER = ("kv", "expanded", "latent", TRANSFORMERS_MODE)
@@ -129,14 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default=DEFAULT_OUTPUT,
                         help=f"JSON file to write; the PNG goes beside it (default {DEFAULT_OUTPUT})")
     return parser
-
-
-def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
-    """The experiment's own device rules; a bad name exits with its one-line error."""
-    try:
-        return experiment_device(ExperimentConfig(device=name).validate())
-    except ConfigError as error:
-        parser.error(str(error))
 
 
 def attention_label(arm: str, mode: str) -> str:
@@ -239,7 +235,7 @@ def benchmark_row(bench: BenchModel, mode: str, context: int, batch: int, new_to
     model = bench.model
     vocab = model.config.vocab_size
     assert vocab is not None  # a built model always has one
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + context * 1_009 + batch)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + context * 1_009 + batch) % 2**64)
     prompt = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
     greedy_decode(model, prompt[:, : min(context, WARMUP_CONTEXT)], WARMUP_TOKENS, mode, device, precision)
 
@@ -459,28 +455,86 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ run
 
-def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
-    """Parse the arguments, run every row, print the table, write the JSON and the PNG; return the results."""
-    parser = build_parser()
-    args = parser.parse_args(args_list)
-    device = resolve_device(args.device, parser)
+@dataclass
+class DecodePlan:
+    """Everything the benchmark will do, checked before the first row (and before random weights are drawn)."""
+
+    args: argparse.Namespace
+    device: torch.device
+    contexts: list[int]
+    batch_sizes: list[int]
+    new_tokens: int
+    small: bool
+    config: ExperimentConfig
+    precision: str
+    output: Path
+    checkpoints: list[BenchModel]  # the --checkpoint models, loaded; empty: random weights at `config`
+
+
+def decode_memory(models: list[MoELanguageModel], contexts: list[int], batch_sizes: list[int],
+                  new_tokens: int) -> MemoryNeed:
+    """Every model's weights (all are held at once; an MLA model twice, for its transformers twin) and the
+    largest row: its prompt, the prefill's activations, the caches for context + new tokens (transformers'
+    MLA cache is the expanded one), and the tokens fed back."""
+    context, batch = max(contexts), max(batch_sizes)
+    weights = sum(parameter_count(model) * next(model.parameters()).element_size()
+                  * (2 if "latent" in model.cache_modes() else 1) for model in models)
+    row = max(batch * context * 8 + inference_activation_bytes(model, batch, context) + 2 * batch * new_tokens * 8
+              + decode_cache_bytes(model, mode, context + new_tokens, batch)
+              for model in models for mode in model.cache_modes())
+    rows = sum(len(model.cache_modes()) for model in models) * len(contexts) * len(batch_sizes)
+    return MemoryNeed(device={"weights": weights, "largest row (prompt, prefill, KV cache)": row},
+                      host={"step timings": rows * new_tokens * 64})
+
+
+def plan_benchmark(args: argparse.Namespace) -> DecodePlan:
+    """Check every argument and the memory the largest row needs; ConfigError naming the flag otherwise."""
+    check_parsed_values(args)  # integers in int64, floats finite, text non-empty: every flag
+    device = experiment_device(ExperimentConfig(device=args.device).validate())
     on_cuda = device.type == "cuda"
     contexts = list(args.contexts or (CUDA_CONTEXTS if on_cuda else CPU_CONTEXTS))
     batch_sizes = list(args.batch_sizes or (CUDA_BATCH_SIZES if on_cuda else CPU_BATCH_SIZES))
     new_tokens = args.new_tokens if args.new_tokens is not None else (CUDA_NEW_TOKENS if on_cuda else CPU_NEW_TOKENS)
     if min(contexts) < 1 or min(batch_sizes) < 1 or new_tokens < 1:
-        parser.error("--contexts, --batch-sizes and --new-tokens must all be at least 1")
-    if not args.memory_budget_gb > 0:
-        parser.error("--memory-budget-gb must be positive")
+        raise ConfigError("--contexts, --batch-sizes and --new-tokens must all be at least 1")
+    if not 0 < args.memory_budget_gb <= MAX_BUDGET_GB:
+        raise ConfigError(f"--memory-budget-gb {args.memory_budget_gb}: must be positive and at most {MAX_BUDGET_GB:,}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed {args.seed}: must be between 0 and 2**63 - 1")
+    output = check_output_file(args.output)
     small = args.small or not on_cuda
     base = cpu_preset(ExperimentConfig(vocab_size=SMALL_VOCAB_SIZE)) if small else ExperimentConfig(vocab_size=FULL_VOCAB_SIZE)
     config = base.replace(device=str(device), precision=args.precision, seed=args.seed).validate()
-    precision = resolve_precision(config, device)
+    checkpoints: list[BenchModel] = []
     if args.checkpoint:
         try:
-            models = load_checkpoints(args.checkpoint, device)
+            checkpoints = load_checkpoints(args.checkpoint, device)
         except (ImportError, OSError, ValueError, KeyError, RuntimeError) as error:
-            parser.error(f"--checkpoint: {type(error).__name__}: {error}")
+            raise ConfigError(f"--checkpoint: {type(error).__name__}: {error}") from None
+    models = [b.model for b in checkpoints] or [shape_only_model(builder, config) for builder in arm_builders().values()]
+    check_fits(decode_memory(models, contexts, batch_sizes, new_tokens), device,
+               "lower the largest --contexts, --batch-sizes or --new-tokens")
+    return DecodePlan(args, device, contexts, batch_sizes, new_tokens, small, config,
+                      resolve_precision(config, device), output, checkpoints)
+
+
+def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
+    """Parse and check the arguments, run every row, print the table, write the JSON and the PNG; return the results."""
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        plan = plan_benchmark(args)
+    except ConfigError as error:
+        parser.error(str(error))
+    return measure(plan)
+
+
+def measure(plan: DecodePlan) -> dict[str, Any]:
+    """Every row of the plan: build or take the models, decode, and report."""
+    args, device, small, config, precision = plan.args, plan.device, plan.small, plan.config, plan.precision
+    contexts, batch_sizes, new_tokens, output = plan.contexts, plan.batch_sizes, plan.new_tokens, plan.output
+    if plan.checkpoints:
+        models = plan.checkpoints
         shapes = "checkpoint (as saved)"
     else:
         models = random_models(config, args.seed)
@@ -493,7 +547,6 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     models = with_transformers_twins(models, precision)
 
     budget_bytes = args.memory_budget_gb * 2**30
-    output = Path(args.output)
     plot_path = output.with_suffix(".png")
     results: dict[str, Any] = {
         "benchmark": "KV-cached greedy decoding per attention and cache (python -m inference.decode_benchmark)",

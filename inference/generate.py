@@ -12,6 +12,7 @@ Greedy decoding gives the same tokens with every cache.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Iterator
@@ -21,11 +22,13 @@ from typing import Callable
 
 import torch
 
+from cli_values import check_parsed_values
 from data.tokenizer import TextTokenizer, TokenizerError, load_tokenizer
-from experiment_config import ConfigError, ExperimentConfig
+from experiment_config import MAX_SEED, ConfigError, ExperimentConfig, one_line
 from hardware import autocast, resolve_device
 from arms import ARM_NAMES
 from models.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, CheckpointError, load_checkpoint, run_checkpoint_dir
+from models.memory import MemoryNeed, check_fits, decode_cache_bytes, inference_activation_bytes, parameter_count
 from models.transformer import MoELanguageModel
 
 CACHE_CHOICES = ("auto", "none", "kv", "expanded", "latent")
@@ -152,22 +155,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every flag's value makes sense (ConfigError naming the flag otherwise), before any file is read."""
+    check_parsed_values(args)  # integers in int64, floats finite, text non-empty: every flag
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ConfigError(f"--temperature {args.temperature}: must be a positive finite number (or use --greedy)")
+    if args.top_k is not None and (args.top_k < 1 or args.temperature is None):
+        raise ConfigError("--top-k needs --temperature and must be at least 1")
+    for flag, seed in (("--seed", args.seed), ("--run-seed", args.run_seed)):
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"{flag} {seed}: must be between 0 and 2**63 - 1")
+
+
+def generation_memory(models: list[MoELanguageModel], prompt_tokens: list[int], max_new_tokens: int,
+                      cache: str) -> MemoryNeed:
+    """Every loaded model's weights, and the largest one's decode: its KV cache for prompt + new tokens and
+    the prefill's activations, or (--cache none) the activations of recomputing the whole prefix."""
+    weights = sum(parameter_count(model) * next(model.parameters()).element_size() for model in models)
+    caches, activations = [], []
+    for model, prompt in zip(models, prompt_tokens, strict=True):
+        mode = cache_mode_for(model, cache)
+        tokens = prompt + max_new_tokens
+        caches.append(0 if mode == "none" else decode_cache_bytes(model, mode, tokens))
+        activations.append(inference_activation_bytes(model, 1, tokens if mode == "none" else prompt))
+    return MemoryNeed(device={"weights": weights, "KV cache": max(caches), "activations": max(activations)})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-        if args.temperature is not None and args.temperature <= 0:
-            raise ConfigError(f"--temperature {args.temperature}: must be positive (or use --greedy)")
-        if args.top_k is not None and (args.top_k < 1 or args.temperature is None):
-            raise ConfigError("--top-k needs --temperature and must be at least 1")
+        check_arguments(args)
         device = resolve_device(ExperimentConfig(device=args.device).validate())
         sampling = Sampling(args.temperature or 0.0, args.top_k)
         folders = find_checkpoints(Path(args.checkpoint), args.run_seed)
         loaded = [load_checkpoint(folder, device) for folder in folders]
-        tokenizers = [load_tokenizer(ckpt.extra["tokenizer"], ckpt.directory) for ckpt in loaded]
+        tokenizers = [load_tokenizer(ckpt.tokenizer_spec(), ckpt.directory) for ckpt in loaded]
+        prompt_tokens = [len(tokenizer.encode(args.prompt)) for tokenizer in tokenizers]
+        if min(prompt_tokens) < 1:
+            raise ConfigError(f"--prompt {args.prompt!r:.40}: the tokenizer makes no token of it; give some text")
+        check_fits(generation_memory([ckpt.model for ckpt in loaded], prompt_tokens, args.max_new_tokens, args.cache),
+                   device, "lower --max-new-tokens, or use a cache (--cache auto) instead of --cache none")
     except (ConfigError, CheckpointError, TokenizerError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     how = "greedy" if sampling.temperature <= 0 else f"temperature {sampling.temperature}, top-k {sampling.top_k}"
     for ckpt, tokenizer in zip(loaded, tokenizers, strict=True):

@@ -15,17 +15,21 @@ plus backward, over a range of sequence lengths.
 
 On CPU it runs small shapes (the CPU preset, batch 4, vocab 2048) so that it can be tested.
 The table is printed and the JSON is written atomically (after every row, so a run cut short
-keeps what it measured).
+keeps what it measured). Every argument, --output and the memory of the largest measurement are
+checked before the first one: a bad one exits 2 with one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +45,10 @@ from models.transformer import MoELanguageModel
 from experiment_config import DEFAULT_ARMS, MOE_DISPATCHES, PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
 from hardware import (FP32, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
                       resolve_device as experiment_device, resolve_precision, synchronize)
-from reporting import fmt, guarded, release, render_table, write_json_atomic
+from cli_values import check_parsed_values
+from models.memory import (TRAINING_BYTES_PER_PARAMETER, MemoryNeed, attention_training_bytes, check_fits,
+                           parameter_count, shape_only, shape_only_model, training_activation_bytes)
+from reporting import check_output_file, fmt, guarded, release, render_table, write_json_atomic
 from training.optim import build_optimizers, build_schedulers
 from training.trainer import check_cuda_graph, make_step, prepare_model, step_mode_label, warm_up
 
@@ -52,6 +59,7 @@ SMALL_BATCH_SIZE = 4
 CUDA_SEQ_LENS = (256, 512, 1024, 2048, 4096)
 CPU_SEQ_LENS = (64, 128, 256)
 ATTENTION_TOKENS = {"cuda": 16384, "cpu": 1024}  # batch * seq per attention measurement
+MAX_STEPS = 1_000_000  # timed (or warm-up) steps per measurement: hours on any machine
 OURS, PUBLIC, BEFORE = "ours", "public style", "before batching"  # the variants of a model row
 # --step-modes: the step settings each mode times ours with
 STEP_MODES: dict[str, dict[str, bool]] = {
@@ -132,14 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_device(name: str) -> torch.device:
-    """The experiment's own device rules; a bad name exits with its one-line error."""
-    try:
-        return experiment_device(ExperimentConfig(device=name).validate())
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from error
-
-
 def datasheet_peak_tflops(device_name: str) -> tuple[float, str] | None:
     """(dense bf16 TFLOP/s, which entry) for a known card, else None."""
     for key, tflops, label in DATASHEET_PEAK_TFLOPS:
@@ -170,8 +170,8 @@ def resolve_peak(args: argparse.Namespace, device: torch.device, device_name: st
                  measure: Callable[[], float | None]) -> tuple[float | None, str]:
     """The peak MFU is computed against, and where it comes from (a matmul is measured only for an unknown card)."""
     if args.peak_tflops is not None:
-        if not args.peak_tflops > 0:
-            raise SystemExit("error: --peak-tflops must be positive")
+        if not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+            raise ConfigError(f"--peak-tflops {args.peak_tflops}: must be a positive finite number")
         return args.peak_tflops, "user (--peak-tflops)"
     if device.type != "cuda":
         return None, "none on CPU: MFU not reported (pass --peak-tflops to set one)"
@@ -397,19 +397,57 @@ def format_tables(results: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------ run
 
-def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
-    """Parse the arguments, run every measurement, print the table, write the JSON; return the results."""
-    parser = build_parser()
-    args = parser.parse_args(args_list)
-    device = resolve_device(args.device)
+@dataclass
+class BenchmarkPlan:
+    """Everything the benchmark will time, checked before the first measurement."""
+
+    args: argparse.Namespace
+    device: torch.device
+    steps: int
+    warmup: int
+    seq_lens: list[int]
+    small: bool
+    config: ExperimentConfig
+    precision: str
+    output: Path
+
+
+def benchmark_memory(args: argparse.Namespace, config: ExperimentConfig, seq_lens: list[int], steps: int,
+                     warmup: int, device: torch.device) -> MemoryNeed:
+    """The largest measurement: a model's training step (each row of rows_of_model; the public style with
+    eager attention), or one attention module at the longest sequence; one is held at a time."""
+    steps_needed = []
+    for name in args.models:
+        for _, variant, row_config in rows_of_model(name, config, args):
+            model = shape_only_model(MODELS[name], row_config)
+            if variant == PUBLIC:
+                make_public_style(model)
+            steps_needed.append(parameter_count(model) * TRAINING_BYTES_PER_PARAMETER
+                                + training_activation_bytes(model, row_config.batch_size, row_config.max_seq_len))
+    tokens = ATTENTION_TOKENS["cuda" if device.type == "cuda" else "cpu"]
+    attention_config = config.replace(max_seq_len=max(seq_lens))
+    modules = [shape_only(partial(build, attention_config)) for build in ATTENTION_MODULES.values()]
+    attention = max(attention_training_bytes(module, max(1, tokens // seq), seq, config.d_model)
+                    for module in modules for seq in seq_lens)
+    return MemoryNeed(device={"largest measurement": max(max(steps_needed), attention)},
+                      host={"step timings": (steps + warmup) * 64 * (len(steps_needed) + len(modules) * len(seq_lens))})
+
+
+def plan_benchmark(args: argparse.Namespace) -> BenchmarkPlan:
+    """Check every argument, --output and the memory of the largest measurement; ConfigError naming the flag otherwise."""
+    check_parsed_values(args)  # integers in int64, floats finite, text non-empty: every flag
+    device = experiment_device(ExperimentConfig(device=args.device).validate())
     on_cuda = device.type == "cuda"
     steps = args.steps if args.steps is not None else (20 if on_cuda else 3)
     warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
     seq_lens = list(args.seq_lens or (CUDA_SEQ_LENS if on_cuda else CPU_SEQ_LENS))
-    if steps < 1 or warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if not (1 <= steps <= MAX_STEPS and 0 <= warmup <= MAX_STEPS):
+        raise ConfigError(f"--steps must be between 1 and {MAX_STEPS:,} and --warmup between 0 and {MAX_STEPS:,}")
     if any(s < 2 for s in seq_lens):
-        parser.error("--seq-lens must all be >= 2")
+        raise ConfigError("--seq-lens must all be >= 2")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ConfigError(f"--peak-tflops {args.peak_tflops}: must be a positive finite number")
+    output = check_output_file(args.output)
     small = args.small or not on_cuda
     if small:
         config = cpu_preset(ExperimentConfig(vocab_size=SMALL_VOCAB_SIZE)).replace(batch_size=SMALL_BATCH_SIZE)
@@ -418,26 +456,43 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     config = config.replace(device=str(device), compile=bool(args.compile), compile_optimizer=bool(args.compile_optimizer),
                             cuda_graph=bool(args.cuda_graph), precision=args.precision, moe_dispatch=args.moe_dispatch,
                             batch_size=args.batch_size or config.batch_size, vocab_size=args.vocab_size or config.vocab_size)
-    try:
-        config.validate()
-    except ConfigError as error:
-        parser.error(str(error))
+    config.validate()
     precision = resolve_precision(config, device)
     compiles = args.compile or any(STEP_MODES[mode]["compile"] for mode in args.step_modes or [])
     if compiles and precision != "bf16":
-        parser.error("--compile needs bf16 (the grouped-GEMM MoE compiles only in bf16), as in training: "
-                     "add --precision bf16")
+        raise ConfigError("--compile needs bf16 (the grouped-GEMM MoE compiles only in bf16), as in training: "
+                          "add --precision bf16")
+    check_fits(benchmark_memory(args, config, seq_lens, steps, warmup, device), device,
+               "lower the largest --seq-lens, --batch-size or --vocab-size (or use --small)")
+    return BenchmarkPlan(args, device, steps, warmup, seq_lens, small, config, precision, output)
+
+
+def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
+    """Parse and check the arguments, run every measurement, print the table, write the JSON; return the results."""
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        plan = plan_benchmark(args)
+    except ConfigError as error:
+        parser.error(str(error))
+    return measure(plan)
+
+
+def measure(plan: BenchmarkPlan) -> dict[str, Any]:
+    """Every measurement of the plan, in order; the JSON is rewritten after each."""
+    args, device, steps, warmup, seq_lens = plan.args, plan.device, plan.steps, plan.warmup, plan.seq_lens
+    small, config, precision, output = plan.small, plan.config, plan.precision, plan.output
+    on_cuda = device.type == "cuda"
     attention_config = config.replace(max_seq_len=max(seq_lens))
 
     card = device_name(device)
     measured: list[float | None] = []  # filled only if the card is not in the datasheet table
 
-    def measure() -> float | None:
+    def measure_peak() -> float | None:
         measured.append(measure_matmul_tflops(device))
         return measured[-1]
 
-    peak, peak_source = resolve_peak(args, device, card, measure)
-    output = Path(args.output)
+    peak, peak_source = resolve_peak(args, device, card, measure_peak)
     results: dict[str, Any] = {
         "benchmark": "training step and attention fwd+bwd timings (python -m training.benchmark)",
         "status": "running",
