@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,3 +32,19 @@ def hermetic(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model folder as the experiment saves one: weights, config.json and its offline tokenizer."""
+    from data.offline_corpus import stdlib_documents
+    from data.tokenizer import save_tokenizer, train_offline_tokenizer
+    from exp6_baseline_attention_model import BaselineAttentionModel
+    from models.checkpoint import save_checkpoint
+
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = train_offline_tokenizer(stdlib_documents(20, 2000), 300)
+    spec = save_tokenizer(tokenizer, folder)
+    config = tiny_config(folder, vocab_size=tokenizer.vocab_size)
+    save_checkpoint(BaselineAttentionModel(config, seed=1), "baseline", folder, {"tokenizer": spec})
+    return folder
