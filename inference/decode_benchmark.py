@@ -23,6 +23,8 @@ The JSON is written atomically after every row (a run cut short keeps what it me
 is printed at the end and a PNG (decode tokens/s and cache MB against context) is drawn beside
 the JSON. A row that fails (e.g. out of memory) is recorded as an error row, the others still run,
 and the exit code is 1. On CPU the shapes are small (the CPU preset, vocab 2048) so it runs in seconds.
+Every argument, --output and the memory of the largest row are checked before the first row (or any
+random weight) is made: a bad one exits 2 with one line.
 """
 
 from __future__ import annotations

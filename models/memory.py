@@ -145,7 +145,8 @@ def check_fits(need: MemoryNeed, device: torch.device, advice: str, processes: i
         total = sum(parts.values()) * share
         capacity, label = memory_capacity(device if where == "device" else torch.device("cpu"))
         if total > capacity:
-            biggest = ", ".join(f"{part} {_gb(size * share)}" for part, size in
-                                sorted(parts.items(), key=lambda item: -item[1]) if size > 0)
+            ranked = sorted(parts.items(), key=lambda item: -item[1])
+            biggest = ", ".join(f"{part} {_gb(size * share)}" for i, (part, size) in enumerate(ranked)
+                                if i == 0 or size * share >= total / 100)  # the parts that matter
             who = f" for {processes} processes" if share > 1 else ""
             raise ConfigError(f"needs ~{_gb(total)}{who}, this machine has {_gb(capacity)} ({label}): {biggest}; {advice}")
