@@ -235,7 +235,8 @@ class ExperimentConfig:
     def validate(self) -> "ExperimentConfig":
         """Raise ConfigError on the first impossible setting; return self when all is well."""
         self._validate_kinds()
-        bad_seeds = [seed for seed in (self.seed, *self.seeds) if not 0 <= seed <= MAX_SEED]
+        seeds = (self.seed, *self.seeds) + ((self.lr_sweep_seed,) if self.lr_sweep_seed is not None else ())
+        bad_seeds = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
         top_lr = max(self.muon_lr, self.adamw_lr) * (max(self.lr_sweep_multipliers, default=1.0) if self.lr_sweep else 1.0)
         checks: list[tuple[bool, str]] = [
             (self.d_model > 0 and self.n_heads > 0, "d_model and n_heads must be positive"),
