@@ -73,16 +73,21 @@ def _values_per_token_per_layer(model: MoELanguageModel) -> float:
     return NONLINEAR_FACTOR * (linear_outputs + D_MODEL_WIDE_PER_LAYER * config.d_model)
 
 
+def _eager_score_values(attention: nn.Module, batch: int, seq_len: int) -> int:
+    """The score and softmax matrices the plain-math reference (backend "eager") materialises; 0 for a fused kernel."""
+    if getattr(attention, "backend", None) != "eager" or not isinstance(attention, CausalSelfAttention):
+        return 0
+    heads, _, _ = attention.score_dims()
+    return 2 * batch * heads * seq_len * seq_len
+
+
 def training_activation_bytes(model: MoELanguageModel, batch: int, seq_len: int) -> int:
     """Bytes the forward pass keeps for the backward pass of one training step of `batch` windows."""
     config = model.config
     assert config.vocab_size is not None  # a built model has one
     tokens = batch * seq_len
-    per_layer = _values_per_token_per_layer(model) * tokens
-    attention = model.attention_modules()[0]
-    if attention.backend == "eager":  # the plain-math reference materialises every score (and its softmax)
-        heads, _, _ = attention.score_dims()
-        per_layer += 2 * batch * heads * seq_len * seq_len
+    per_layer = (_values_per_token_per_layer(model) * tokens
+                 + _eager_score_values(model.attention_modules()[0], batch, seq_len))
     logits = LOGIT_COPIES * tokens * config.vocab_size
     return int(FP32 * (config.n_layers * per_layer + logits))
 
@@ -90,11 +95,8 @@ def training_activation_bytes(model: MoELanguageModel, batch: int, seq_len: int)
 def inference_activation_bytes(model: MoELanguageModel, batch: int, tokens: int) -> int:
     """Bytes of one layer's forward pass over `batch` x `tokens` without gradients (a prefill, or a
     cacheless decode step that recomputes the whole prefix): the activations live one layer at a time."""
-    per_layer = _values_per_token_per_layer(model) * batch * tokens
-    attention = model.attention_modules()[0]
-    if attention.backend == "eager":
-        heads, _, _ = attention.score_dims()
-        per_layer += 2 * batch * heads * tokens * tokens
+    per_layer = (_values_per_token_per_layer(model) * batch * tokens
+                 + _eager_score_values(model.attention_modules()[0], batch, tokens))
     return int(FP32 * per_layer)
 
 
@@ -102,10 +104,7 @@ def attention_training_bytes(attention: nn.Module, batch: int, seq_len: int, d_m
     """Bytes one attention module alone keeps for the backward pass of a (batch, seq_len, d_model) input."""
     linear_outputs = sum(m.out_features for m in attention.modules() if isinstance(m, nn.Linear))
     values = NONLINEAR_FACTOR * batch * seq_len * (linear_outputs + 4 * d_model)
-    if getattr(attention, "backend", None) == "eager" and isinstance(attention, CausalSelfAttention):
-        heads, _, _ = attention.score_dims()
-        values += 2 * batch * heads * seq_len * seq_len
-    return int(FP32 * values)
+    return int(FP32 * (values + _eager_score_values(attention, batch, seq_len)))
 
 
 def decode_cache_bytes(model: MoELanguageModel, mode: str | None, tokens: int, batch: int = 1,
