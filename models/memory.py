@@ -10,7 +10,7 @@ is an upper-end estimate from the shapes:
   experts' at top_k / num_experts of the tokens) and a dozen d_model-wide tensors (norms, residuals,
   dropout), at fp32, doubled for the nonlinearities and their gradients; the logits four times
   (logits and their bf16 copy, log-softmax, their gradient); with the eager attention backend, the
-  score matrices. Measured on the CPU (peak RSS of a training step), this is 1.1-1.6x what one step
+  score matrices. Measured on the CPU (peak RSS of a training step), this is 1.4-2.0x what one step
   really takes;
 - a decode cache: the attention's cached values per token, per layer, at the model's precision.
 

@@ -64,6 +64,14 @@ class Outcomes:
         self.needs: list[tuple[MemoryNeed, torch.device]] = []
         self.broken: list[str] = []
         self.accepted = self.refused = 0
+        self.started = False  # whether the program reached its work (where the test stops it)
+
+    def stop(self, result: Any) -> Callable[..., Any]:
+        """A stand-in for the program's work: notes that it was reached and returns `result`."""
+        def reached(*args: Any, **kwargs: Any) -> Any:
+            self.started = True
+            return result
+        return reached
 
     def record_fits(self, real: Callable[..., None]) -> Callable[..., None]:
         def recording(need: MemoryNeed, device: torch.device, *args: Any, **kwargs: Any) -> None:
@@ -73,6 +81,7 @@ class Outcomes:
 
     def check(self, case: str, call: Callable[[], int | None]) -> None:
         self.needs.clear()
+        self.started = False
         try:
             code = call()
         except SystemExit as stop:  # argparse, and the benchmarks' parser.error
@@ -89,7 +98,7 @@ class Outcomes:
             fits = [sum(part for _, parts in need.on(device) for part in parts.values())
                     <= min(memory_capacity(device)[0], memory_capacity(torch.device("cpu"))[0])
                     for need, device in self.needs]
-            if not fits or not all(fits) or "Traceback" in err:
+            if self.started and (not fits or not all(fits)) or "Traceback" in err:  # --print-config starts no work
                 self.broken.append(f"{case}: accepted without a memory plan that fits ({len(fits)} checked)")
         elif code == 2 and len(error_lines) == 1 and lines[-1] == error_lines[0] and "Traceback" not in err:
             self.refused += 1
@@ -111,15 +120,10 @@ def outcomes(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 
 # --- every field of ExperimentConfig ------------------------------------------------------------------
 
-def _stop_before_data(config: ExperimentConfig, builders: Any, log: Any, dist: Any, device: Any) -> dict[str, Any]:
-    """Stands in for experiment._run: the run was planned (preflight passed); no data, no training."""
-    return {}
-
-
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(ExperimentConfig)])
 def test_every_setting_with_every_hostile_value_is_planned_or_refused_in_one_line(field, outcomes, monkeypatch,
                                                                                   tmp_path):
-    monkeypatch.setattr(experiment, "_run", _stop_before_data)
+    monkeypatch.setattr(experiment, "_run", outcomes.stop({}))  # planned (preflight passed); no data, no training
     hint = typing.get_type_hints(ExperimentConfig)[field]
     base = tiny_config(tmp_path).to_dict()
     for value in _field_values(hint):
@@ -156,25 +160,25 @@ def _run_flags(outcomes: Outcomes, parser: argparse.ArgumentParser, base: list[s
 
 
 def test_every_flag_of_the_experiment(outcomes, monkeypatch, tmp_path):
-    monkeypatch.setattr(experiment, "_run", _stop_before_data)
+    monkeypatch.setattr(experiment, "_run", outcomes.stop({}))  # planned (preflight passed); no data, no training
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(tiny_config(tmp_path).to_dict()))
     _run_flags(outcomes, exp6_trainer.build_parser(), ["--config", str(config)], exp6_trainer.main)
 
 
 def test_every_flag_of_generate(outcomes, monkeypatch, saved_model):
-    monkeypatch.setattr(generate, "generate_text", lambda *args, **kwargs: ("", []))  # stop before generating
+    monkeypatch.setattr(generate, "generate_text", outcomes.stop(("", [])))  # stop before generating
     _run_flags(outcomes, generate.build_parser(), ["--checkpoint", str(saved_model), "--prompt", "The"], generate.main)
 
 
 def test_every_flag_of_the_decode_benchmark(outcomes, monkeypatch, tmp_path):
-    monkeypatch.setattr(decode_benchmark, "measure", lambda plan: {"failures": []})  # stop before the first row
+    monkeypatch.setattr(decode_benchmark, "measure", outcomes.stop({"failures": []}))  # stop before the first row
     base = ["--device", "cpu", "--contexts", "8", "--batch-sizes", "1", "--new-tokens", "1",
             "--output", str(tmp_path / "d.json")]
     _run_flags(outcomes, decode_benchmark.build_parser(), base, decode_benchmark.main)
 
 
 def test_every_flag_of_the_training_benchmark(outcomes, monkeypatch, tmp_path):
-    monkeypatch.setattr(training_benchmark, "measure", lambda plan: {"failed": []})  # stop before the first row
+    monkeypatch.setattr(training_benchmark, "measure", outcomes.stop({"failed": []}))  # stop before the first row
     base = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--seq-lens", "16", "--output", str(tmp_path / "b.json")]
     _run_flags(outcomes, training_benchmark.build_parser(), base, training_benchmark.main)

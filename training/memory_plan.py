@@ -1,13 +1,17 @@
 """What one run of the experiment needs in memory, estimated from its config before anything is allocated.
 
 The arms train one after another, so the model part is the largest arm's. The data part follows from
-the corpus settings: the documents read (at most num_documents x max_chars_per_doc characters), their
-tokens (at most max_tokens) as the Python list, NumPy and torch arrays the pipeline builds, and the
-batch offsets of every step (max_steps x batch_size, and the LR sweep's). The greedy sample's KV cache
-covers the prompt and sample_tokens. models/memory.py holds the model estimates and the check.
+the corpus settings: the text read (a --data file's size, or num_documents x max_chars_per_doc
+characters; 0 means no cap), its tokens (a byte-level tokenizer makes at most one per byte, plus an
+end-of-text token per document; at most max_tokens) as the Python list, NumPy and torch arrays the
+pipeline builds, and the batch offsets of every step (max_steps x batch_size, or the LR sweep's). The
+greedy sample's KV cache covers the prompt and sample_tokens. The uncapped offline corpus (the standard
+library's docstrings, a few MB) is not counted. models/memory.py holds the model estimates and the check.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from experiment_config import ExperimentConfig
 from models.memory import (TRAINING_BYTES_PER_PARAMETER, MemoryNeed, decode_cache_bytes, parameter_count,
@@ -16,7 +20,8 @@ from models.transformer import ModelBuilder
 from training.lr_sweep import sweep_steps
 
 HUB_VOCAB_ESTIMATE = 49_152  # the SmolLM-135M tokenizer's; the real size is checked again once the tokenizer is loaded
-TEXT_BYTES_PER_CHAR = 2  # Python strings of mostly ASCII text, and the streaming reader's copies
+TEXT_COPIES = 3  # the bytes read, the decoded string, the documents split from it
+UTF8_BYTES_PER_CHAR = 4  # at most
 HOST_BYTES_PER_TOKEN = 36 + 4 + 8 + 24  # list of ints while tokenizing, the int32 cache array, int64 tensor, exposure counts
 DEVICE_BYTES_PER_TOKEN = 8 + 8  # the train and validation tokens on the device, and the validation windows
 BYTES_PER_BATCH_OFFSET = 8  # int64 start of one window
@@ -31,10 +36,25 @@ def planned_vocab_size(config: ExperimentConfig) -> int:
     return config.offline_vocab_size if config.offline else max(config.offline_vocab_size, HUB_VOCAB_ESTIMATE)
 
 
+def max_text_bytes(config: ExperimentConfig) -> int:
+    """At most how many bytes of text the run reads: a --data file's size, num_documents x max_chars_per_doc
+    characters of UTF-8 when both are capped (whichever is smaller), 0 when unknown before reading."""
+    capped = config.num_documents * config.max_chars_per_doc * UTF8_BYTES_PER_CHAR
+    if config.data_path:
+        try:
+            size = Path(config.data_path).stat().st_size
+        except OSError:  # a missing file is its own error (check_local_path)
+            size = 0
+        return min(size, capped) if capped else size
+    return capped
+
+
 def max_corpus_tokens(config: ExperimentConfig) -> int:
-    """An upper bound on the tokens the corpus yields: max_tokens, or fewer when the documents cannot hold
-    that many (a byte-level tokenizer makes at most 4 tokens of a character, plus an EOS per document)."""
-    return min(config.max_tokens, config.num_documents * (4 * config.max_chars_per_doc + 1))
+    """An upper bound on the tokens the corpus yields: one per byte of text and one end-of-text token per
+    document (a byte-level tokenizer), at most max_tokens (0: no cap)."""
+    text = max_text_bytes(config)
+    tokens = 2 * text if text else 0  # every document at least one byte: no more EOS tokens than bytes
+    return min(config.max_tokens, tokens) if config.max_tokens and tokens else config.max_tokens or tokens
 
 
 def experiment_memory(config: ExperimentConfig, builders: dict[str, ModelBuilder], batch_shards: int = 1) -> MemoryNeed:
@@ -54,7 +74,7 @@ def experiment_memory(config: ExperimentConfig, builders: dict[str, ModelBuilder
         device={"parameters and optimizer state": weights, "activations": activations,
                 "greedy sample's KV cache": sample_cache,
                 "token arrays and batch offsets": tokens * DEVICE_BYTES_PER_TOKEN + offsets},
-        host={"documents": config.num_documents * config.max_chars_per_doc * TEXT_BYTES_PER_CHAR,
+        host={"documents": max_text_bytes(config) * TEXT_COPIES,
               "tokenizing": tokens * HOST_BYTES_PER_TOKEN, "exposure report": HOST_OFFSET_COPIES * offsets},
     )
 
