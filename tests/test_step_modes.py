@@ -13,6 +13,7 @@ import torch
 import torch._dynamo
 import torch._logging
 
+import training.experiment
 from arms import arm_builders
 from data.dataset import TokenData
 from exp6_trainer import build_parser, config_from_args
@@ -164,6 +165,19 @@ def test_step_mode_flags():
     assert not (default.compile or default.compile_optimizer or default.cuda_graph) and step_mode_label(default) == "eager"
 
 
+class _StoreOfAlikeRanks:
+    """A rendezvous store for rank 0 of 2 in which every other rank's value equals rank 0's."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, bytes] = {}
+
+    def set(self, key: str, value: str) -> None:
+        self.values[key] = value.encode()
+
+    def get(self, key: str) -> bytes:
+        return self.values.get(key) or self.values[key.rsplit("/", 1)[0] + "/0"]
+
+
 def test_step_modes_that_cannot_work_are_refused_before_training(monkeypatch, config):
     with pytest.raises(ConfigError, match="--cuda-graph needs a CUDA GPU"):
         config.replace(cuda_graph=True, device="cpu").validate()
@@ -180,5 +194,8 @@ def test_step_modes_that_cannot_work_are_refused_before_training(monkeypatch, co
     assert preflight(config.replace(cuda_graph=True, device="cuda")) == CUDA
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts rank 0 of 2: refused before joining the others
     monkeypatch.setenv("RANK", "0")
+    # the ranks first meet in torchrun's store (to compare configs and share setup errors): here a store in
+    # which rank 1 says what rank 0 says, since it was started alike
+    monkeypatch.setattr(training.experiment, "rendezvous", lambda launch, minutes: _StoreOfAlikeRanks())
     with pytest.raises(ConfigError, match="--parallel data"):
         run_experiment(config.replace(cuda_graph=True, device="cuda", parallel="data"))
