@@ -366,8 +366,11 @@ def test_concurrent_runs_sharing_a_cache_never_crash_or_read_a_torn_cache(tmp_pa
         valid = pool.starmap(_hammer_cache, [(str(tmp_path), writer) for writer in range(CACHE_WRITERS)])
     assert sum(valid) > 0
     config = ExperimentConfig(cache_dir=str(tmp_path), offline=True)
-    tokens, meta, _ = _load_cache(config, DataPlan("offline", "offline", offline=True), lambda line: pytest.fail(line))
-    assert tokens is not None and np.array_equal(tokens, _writer_tokens(meta["writer"]))
+    plan = DataPlan("offline", "offline", offline=True)
+    # The writers' last renames may interleave (X's tokens, Y's tokens, Y's metadata, X's metadata): then the
+    # files left belong to different writes, and the checksum must catch it. Whole, or refused: never torn.
+    tokens, meta, _ = _load_cache(config, plan, lambda line: None)
+    assert tokens is None or np.array_equal(tokens, _writer_tokens(meta["writer"]))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert [name.split(".", 1)[1] for name in names] == ["json", "npy", "tokenizer.json"], "no temp file is left behind"
     assert time.perf_counter() - started < 60
