@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from experiment_config import INT64_LIMIT, ConfigError
+
+Plan = TypeVar("Plan")
 
 
 def _problem(value: Any) -> str | None:
@@ -36,3 +38,13 @@ def check_parsed_values(args: argparse.Namespace) -> None:
             if problem is not None:
                 shown = repr(item) if isinstance(item, str) else str(item)
                 raise ConfigError(f"--{dest.replace('_', '-')} {shown[:40]}: {problem}")
+
+
+def parse_and_plan(parser: argparse.ArgumentParser, args_list: list[str] | None,
+                   plan: Callable[[argparse.Namespace], Plan]) -> Plan:
+    """Parse the arguments and check them into a plan; a ConfigError exits 2 through the parser's own error."""
+    args = parser.parse_args(args_list)
+    try:
+        return plan(args)
+    except ConfigError as error:
+        parser.error(str(error))

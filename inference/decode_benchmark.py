@@ -45,7 +45,7 @@ import torch
 
 from arms import ARMS, arm_color
 from atomic_files import write_atomic
-from cli_values import check_parsed_values
+from cli_values import check_parsed_values, parse_and_plan
 from experiment_config import MAX_SEED, PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
 from hardware import (BF16, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
                       resolve_device as experiment_device, resolve_precision, synchronize)
@@ -522,13 +522,7 @@ def plan_benchmark(args: argparse.Namespace) -> DecodePlan:
 
 def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     """Parse and check the arguments, run every row, print the table, write the JSON and the PNG; return the results."""
-    parser = build_parser()
-    args = parser.parse_args(args_list)
-    try:
-        plan = plan_benchmark(args)
-    except ConfigError as error:
-        parser.error(str(error))
-    return measure(plan)
+    return measure(parse_and_plan(build_parser(), args_list, plan_benchmark))
 
 
 def measure(plan: DecodePlan) -> dict[str, Any]:

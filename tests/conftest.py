@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Before any test module is collected: huggingface_hub reads these once, when it is first imported (a
+# test module importing transformers at collection time would otherwise fix "online" for the whole
+# session, and a Hub lookup would then wait about 50 s on a machine without network).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pytest
 import torch

@@ -210,7 +210,7 @@ def _float32(device: str) -> torch.Tensor:
     pytest.param("cuda", _strided_last_dim, marks=needs_cuda),
     pytest.param("cuda", _float32, marks=needs_cuda),  # CUDA's flash kernel takes only fp16/bf16 (the CPU's takes fp32)
 ])
-@pytest.mark.filterwarnings("ignore:All fused kernels require the last dimension")
+@pytest.mark.filterwarnings("ignore:All fused kernels require the last dimension", "ignore:Flash attention kernel not used because")
 def test_sdpa_flash_pin_is_binding(device, inadmissible):
     """Where PyTorch's flash backend cannot run, the pinned call raises instead of falling back."""
     q = inadmissible(device)

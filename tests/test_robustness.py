@@ -226,11 +226,13 @@ def _gated(other_done: threading.Event) -> dict[str, ModelBuilder]:
 
     With the lock, the other contender is refused at once and this waits for nothing. Without it,
     both runs would reach this point, wait out the timeout and then both train: the overlap that
-    loses seeds, made certain instead of left to timing.
+    loses seeds, made certain instead of left to timing. The memory plan's shape-only builds (on the
+    meta device, before the lock) pass at once.
     """
     def gate(builder: ModelBuilder) -> ModelBuilder:
         def build(config: ExperimentConfig, seed: int) -> MoELanguageModel:
-            other_done.wait(timeout=5)
+            if torch.get_default_device().type != "meta":
+                other_done.wait(timeout=5)
             return builder(config, seed=seed)
         return build
 

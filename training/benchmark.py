@@ -45,7 +45,7 @@ from models.transformer import MoELanguageModel
 from experiment_config import DEFAULT_ARMS, MOE_DISPATCHES, PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
 from hardware import (FP32, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
                       resolve_device as experiment_device, resolve_precision, synchronize)
-from cli_values import check_parsed_values
+from cli_values import check_parsed_values, parse_and_plan
 from models.memory import (TRAINING_BYTES_PER_PARAMETER, MemoryNeed, attention_training_bytes, check_fits,
                            parameter_count, shape_only, shape_only_model, training_activation_bytes)
 from reporting import check_output_file, fmt, guarded, release, render_table, write_json_atomic
@@ -469,13 +469,7 @@ def plan_benchmark(args: argparse.Namespace) -> BenchmarkPlan:
 
 def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     """Parse and check the arguments, run every measurement, print the table, write the JSON; return the results."""
-    parser = build_parser()
-    args = parser.parse_args(args_list)
-    try:
-        plan = plan_benchmark(args)
-    except ConfigError as error:
-        parser.error(str(error))
-    return measure(plan)
+    return measure(parse_and_plan(build_parser(), args_list, plan_benchmark))
 
 
 def measure(plan: BenchmarkPlan) -> dict[str, Any]:
