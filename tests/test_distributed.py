@@ -270,15 +270,21 @@ def test_a_failing_rank_stops_data_parallel_and_names_the_rank(tmp_path):
     assert written["deepseek"]["runs"][0]["failure"].startswith("rank 1 failed during deepseek")
 
 
+def _rank_1_signalled_in_mla(tmp_path: Path, parallel: str, fault: str) -> tuple[ExperimentConfig, int, list[str], str]:
+    """Rank 1 sent `fault` during its MLA run (under seed-parallel, a later turn's); the job must fail.
+    Returns the config, that run's seed, the `error:` lines and the whole stderr."""
+    seeds, run, seed = ((42, 43, 44, 45), 2, 45) if parallel == "seeds" else ((42,), 1, 42)
+    config = tiny_config(tmp_path, seeds=seeds, save_checkpoints=False, sample_tokens=0)
+    result = _fault(tmp_path, config, 1, run, fault, "--parallel", parallel)
+    assert result.returncode != 0
+    return config, seed, [line for line in result.stderr.splitlines() if line.startswith("error:")], result.stderr
+
+
 @pytest.mark.parametrize("parallel", ["seeds", "data"])
 def test_a_rank_stopped_by_sigterm_stops_the_job_and_is_named(tmp_path, parallel):
-    seeds, run, seed = ((42, 43, 44, 45), 2, 45) if parallel == "seeds" else ((42,), 1, 42)  # a later turn's MLA run
-    config = tiny_config(tmp_path, seeds=seeds, save_checkpoints=False, sample_tokens=0)
-    result = _fault(tmp_path, config, 1, run, "sigterm", "--parallel", parallel)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    config, seed, errors, stderr = _rank_1_signalled_in_mla(tmp_path, parallel, "sigterm")
     assert len(errors) == 1 and errors[0].startswith(
-        f"error: rank 1 was stopped by SIGTERM during deepseek (seed {seed}); every rank stopped"), result.stderr[-2000:]
+        f"error: rank 1 was stopped by SIGTERM during deepseek (seed {seed}); every rank stopped"), stderr[-2000:]
     written = _results(config)
     assert written["experiment"]["failure"] == f"rank 1 was stopped by SIGTERM during deepseek (seed {seed})"
     assert written["experiment"]["status"] in ("failed", "terminated")  # rank 0 lost rank 1, or torchrun stopped it
@@ -296,14 +302,10 @@ def test_a_rank_stopped_by_sigterm_stops_the_job_and_is_named(tmp_path, parallel
 def test_a_rank_killed_without_a_word_is_named_as_lost(tmp_path, parallel):
     """SIGKILL (or the out-of-memory killer) leaves no note: torchrun then stops rank 0 with SIGTERM, and rank 0
     must say that rank 1 was lost, not that it was itself stopped by SIGTERM, and record it."""
-    seeds, run, seed = ((42, 43, 44, 45), 2, 45) if parallel == "seeds" else ((42,), 1, 42)
-    config = tiny_config(tmp_path, seeds=seeds, save_checkpoints=False, sample_tokens=0)
-    result = _fault(tmp_path, config, 1, run, "sigkill", "--parallel", parallel)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    config, seed, errors, stderr = _rank_1_signalled_in_mla(tmp_path, parallel, "sigkill")
     assert len(errors) == 1 and errors[0].startswith(
-        f"error: rank 1 was lost without a word during deepseek (seed {seed}) (its process is gone"), result.stderr[-2000:]
-    assert "Stopped by SIGTERM" not in result.stderr
+        f"error: rank 1 was lost without a word during deepseek (seed {seed}) (its process is gone"), stderr[-2000:]
+    assert "Stopped by SIGTERM" not in stderr
     written = _results(config)
     assert written["experiment"]["status"] == "failed"
     assert written["experiment"]["failure"].startswith(f"rank 1 was lost without a word during deepseek (seed {seed})")
