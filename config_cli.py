@@ -57,6 +57,7 @@ def field_comments(cls: type = ExperimentConfig) -> tuple[dict[str, str], dict[s
     sections: dict[str, str] = {}
     section = ""
     body_indent: int | None = None
+    after_break = True  # the class line or a blank line came last: a comment alone on its line here is a title
     line_tokens: list[tokenize.TokenInfo] = []
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type not in (tokenize.NEWLINE, tokenize.NL):
@@ -64,12 +65,17 @@ def field_comments(cls: type = ExperimentConfig) -> tuple[dict[str, str], dict[s
                 line_tokens.append(token)
             continue
         if not line_tokens:
+            after_break = True
             continue
         first, comment = line_tokens[0], line_tokens[-1]
-        if first.type == tokenize.COMMENT:  # a comment alone on its line: the title of what follows
-            if body_indent is None or first.start[1] == body_indent:
+        if first.type == tokenize.COMMENT:  # a comment alone on its line, after a blank line: the title of what follows
+            if after_break and (body_indent is None or first.start[1] == body_indent):
                 section = first.string.lstrip("#").strip()
-        elif (first.type == tokenize.NAME and first.string in names and len(line_tokens) > 1
+            line_tokens = []
+            continue  # (a comment block directly under a field is a note on the next field, not a title)
+        code = [t for t in line_tokens if t.type != tokenize.COMMENT]
+        after_break = bool(code) and code[-1].string == ":"  # the class line: its body's first comment is a title
+        if (first.type == tokenize.NAME and first.string in names and len(line_tokens) > 1
               and line_tokens[1].string == ":" and first.start[1] == (body_indent or first.start[1])):
             body_indent = first.start[1]
             sections[first.string] = section

@@ -95,8 +95,6 @@ class ExperimentConfig:
     adamw_lr: float = 0.001  # AdamW learning rate (embedding, norms, biases)
     weight_decay: float = 0.1  # Muon's matrices only; norm gains, biases and the embedding get none (training/optim.py)
     optimizer: str = setting("muon", choices=OPTIMIZERS)  # muon: per-matrix Muon + AdamW; adamw: AdamW only (a control run)
-    # Muon's LR factor per block, torch.optim.Muon's adjust_lr_fn: "original" sqrt(max(1, rows/cols)) (MLA's
-    # q_b_proj x1.73, k_nope and v x1.41, every MHA/GQA/MQA attention block x1); "match_rms_adamw" 0.2*sqrt(max(rows, cols))
     muon_adjust_lr_fn: str = setting("original", choices=MUON_ADJUST_LR_FNS)  # Muon's LR factor per block (torch.optim.Muon's adjust_lr_fn): original = sqrt(max(1, rows/cols)); match_rms_adamw = 0.2 * sqrt(max(rows, cols))
     grad_clip: float = 1.0  # gradient-norm clipping threshold
     warmup_fraction: float = 0.05  # fraction of the steps with a linear LR warmup

@@ -79,6 +79,27 @@ def test_every_setting_has_help_from_its_comment():
     names = [field.name for field in dataclasses.fields(ExperimentConfig)]
     assert set(helps) == set(names) and all(helps.values())
     assert sections["d_model"] == "Model (shared by both models)" and sections["dist_timeout_minutes"].startswith("Several")
+    # every section is a title written after a blank line (or the class line), in the order they stand
+    titles = re.findall(r"(?:\n\n|:\n)    # (.+)\n", Path(REPO / "experiment_config.py").read_text())
+    assert list(dict.fromkeys(sections[name] for name in names)) == [t for t in titles if t in sections.values()]
+    assert set(sections.values()) <= set(titles)
+
+
+@dataclasses.dataclass
+class _Noted:
+    # First
+    a: int = 1  # the first
+
+    # Second
+    b: int = 2  # the second
+    # a note on c, not a title: it follows a field, not a blank line
+    c: int = 3  # the third
+
+
+def test_a_comment_block_under_a_field_is_not_a_section_title():
+    helps, sections = field_comments(_Noted)
+    assert sections == {"a": "First", "b": "Second", "c": "Second"}
+    assert helps == {"a": "the first", "b": "the second", "c": "the third"}
 
 
 @pytest.mark.parametrize("words,field,value", [
