@@ -23,7 +23,7 @@ def tiny_config(tmp_path, **changes) -> ExperimentConfig:
         q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
         batch_size=4, max_steps=6, eval_every=3, log_every=2, num_documents=60, max_tokens=3000,
         offline=True, offline_vocab_size=300, cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"),
-        preset="test",
+        preset="cpu",
     )
     return base.replace(**changes)
 
