@@ -190,3 +190,10 @@ def test_print_config_needs_nothing_but_the_config(tmp_path):
         import tomllib
 
         assert ExperimentConfig.from_dict(tomllib.loads(text)) == config
+
+
+@pytest.mark.parametrize("field", [f for f in dataclasses.fields(ExperimentConfig) if f.metadata.get("cli", {}).get("choices")],
+                         ids=lambda f: f.name)
+def test_every_setting_with_choices_refuses_a_value_outside_them(field):
+    with pytest.raises(ConfigError, match=rf"^--{field.name.replace('_', '-')} nonsense: must be one of "):
+        ExperimentConfig().replace(**{field.name: "nonsense"}).validate()
