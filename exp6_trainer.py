@@ -97,11 +97,9 @@ def main(argv: list[str] | None = None, builders: dict[str, ModelBuilder] | None
         if rank == 0 or not isinstance(error, SharedConfigError):
             print(f"error: {f'rank {rank}: ' if rank else ''}{error}", file=sys.stderr)
         return 2
-    except RankFailed as failure:  # the failing rank prints its own traceback; rank 0 says what happened
-        if rank == 0:
-            print(f"error: {failure}", file=sys.stderr)
-        return 1
-    except (SaveFailed, ExperimentFailed) as failure:  # the run went its course; its outcome cannot stand as a result
+    # a rank failed (it prints its own traceback), or the run went its course and its outcome cannot stand
+    # as a result: rank 0 says what happened
+    except (RankFailed, SaveFailed, ExperimentFailed) as failure:
         if rank == 0:
             print(f"error: {failure}", file=sys.stderr)
         return 1

@@ -32,6 +32,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def check_writable(directory: Path) -> None:
+    """Raise OSError now, before any work, if files could not be written there (the folder is created)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+        pass
+
+
 def check_output_file(text: str, flag: str = "--output") -> Path:
     """The JSON file a benchmark will write, checked before the first row: a .json name (a plot may go
     beside it as .png, so a .png name would be overwritten), not a folder, not a read-only file, in a
@@ -45,9 +52,7 @@ def check_output_file(text: str, flag: str = "--output") -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{flag} {text}: the file is read-only; choose another --output")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-check-"):
-            pass
+        check_writable(path.parent)
     except OSError as error:
         raise ConfigError(f"{flag} {text}: cannot write in {path.parent} ({error.strerror or error}); "
                           "choose another --output") from None

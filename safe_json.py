@@ -55,9 +55,7 @@ def parse_json(text: str, max_depth: int = MAX_DEPTH) -> Any:
         raise
     except ValueError as error:  # e.g. a float literal the interpreter refuses
         raise JSONInputError(f"not usable JSON ({error})") from None
-    if _depth(value) > max_depth:
-        raise JSONInputError(f"nested too deeply (at most {max_depth} levels of lists and objects)")
-    return value
+    return check_depth(value, max_depth)
 
 
 def read_text_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> str:

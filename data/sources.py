@@ -4,7 +4,6 @@ or the offline corpus."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 from experiment_config import ConfigError, ExperimentConfig
@@ -18,13 +17,12 @@ JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a 
 TRUE_WORDS = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub.constants._is_true takes as set
 
 
-def hub_offline_variable(environ: Mapping[str, str] | None = None) -> str | None:
+def hub_offline_variable() -> str | None:
     """The variable that puts the Hub libraries offline (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, as
     huggingface_hub reads them, or HF_DATASETS_OFFLINE, as datasets does), e.g. "HF_HUB_OFFLINE=1"; None if none."""
-    environ = os.environ if environ is None else environ
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if environ.get(name, "").upper() in TRUE_WORDS:
-            return f"{name}={environ[name]}"
+        if os.environ.get(name, "").upper() in TRUE_WORDS:
+            return f"{name}={os.environ[name]}"
     return None
 
 
@@ -49,11 +47,6 @@ def hub_unreachable_reason(timeout_s: float = 5.0) -> str | None:
     if response.status_code >= 500:
         return f"{endpoint} answered HTTP {response.status_code}"
     return None
-
-
-def hub_reachable(timeout_s: float = 5.0) -> bool:
-    """Whether the Hub can be used now (hub_unreachable_reason is None)."""
-    return hub_unreachable_reason(timeout_s) is None
 
 
 def hub_documents(config: ExperimentConfig) -> list[str]:

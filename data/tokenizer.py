@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from atomic_files import write_atomic
-from safe_json import MAX_FILE_BYTES
+from safe_json import read_text_file
 
 TOKENIZER_FILE = "tokenizer.json"
 OFFLINE_BPE = "offline-bpe"  # spec kinds: the offline BPE's JSON, or a Hub tokenizer's name
@@ -139,12 +139,9 @@ def load_tokenizer(source: Path | Mapping[str, Any], directory: Path | None = No
         if not path.is_file():
             raise TokenizerError(f"tokenizer file {path} is missing; save the model again (a Hub tokenizer is "
                                  "saved as its name: pass the spec save_tokenizer returned)")
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise TokenizerError(f"tokenizer file {path} is {path.stat().st_size:,} bytes, more than a tokenizer "
-                                 f"holds (at most {MAX_FILE_BYTES:,}); save the model again")
-        try:
-            return offline_tokenizer_from_json(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as error:
+        try:  # read within safe_json's size bound; its JSONInputError is a ValueError
+            return offline_tokenizer_from_json(read_text_file(path))
+        except ValueError as error:
             raise TokenizerError(f"tokenizer file {path} cannot be read ({error}); save the model again or copy "
                                  "its tokenizer.json back") from error
     if kind == HUB and isinstance(spec.get("name"), str):

@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from training.results import comparison, format_table, summarise_model
-from training.stats import holm_adjust, holm_verdicts, paired_difference, t_quantile
+from training.stats import holm_adjust, holm_verdicts, paired_difference
 
 # Two-sided 95% Student-t quantiles t_{0.975, df} as printed in standard tables (e.g. NIST/SEMATECH
 # e-Handbook of Statistical Methods, table 1.3.6.7.2), to 3 decimals.
@@ -18,8 +18,12 @@ PUBLISHED_T_975 = {1: 12.706, 2: 4.303, 5: 2.571, 10: 2.228, 30: 2.042, 31: 2.04
 
 
 @pytest.mark.parametrize("df", sorted(PUBLISHED_T_975))
-def test_t_quantile_matches_published_tables(df):
-    assert t_quantile(df) == pytest.approx(PUBLISHED_T_975[df], abs=5e-4)
+def test_the_interval_uses_the_published_t_quantile(df):
+    """With df + 1 seeds, the paired 95% interval's half-width is t_{0.975, df} standard errors."""
+    diffs = [0.01 * math.sin(seed) - 0.002 for seed in range(df + 1)]
+    result = paired_difference(dict(enumerate(diffs)), {s: 0.0 for s in range(df + 1)})
+    half = (result["ci95"][1] - result["ci95"][0]) / 2
+    assert half / (statistics.stdev(diffs) / math.sqrt(df + 1)) == pytest.approx(PUBLISHED_T_975[df], abs=5e-4)
 
 
 def test_interval_beyond_30_seeds_uses_the_t_quantile_not_1_96():

@@ -37,13 +37,13 @@ from models.checkpoint import ModelBuilder, arm_builders, run_checkpoint_dir, sa
 from models.costs import cost_report
 from models.memory import check_fits
 from models.transformer import MoELanguageModel
-from reporting import json_safe, write_json_atomic
+from reporting import check_writable, json_safe, write_json_atomic
 from training.lr_sweep import run_lr_sweep, scaled_lrs, untuned
 from training.plots import plot_results
 from arms import ordered_arms
 from training.memory_plan import ADVICE, experiment_memory
 from training.metrics_log import MetricsLog, check_loggers
-from training.results import RESULTS_FILE, STOPPED_STATUSES, check_writable, comparison, format_table, summarise_model
+from training.results import RESULTS_FILE, STOPPED_STATUSES, comparison, format_table, summarise_model
 from training.resume import finished_runs, prepare_output_dir, resume_config
 from training.distributed import (NONE, Distributed, Job, RankFailed, Trained, agree_before_joining, check_same_config,
                                   init_distributed, launch_from_env, on_device, rendezvous, resolve_parallel, run_jobs,

@@ -3,7 +3,6 @@ printed table. Which arms a results dict holds is read from it (its top-level ke
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -15,13 +14,6 @@ RESULTS_FILE = "exp6_attention_comparison.json"
 MEASURED_KV = "kv_cache_bytes_per_token_per_layer_bf16_measured"
 METRICS = ("val_loss", "val_accuracy", "val_perplexity")
 STOPPED_STATUSES = ("interrupted", "terminated")  # Ctrl-C / SIGTERM: stopped from outside, not failed
-
-
-def check_writable(directory: Path) -> None:
-    """Raise OSError now, before training, if results could not be written there."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
-        pass
 
 
 def summarise_model(runs: list[dict[str, Any]], costs: dict[str, Any] | None) -> dict[str, Any]:

@@ -17,11 +17,6 @@ ALPHA = 1 - CONFIDENCE
 SAME_DIFFERENCE = 1e-12  # relative spread below which the seeds' differences are equal up to float rounding
 
 
-def t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
-    """The two-sided Student-t quantile t_{(1 + confidence) / 2, df}, e.g. 4.303 for df 2 and 2.040 for df 31."""
-    return float(scipy.stats.t.ppf((1 + confidence) / 2, df))
-
-
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (None for the std of a single value)."""
     if not values:
