@@ -52,16 +52,20 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    retired: Path | None = None
     try:
         yield staging
         os.chmod(staging, 0o777 & ~_UMASK)
         if path.exists():  # rename cannot replace a non-empty folder: move the old one aside, then drop it
             retired = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
             os.replace(path, retired / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, path)
+        os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if retired is not None and not path.exists() and (retired / path.name).exists():
+            os.replace(retired / path.name, path)  # stopped between the two renames: the old save goes back
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
         raise
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)

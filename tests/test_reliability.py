@@ -140,6 +140,28 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
     assert [p.name for p in target.iterdir()] == ["b"] and [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+
+def test_a_stop_between_the_two_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """Ctrl-C after the old folder was moved aside and before the new one took its place: the old save stays."""
+    import atomic_files
+    target = tmp_path / "model"
+    with atomic_directory(target) as staging:
+        (staging / "a").write_text("first")
+    real_replace, calls = os.replace, []
+
+    def replace_then_stop(source, destination):
+        calls.append(source)
+        if len(calls) == 2:  # the first moved the old folder aside; the second would put the new one in place
+            raise KeyboardInterrupt
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atomic_files.os, "replace", replace_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target) as staging:
+            (staging / "a").write_text("second")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "a").read_text() == "first"
+
 # --- 3: a full disk --------------------------------------------------------------------------------------
 
 def test_a_full_disk_for_the_results_prints_them_and_stops_in_one_line(token_cache, tmp_path, monkeypatch, capsys):
