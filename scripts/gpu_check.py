@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atomic_files import write_atomic
+
 REPO = Path(__file__).resolve().parent.parent
 TOTAL_LIMIT_S = 7 * 60
 DISPATCH_TOLERANCE = 1.10  # auto's MoE path may be at most 10% slower than the other
@@ -279,9 +281,10 @@ def two_gpu_verdict(results: dict[str, Any]) -> Verdict:
             for run in (results.get(arm) or {}).get("runs", [])]
     notes = [] if experiment.get("status") == "completed" else [f"status {experiment.get('status')!r}"]
     notes += [f"{r.get('model_name')} seed {r.get('seed')}: {r.get('status')}" for r in runs if r.get("status") != "completed"]
+    steps = experiment.get("config", {}).get("max_steps") or 1
     return Verdict(bool(runs) and not notes, notes or ([] if runs else ["no run recorded"]),
-                   {"ms_per_step": {f"{r.get('model_name')} seed {r.get('seed')}": r.get("training_seconds")
-                                    for r in runs}})
+                   {"ms_per_step": {f"{r.get('model_name')} seed {r.get('seed')}": r["training_seconds"] * 1e3 / steps
+                                    for r in runs if _finite(r.get("training_seconds"))}})
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -438,9 +441,8 @@ def write_summary(out: Path, environment: dict[str, Any], results: list[StageRes
     summary = {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "passed": passed,
                "environment": environment, "seconds": round(time.monotonic() - started, 1),
                "budget_s": single_gpu_budget_s(), "stages": [asdict(r) for r in results]}
-    temporary = out / "summary.json.tmp"
-    temporary.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    temporary.replace(out / "summary.json")
+    write_atomic(out / "summary.json", lambda file: file.write(json.dumps(summary, indent=2, default=str) + "\n"),
+                 binary=False)
     lines = [f"== summary ({summary['seconds']} s; card {environment.get('card')}, {environment.get('capability')}) =="]
     for r in results:
         status = "ok" if r.ok else ("TIMED OUT" if r.exit_code == 124 else "FAILED")
@@ -473,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
             if stage.multi_gpu and environment.get("gpus", 0) < 2:
                 continue
             log = out / log_name(stage)
-            print(f"== {stage.name} (limit {stage.limit_s} s): {' '.join(stage.command(out, python))}", flush=True)
-            code, seconds = run_command(stage.command(out, python), stage.limit_s, log)
+            command = stage.command(out, python)
+            print(f"== {stage.name} (limit {stage.limit_s} s): {' '.join(command)}", flush=True)
+            code, seconds = run_command(command, stage.limit_s, log)
             verdict = stage.verdict(out) if code == 0 else failed(f"exit code {code}" + (" (timed out)" if code == 124 else ""))
             results.append(StageResult(stage.name, code, seconds, stage.limit_s, verdict.ok, verdict.notes,
                                        verdict.figures, log.name))

@@ -132,6 +132,16 @@ def test_a_healthy_gpu_run_passes_with_per_arm_figures(cpu_results):
         assert verdict.figures[arm]["ms_per_step"][0] > 0 and verdict.figures[arm]["tokens_per_s"][0] > 0
 
 
+
+def test_the_two_gpu_stage_reports_milliseconds_per_step(cpu_results):
+    """Both experiment stages give the same figure: a run's training seconds over its steps, in ms."""
+    one = gpu_check.experiment_verdict(_as_on_a_gpu(cpu_results)).figures
+    two = gpu_check.two_gpu_verdict(cpu_results)
+    assert two.ok, two.notes
+    for arm in ("baseline", "deepseek"):
+        seed = cpu_results[arm]["runs"][0]["seed"]
+        assert two.figures["ms_per_step"][f"{arm} seed {seed}"] == pytest.approx(one[arm]["ms_per_step"][0])
+
 def test_a_nan_run_fails_the_experiment_stage_although_the_experiment_exits_0(cpu_results):
     results = _as_on_a_gpu(cpu_results)
     run = results["deepseek"]["runs"][0]
