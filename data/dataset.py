@@ -161,8 +161,11 @@ def _build(config: ExperimentConfig, plan: DataPlan) -> tuple[np.ndarray, dict[s
             "documents": used, "documents_read": len(documents), "offline": plan.offline,
             "documents_in_file": None, "tokens_in_file": None}
     if whole is not None:  # a --data file: how much of it the caps left out (its tokens counted only when cut)
-        cut = whole != documents or used < len(documents) or len(ids) > len(tokens)
-        meta.update(documents_in_file=len(whole), tokens_in_file=_token_count(whole, tokenizer) if cut else len(tokens))
+        if whole != documents:  # cut by --num-documents or --max-chars-per-doc: count the file's own tokens
+            in_file = _token_count(whole, tokenizer)
+        else:  # cut by --max-tokens at most: the documents joined so far are counted already
+            in_file = len(ids) + _token_count(whole[used:], tokenizer)
+        meta.update(documents_in_file=len(whole), tokens_in_file=in_file)
     return tokens, meta, tokenizer
 
 

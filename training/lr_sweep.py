@@ -160,7 +160,8 @@ def run_lr_sweep(config: ExperimentConfig, data: TokenData, device: torch.device
 
     run_jobs(dist, sweep_jobs(config, dist.world_size), train, absorb, fail)
 
-    diverged = [name for name in config.arms if best_multiplier(sweep["arms"][name]["runs"]) is None]
+    bests = {name: best_multiplier(sweep["arms"][name]["runs"]) for name in config.arms}
+    diverged = [name for name, best in bests.items() if best is None]
     if diverged:  # nothing to choose from: the README promises a diverged multiplier is never chosen
         for name in diverged:
             sweep["arms"][name]["note"] = "every sweep run diverged: no multiplier chosen"
@@ -172,7 +173,7 @@ def run_lr_sweep(config: ExperimentConfig, data: TokenData, device: torch.device
     tuned: dict[str, ExperimentConfig] = {}
     for name in config.arms:
         entry = sweep["arms"][name]
-        best = best_multiplier(entry["runs"])
+        best = bests[name]
         assert best is not None  # every arm has a completed run (checked above)
         arm_config = scaled_lrs(config, best)
         entry.update(best_multiplier=best, muon_lr=arm_config.muon_lr, adamw_lr=arm_config.adamw_lr)
