@@ -13,7 +13,7 @@ import torch
 import hardware
 from experiment_config import ExperimentConfig
 from exp6_flash_attention_model import FlashAttentionModel
-from models.moe import GROUPED_FUSED, SORTED_SPLIT
+from models.moe import GROUPED_FUSED, MASK_LOOP, SORTED_SPLIT
 from tests.fake_cuda import FAKE_PEAK_MEMORY_BYTES, CudaOnCpu, install_fake_cuda
 from training import benchmark
 from training.experiment import run_experiment
@@ -116,3 +116,22 @@ def test_benchmark_matmul_measurement_runs_its_cuda_branch(monkeypatch):
     with CudaOnCpu():
         tflops = benchmark.measure_matmul_tflops(CUDA, size=64, repeats=2)
     assert tflops is not None and tflops > 0 and len(calls.synchronize) == 2
+
+
+def test_benchmark_cuda_graph_on_a_card_without_it_still_times_the_eager_variants(monkeypatch, tmp_path):
+    """--cuda-graph on an RTX 4090 (sm89: no fused grouped_mm, so no graph): ours is refused before any step, but
+    the before-batching and public-style rows, which never graph, are timed eagerly, each in its own settings."""
+    install_fake_cuda(monkeypatch)
+    monkeypatch.setitem(benchmark.ATTENTION_TOKENS, "cuda", 32)  # the attention rows are not what this test is about
+    with CudaOnCpu():
+        results = benchmark.run_benchmark(["--device", "cuda", "--small", "--steps", "1", "--warmup", "0",
+                                           "--seq-lens", "16", "--models", "baseline", "--cuda-graph", "--before",
+                                           "--output", str(tmp_path / "bench.json")])
+    rows = {row["variant"]: row for row in results["rows"]}
+    assert "needs static shapes" in rows["ours"]["skipped"] and "median_step_s" not in rows["ours"]
+    for variant, precision in (("before batching", "bf16 autocast"), ("public style", "float32")):
+        row = rows[variant]
+        assert "skipped" not in row and "error" not in row, row
+        assert row["step_mode"] == "eager" and row["median_step_s"] > 0 and row["precision"] == precision
+    assert rows["public style"]["moe_dispatch"] == [MASK_LOOP]
+    assert results["status"] == "completed" and results["failed"] == []

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import math
 import platform
 import statistics
 import sys
@@ -169,9 +168,7 @@ def measure_matmul_tflops(device: torch.device, size: int = 8192, repeats: int =
 def resolve_peak(args: argparse.Namespace, device: torch.device, device_name: str,
                  measure: Callable[[], float | None]) -> tuple[float | None, str]:
     """The peak MFU is computed against, and where it comes from (a matmul is measured only for an unknown card)."""
-    if args.peak_tflops is not None:
-        if not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
-            raise ConfigError(f"--peak-tflops {args.peak_tflops}: must be a positive finite number")
+    if args.peak_tflops is not None:  # plan_benchmark checked it: positive and finite
         return args.peak_tflops, "user (--peak-tflops)"
     if device.type != "cuda":
         return None, "none on CPU: MFU not reported (pass --peak-tflops to set one)"
@@ -211,21 +208,15 @@ def benchmark_model(name: str, model_name: str, variant: str, config: Experiment
                     steps: int, warmup: int, peak_tflops: float | None) -> dict[str, Any]:
     """Median training-step time of one model variant and the numbers derived from it.
 
-    "ours" is prepared, warmed up and stepped exactly as training does (trainer.prepare_model, warm_up,
-    which counts the step's operators, and make_step, in config's step mode); "before batching" is the
-    same with the optimizers as they were before (eager); the public style runs the same step in float32
-    with the reference MoE loop and eager attention.
+    Each variant is prepared, warmed up and stepped exactly as training does (trainer.prepare_model, warm_up,
+    which counts the step's operators, and make_step, in config's step mode), with its own config from
+    rows_of_model; "before batching" builds the optimizers as they were before, and the public style also
+    takes the reference MoE loop and eager attention.
     """
-    public = variant == PUBLIC
     torch.manual_seed(config.seed)
     model = MODELS[model_name](config, seed=config.seed)
-    if variant != OURS:
-        config = config.replace(compile=False, compile_optimizer=False, cuda_graph=False)
-    if public:
-        config = config.replace(precision=FP32, moe_dispatch="loop")
+    if variant == PUBLIC:
         make_public_style(model)
-    if config.cuda_graph:
-        check_cuda_graph(config, device)
     precision = resolve_precision(config, device)
     prepare_model(model, config, device, precision)
     costs = cost_report(model, seq_len=config.max_seq_len)
@@ -286,14 +277,16 @@ def benchmark_model(name: str, model_name: str, variant: str, config: Experiment
 
 def rows_of_model(model_name: str, config: ExperimentConfig, args: argparse.Namespace) -> list[tuple[str, str, ExperimentConfig]]:
     """(row name, variant, config) of every row timed for one model: ours (once per --step-modes mode), then
-    --before's row, then the public style's."""
+    --before's row (eager), then the public style's (eager, float32, the boolean-mask MoE loop)."""
     if args.step_modes:
         rows = [(f"{model_name} ({OURS}, {mode})", OURS, config.replace(**STEP_MODES[mode])) for mode in args.step_modes]
     else:
         rows = [(f"{model_name} ({OURS})", OURS, config)]
-    rows += [(f"{model_name} ({variant})", variant, config) for variant, wanted in ((BEFORE, args.before),
-                                                                                  (PUBLIC, not args.skip_public_style))
-             if wanted]
+    eager = config.replace(**STEP_MODES["eager"])
+    if args.before:
+        rows.append((f"{model_name} ({BEFORE})", BEFORE, eager))
+    if not args.skip_public_style:
+        rows.append((f"{model_name} ({PUBLIC})", PUBLIC, eager.replace(precision=FP32, moe_dispatch="loop")))
     return rows
 
 
