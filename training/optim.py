@@ -202,11 +202,8 @@ def _muon_step(plan: _Plan, grads: list[torch.Tensor], buffers: list[torch.Tenso
     else:
         torch._foreach_copy_(plan.updates, buffers)
     if weight_decay:
-        decay = 1 - lr * weight_decay
-        if isinstance(decay, torch.Tensor):
-            torch._foreach_mul_(plan.weights, decay)
-        else:
-            torch._foreach_mul_(plan.weights, decay)
+        torch._foreach_mul_(plan.weights, 1 - lr * weight_decay)
+    neg_lr = -lr
     for group in plan.groups:
         for sub in group.sub_batches:  # cast to bf16 on the way in, as Muon does
             torch.stack(sub.updates, out=sub.into)
@@ -214,7 +211,7 @@ def _muon_step(plan: _Plan, grads: list[torch.Tensor], buffers: list[torch.Tenso
         for sub in group.sub_batches:
             part = orthogonal if len(group.sub_batches) == 1 else orthogonal[sub.start:sub.start + len(sub.params)]
             # float32, the LR applied as Muon's add_(update, alpha=-lr * scale)
-            torch.mul(part, sub.lr_scales * -lr, out=sub.deltas_oriented)
+            torch.mul(part, sub.lr_scales * neg_lr, out=sub.deltas_oriented)
             torch._foreach_add_(sub.params, sub.deltas)
 
 
