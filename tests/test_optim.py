@@ -8,6 +8,7 @@ import copy
 import math
 import re
 from collections import defaultdict
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from arms import arm_builders
 from deepseek_modeling import DeepseekV3Attention
 from exp6_trainer import build_parser, config_from_args
 from experiment_config import MUON_ADJUST_LR_FNS, ConfigError, ExperimentConfig
+import training.optim as training_optim
 from training.optim import BlockMuon, PerBlockMuon, build_optimizers, build_schedulers, collapsed_lr_scales
 from training.trainer import forward_loss, training_step
 
@@ -221,7 +223,7 @@ def test_batched_muon_equals_per_block_torch_muon_over_steps(config, arm, adjust
             optimizer.zero_grad()
         forward_loss(model, x, x, cfg, CPU, "fp32")[1].backward()
         for name, param in params.items():
-            if step == 2 and name in skipped:  # e.g. an expert no token reached: Muon leaves it alone
+            if step in (2, 4) and name in skipped:  # e.g. an expert no token reached: Muon leaves it alone
                 param.grad = None
             reference_params[name].grad = None if param.grad is None else param.grad.clone()
         lrs.append(batched[0].param_groups[0]["lr"])
@@ -231,7 +233,7 @@ def test_batched_muon_equals_per_block_torch_muon_over_steps(config, arm, adjust
                 optimizer.step()
             for scheduler in scheduler_pair:
                 scheduler.step()
-        if step == 2:
+        if step in (2, 4):  # the second time, BlockMuon reuses the plan it made for these gradients
             for name in skipped:
                 assert torch.equal(params[name], before[name][0]), f"{name} moved without a gradient"
                 assert torch.equal(reference_params[name], before[name][1]), f"{name} moved without a gradient"
@@ -241,6 +243,40 @@ def test_batched_muon_equals_per_block_torch_muon_over_steps(config, arm, adjust
         assert moved.abs().max() > 0, name
         torch.testing.assert_close(moved, moved_reference, rtol=2e-2, atol=2e-2 * moved_reference.abs().max().item(),
                                    msg=name)
+
+
+def test_block_muon_makes_one_plan_per_set_of_missing_gradients_and_keeps_the_last_few(config, monkeypatch):
+    """A step where some matrices have no gradient (the mask loop's unreached experts) runs on a plan of the
+    others: made the first time that set occurs, then reused (no new buffers, no host copy of the LR scales),
+    and only the SUBSET_PLANS_KEPT sets used last are kept."""
+    model, cfg = _model(config, "baseline")
+    muon = _muon(build_optimizers(model, cfg, CPU))
+    made: list[int] = []  # the size of each plan made
+    real_plan = muon._plan
+
+    def counted_plan(sources: list[nn.Parameter]) -> Any:
+        made.append(len(sources))
+        return real_plan(sources)
+
+    monkeypatch.setattr(muon, "_plan", counted_plan)
+    experts = [p for name, p in model.named_parameters() if ".experts." in name]
+
+    def step_without(missing: list[nn.Parameter]) -> None:
+        for p in muon.param_groups[0]["params"]:
+            p.grad = None if any(p is m for m in missing) else torch.randn_like(p)
+        muon.step()
+
+    step_without([])  # every gradient present: the full plan, made in __init__
+    assert made == []
+    for missing in ([experts[0]], [experts[0]], [experts[1], experts[2]], [experts[0]]):
+        step_without(missing)
+    assert made == [len(muon._full_plan.sources) - 1, len(muon._full_plan.sources) - 2]  # two sets, one plan each
+    for i in range(training_optim.SUBSET_PLANS_KEPT):  # as many other sets: the first one is dropped
+        step_without([experts[3 + i]])
+    assert len(muon._subset_plans) == training_optim.SUBSET_PLANS_KEPT
+    made.clear()
+    step_without([experts[0]])
+    assert made == [len(muon._full_plan.sources) - 1]
 
 
 @pytest.mark.parametrize("rule", MUON_ADJUST_LR_FNS)

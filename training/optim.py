@@ -40,6 +40,10 @@ from torch.optim._muon import _adjust_lr
 from experiment_config import ExperimentConfig
 from models.attention import CausalSelfAttention
 
+# BlockMuon's plans for subsets of its matrices (a step where some have no gradient: the mask-loop MoE's unreached
+# experts) kept for reuse; each holds buffers the size of its matrices, so only the most recently used few.
+SUBSET_PLANS_KEPT = 4
+
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(2-D weight matrices inside the blocks -> Muon, everything else -> AdamW without weight decay)."""
@@ -241,6 +245,7 @@ class BlockMuon(torch.optim.Muon):
         self._updates = {id(s): torch.empty_like(s, memory_format=torch.preserve_format) for s in sources}
         self._runs = {id(block): block.row_runs() for block in self.blocks}
         self._full_plan = self._plan(sources)
+        self._subset_plans: dict[tuple[int, ...], _Plan] = {}  # ids of the sources with gradients -> their plan
         self._step_fn: Callable[..., None] = torch.compile(_muon_step) if compiled else _muon_step
 
     def lr_scales(self) -> dict[str, float]:
@@ -283,6 +288,16 @@ class BlockMuon(torch.optim.Muon):
             groups.append(_Group(sub_batches, stacked))
         return _Plan(list(sources), list(weights.values()), [self._updates[id(s)] for s in sources], groups)
 
+    def _subset_plan(self, present: list[nn.Parameter]) -> _Plan:
+        """The plan of a subset of the sources (those with gradients), made once per subset: its buffers are
+        scratch that every step overwrites whole. The SUBSET_PLANS_KEPT subsets used last are kept."""
+        key = tuple(id(p) for p in present)
+        plan = self._subset_plans.pop(key, None) or self._plan(present)
+        self._subset_plans[key] = plan  # the most recently used last
+        if len(self._subset_plans) > SUBSET_PLANS_KEPT:
+            del self._subset_plans[next(iter(self._subset_plans))]
+        return plan
+
     @overload
     def step(self, closure: None = None) -> None: ...
 
@@ -297,11 +312,11 @@ class BlockMuon(torch.optim.Muon):
                 loss = closure()
         group = self.param_groups[0]
         plan = self._full_plan
-        if any(p.grad is None for p in plan.sources):  # e.g. an expert no token reached in the mask loop
-            plan = self._plan([p for p in plan.sources if p.grad is not None])
-            if not plan.sources:
-                return loss
         grads = [p.grad for p in plan.sources if p.grad is not None]
+        if not grads:
+            return loss
+        if len(grads) < len(plan.sources):  # e.g. an expert no token reached in the mask loop
+            plan = self._subset_plan([p for p in plan.sources if p.grad is not None])
         buffers = [self.state[p]["momentum_buffer"] for p in plan.sources]
         step = self._step_fn if plan is self._full_plan else _muon_step  # a subset would recompile: run it eagerly
         step(plan, grads, buffers, group["lr"], group["weight_decay"], group["momentum"], group["nesterov"],
