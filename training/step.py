@@ -82,14 +82,12 @@ class OperatorCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
-        self.operators: Counter[str] = Counter()  # by operator, over all parts: what to look at when a count grows
         self._part = ""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         if func.namespace == "aten":
             self.counts[self._part] += 1
-            self.operators[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
 
     @contextlib.contextmanager
