@@ -166,12 +166,10 @@ class GraphedStep:
         self.schedulers = schedulers
 
         def step() -> torch.Tensor:
-            # enabled=False sets nothing but the weight-cache flag, which the inner autocast inherits
+            # enabled=False sets nothing but the weight-cache flag, which the forward's autocast inherits (backward
+            # and optimizer run outside any autocast, where the flag does nothing)
             with torch.autocast(device.type, enabled=False, cache_enabled=False):
-                ce_loss, loss = forward_loss(model, self.inputs, self.targets, config, device, precision)
-            backward_and_clip(model, optimizers, loss, config)
-            optimizer_step(optimizers, [])
-            return ce_loss.detach().float()
+                return training_step(model, optimizers, [], self.inputs, self.targets, config, device, precision)
 
         with unchanged_training_state(model, optimizers):
             self._replay, self.loss = capture_cuda_graph(device, step, warmup_steps)
