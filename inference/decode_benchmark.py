@@ -52,8 +52,8 @@ from hardware import (BF16, autocast, device_name, peak_memory_mb, precision_lab
 from models.attention import KVCache
 from models.attention_ops import CACHED_ATTENTION_BACKENDS
 from models.checkpoint import arm_builders, load_checkpoint
-from models.memory import (MemoryNeed, check_fits, decode_cache_bytes, inference_activation_bytes, parameter_count,
-                           shape_only_model)
+from models.costs import parameter_count
+from models.memory import MemoryNeed, check_fits, decode_cache_bytes, inference_activation_bytes, shape_only_model
 from models.transformer import MoELanguageModel
 from inference.transformers_mla import TRANSFORMERS_MODE, with_transformers_attention
 from reporting import check_output_file, fmt, guarded, release, render_table, write_json_atomic
@@ -557,7 +557,7 @@ def measure(plan: DecodePlan) -> dict[str, Any]:
         "config": models[0].model.config.to_dict() if models else config.to_dict(),
         "models": [{"arm": b.arm, "source": b.source, "cache_modes": ordered_modes(b.model),
                     "config": b.model.config.to_dict(),
-                    "parameters": sum(p.numel() for p in b.model.parameters())} for b in models],
+                    "parameters": parameter_count(b.model)} for b in models],
         "precision": precision_label(precision),
         "contexts": contexts,
         "batch_sizes": batch_sizes,

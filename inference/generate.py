@@ -28,7 +28,8 @@ from experiment_config import MAX_SEED, ConfigError, ExperimentConfig, one_line
 from hardware import autocast, resolve_device
 from arms import ARM_NAMES
 from models.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, CheckpointError, load_checkpoint, run_checkpoint_dir
-from models.memory import MemoryNeed, check_fits, decode_cache_bytes, inference_activation_bytes, parameter_count
+from models.costs import parameter_count
+from models.memory import MemoryNeed, check_fits, decode_cache_bytes, inference_activation_bytes
 from models.transformer import MoELanguageModel
 
 CACHE_CHOICES = ("auto", "none", "kv", "expanded", "latent")

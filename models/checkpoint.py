@@ -29,6 +29,7 @@ import torch
 from atomic_files import write_atomic
 from experiment_config import ConfigError, ExperimentConfig
 from safe_json import JSONInputError, read_json_file
+from models.costs import parameter_count
 from models.transformer import ModelBuilder, MoELanguageModel
 
 FORMAT = "exp6-moe-lm"
@@ -137,10 +138,6 @@ def checkpoint_state_dict(model: MoELanguageModel) -> dict[str, torch.Tensor]:
     on the model's device and in its dtype."""
     _check_tied(model)
     return {checkpoint_name(name): param.detach() for name, param in model.named_parameters()}
-
-
-def parameter_count(model: MoELanguageModel) -> int:
-    return sum(p.numel() for p in model.parameters())  # the tied head counted once, as in the results
 
 
 def save_checkpoint(model: MoELanguageModel, arm: str, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from models.transformer import MoELanguageModel
 KV_CACHE_BYTES_PER_VALUE = 2  # bf16
 
 
-def _numel(module: nn.Module) -> int:
+def parameter_count(module: nn.Module) -> int:
+    """Parameters of `module`, each tensor once (the LM head tied to the embedding counts once)."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -47,8 +48,8 @@ def cost_report(model: MoELanguageModel, seq_len: int | None = None) -> dict[str
     config = model.config
     seq_len = seq_len or config.max_seq_len
     expert_fraction = config.expert_top_k / config.num_experts
-    total = _numel(model)  # the tied head is counted once
-    expert_params = sum(_numel(m) for m in model.modules() if isinstance(m, Expert))
+    total = parameter_count(model)
+    expert_params = sum(parameter_count(m) for m in model.modules() if isinstance(m, Expert))
     attention = model.attention_modules()
 
     inactive_expert_params = (1 - expert_fraction) * expert_params
@@ -62,8 +63,8 @@ def cost_report(model: MoELanguageModel, seq_len: int | None = None) -> dict[str
     return {
         "parameters_total": total,
         "parameters_active_per_token": int(total - inactive_expert_params),
-        "parameters_attention": sum(_numel(m) for m in attention),
-        "parameters_attention_per_layer": _numel(attention[0]),
+        "parameters_attention": sum(parameter_count(m) for m in attention),
+        "parameters_attention_per_layer": parameter_count(attention[0]),
         "training_flops_per_token": int(3 * forward_flops),
         "attention_score_flops_per_token": int(3 * 2 * score_macs),
         "kv_cache_bytes_per_token_per_layer_bf16": kv_values * KV_CACHE_BYTES_PER_VALUE,

@@ -57,10 +57,6 @@ def shape_only_model(builder: ModelBuilder, config: ExperimentConfig) -> MoELang
     return shape_only(lambda: builder(config, seed=0))
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # the tied head counted once
-
-
 def _values_per_token_per_layer(model: MoELanguageModel) -> float:
     """Activation values one token leaves for the backward pass in one block (see the module docstring)."""
     config = model.config

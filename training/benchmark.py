@@ -39,14 +39,14 @@ from arms import arm_builders
 from deepseek_modeling import DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import MultiHeadAttention
 from models.attention import CausalSelfAttention
-from models.costs import attention_score_macs, cost_report
+from models.costs import attention_score_macs, cost_report, parameter_count
 from models.transformer import MoELanguageModel
 from experiment_config import DEFAULT_ARMS, MOE_DISPATCHES, PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
 from hardware import (FP32, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
                       resolve_device as experiment_device, resolve_precision, synchronize)
 from cli_values import check_parsed_values, parse_and_plan
-from models.memory import (TRAINING_BYTES_PER_PARAMETER, MemoryNeed, attention_training_bytes, check_fits,
-                           parameter_count, shape_only, shape_only_model, training_activation_bytes)
+from models.memory import (TRAINING_BYTES_PER_PARAMETER, MemoryNeed, attention_training_bytes, check_fits, shape_only,
+                           shape_only_model, training_activation_bytes)
 from reporting import check_output_file, fmt, guarded, release, render_table, write_json_atomic
 from training.optim import build_optimizers, build_schedulers
 from training.trainer import check_cuda_graph, make_step, prepare_model, step_mode_label, warm_up

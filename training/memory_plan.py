@@ -14,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiment_config import ExperimentConfig
-from models.memory import (TRAINING_BYTES_PER_PARAMETER, MemoryNeed, decode_cache_bytes, parameter_count,
-                           shape_only_model, training_activation_bytes)
+from models.costs import parameter_count
+from models.memory import (TRAINING_BYTES_PER_PARAMETER, MemoryNeed, decode_cache_bytes, shape_only_model,
+                           training_activation_bytes)
 from models.transformer import ModelBuilder
 from training.lr_sweep import sweep_steps
 

@@ -25,6 +25,7 @@ from data.dataset import TokenData, batch_starts, training_batch, validation_win
 from experiment_config import ConfigError, ExperimentConfig
 from hardware import (BF16, autocast, cuda_capability, peak_memory_mb, precision_label, reset_peak_memory,
                       resolve_precision, synchronize)
+from models.costs import parameter_count
 from models.moe import GROUPED_FUSED, MASK_LOOP, plan_dispatch
 from models.transformer import MoELanguageModel
 from training.distributed import SINGLE, Distributed, shard_batch, shard_rows
@@ -111,7 +112,7 @@ def make_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], schedul
 
 
 def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
-    params = sum(p.numel() for p in model.parameters())
+    params = parameter_count(model)
     return {
         "model_name": name, "seed": seed, "status": "running", "val_loss": None, "val_accuracy": None,
         "val_perplexity": None, "training_time_minutes": None, "parameter_count": params,
