@@ -54,11 +54,6 @@ def flash_attn_unusable(capability: tuple[int, int] | None) -> str | None:
     return flash_attn_import_error()
 
 
-def flash_attn_installed() -> bool:
-    """True when flash-attn imports (a broken install counts as not installed)."""
-    return flash_attn_import_error() is None
-
-
 def half_precision_cuda(*tensors: torch.Tensor) -> bool:
     """FlashAttention kernels need fp16/bf16 tensors on a CUDA device."""
     return all(t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
