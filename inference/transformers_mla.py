@@ -115,8 +115,7 @@ class TransformersMLA(CausalSelfAttention):
 
     cache_modes = (TRANSFORMERS_MODE,)
 
-    def __init__(self, ours: DeepseekV3Attention, config: ExperimentConfig, layer_idx: int = 0,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, ours: DeepseekV3Attention, config: ExperimentConfig, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         # layer 0 of its own one-layer cache: each of our layers has its own cache object
         self.attention = transformers_attention(config, ours.state_dict(), layer_idx=0).to(dtype)
@@ -167,5 +166,5 @@ def with_transformers_attention(model: MoELanguageModel, dtype: torch.dtype = to
         if not isinstance(ours, DeepseekV3Attention):
             raise ValueError(f"layer {layer} holds {type(ours).__name__}, not MLA: only MLA has transformers' "
                              "DeepseekV3Attention")
-        block.attention = TransformersMLA(ours, model.config, layer, dtype).to(next(ours.parameters()).device)
+        block.attention = TransformersMLA(ours, model.config, dtype).to(next(ours.parameters()).device)
     return twin.eval()
