@@ -103,10 +103,11 @@ def plan_dispatch(requested: str, device: torch.device, dtype: torch.dtype, d_mo
         return SORTED_SPLIT
     usable = grouped_mm is not None and grouped_mm_strides_ok(dtype, d_model, d_ff)
     if device.type == "cuda":
-        fused = capability is not None and capability[0] in (9, 10) and dtype == torch.bfloat16
-        trusted = capability is not None and capability[0] == 9 or requested == "grouped_mm"
+        major = capability[0] if capability is not None else None
+        # the fused kernel in bf16: on sm90, and on sm100/sm103 only when asked for (grouped_mm)
+        fused = dtype == torch.bfloat16 and (major == 9 or major == 10 and requested == "grouped_mm")
         usable = usable and dtype in (torch.bfloat16, torch.float16, torch.float32)
-        if usable and fused and trusted:
+        if usable and fused:
             return GROUPED_FUSED
         return GROUPED_PER_GROUP if usable and requested == "grouped_mm" else SORTED_SPLIT
     usable = usable and dtype in (torch.bfloat16, torch.float32)
