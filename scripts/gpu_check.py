@@ -8,7 +8,7 @@ has room to spare; nothing is downloaded, and it needs neither `datasets` nor `f
   1. GPU tests (tests/test_gpu.py): fails on any failure and on any test skipped for lack of CUDA
   2. training benchmark (python -m training.benchmark): per-arm step time and tokens/s
   2b. step modes (benchmark --step-modes eager cuda-graph): per arm, the step eager and replayed from one CUDA
-     graph; fails unless both are timed where the fused grouped_mm path runs (sm90+; elsewhere the benchmark
+     graph; fails unless both are timed where the fused grouped_mm path runs (sm90; elsewhere the benchmark
      skips the graph and says why). Compiling the blocks and the optimizer does not fit the 30 s left in the
      budget: `python -m training.benchmark --step-modes eager compile compile-all cuda-graph` times all four.
   3. MoE dispatch, grouped_mm against sorted (deepseek step): fails when the path `auto` chose on this

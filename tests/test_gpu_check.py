@@ -239,7 +239,8 @@ def test_step_modes_verdict_wants_the_graph_timed_where_the_fused_path_runs():
     assert timed.figures["baseline"]["eager"]["step_operators"] == {"total": 1200}
     crashed = gpu_check.step_modes_verdict(_step_modes({"error": "RuntimeError: operation not permitted when capturing"}))
     assert not crashed.ok and "not timed" in crashed.notes[0]
-    refused = {"skipped": "--cuda-graph needs static shapes, i.e. the fused grouped_mm MoE (sm90/sm100 in bf16)"}
+    refused = {"skipped": "--cuda-graph needs static shapes, i.e. the fused grouped_mm MoE (sm90 in bf16, or sm100 "
+                          "with --moe-dispatch grouped_mm)"}
     on_a_4090 = gpu_check.step_modes_verdict(_step_modes(refused, dispatch="sorted split (one host sync per layer)"))
     assert on_a_4090.ok and "(fine)" in on_a_4090.notes[0]
     assert not gpu_check.step_modes_verdict(_step_modes(refused)).ok  # skipped where the fused path ran: wrong

@@ -188,8 +188,13 @@ def test_step_modes_that_cannot_work_are_refused_before_training(monkeypatch, co
     with pytest.raises(ConfigError, match="--cuda-graph needs a CUDA GPU"):
         preflight(config.replace(cuda_graph=True))  # auto device, no GPU here
     install_fake_cuda(monkeypatch, "NVIDIA GeForce RTX 4090", (8, 9))  # auto dispatch takes the sorted split there
-    with pytest.raises(ConfigError, match="sorted split"):
+    with pytest.raises(ConfigError, match="sorted split") as no_fused_kernel:
         preflight(config.replace(cuda_graph=True, device="cuda"))
+    assert str(no_fused_kernel.value).endswith(": drop --cuda-graph")  # no dispatch would run the fused kernel here
+    install_fake_cuda(monkeypatch, "NVIDIA B200", (10, 0))  # auto avoids the fused kernel there; grouped_mm runs it
+    with pytest.raises(ConfigError, match="sorted split.*: pass --moe-dispatch grouped_mm"):
+        preflight(config.replace(cuda_graph=True, device="cuda"))
+    assert preflight(config.replace(cuda_graph=True, device="cuda", moe_dispatch="grouped_mm")) == CUDA
     install_fake_cuda(monkeypatch, "NVIDIA H200", (9, 0))
     assert preflight(config.replace(cuda_graph=True, device="cuda")) == CUDA
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts rank 0 of 2: refused before joining the others

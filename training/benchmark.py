@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-optimizer", action="store_true",
                         help="torch.compile Muon's update too, as training does with --compile-optimizer")
     parser.add_argument("--cuda-graph", action="store_true",
-                        help="replay the whole step from a CUDA graph, as training does with --cuda-graph (sm90+, bf16)")
+                        help="replay the whole step from a CUDA graph, as training does with --cuda-graph (bf16 on sm90, or "
+                             "sm100 with --moe-dispatch grouped_mm)")
     parser.add_argument("--step-modes", nargs="+", choices=list(STEP_MODES), metavar="MODE",
                         help="time ours once per step mode instead: eager, compile (the blocks), compile-all (the blocks "
                              "and Muon's update), cuda-graph (the whole step in one CUDA graph); e.g. --step-modes eager "

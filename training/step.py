@@ -7,8 +7,9 @@ few milliseconds, so the host time spent launching operators decides the step ti
 dispatches (a TorchDispatchMode; exact, and the same on every run), which `python -m training.benchmark` and
 every run's JSON report and tests/test_step_ops.py holds below fixed bounds for every arm.
 
-`GraphedStep` removes the launches altogether where shapes are static (the fused grouped_mm MoE on sm90+):
-the whole step is captured once in a CUDA graph and each step replays it with one launch.
+`GraphedStep` removes the launches altogether where shapes are static (the fused grouped_mm MoE: sm90 in bf16,
+or sm100 with --moe-dispatch grouped_mm): the whole step is captured once in a CUDA graph and each step
+replays it with one launch.
 """
 
 from __future__ import annotations
@@ -151,12 +152,12 @@ class GraphedStep:
     """The whole training step (forward, backward, clipping, both optimizer steps) captured once in a CUDA
     graph; each call copies the batch into the graph's input buffers and replays it: one launch per step.
 
-    Needs static shapes and no host sync anywhere in the step: the fused grouped_mm MoE (sm90+, bf16), the
-    optimizers' LRs as device tensors (build_optimizers does this for config.cuda_graph; the schedulers,
-    stepped after each replay outside the graph, update them in place) and a capturable AdamW. Autocast's
-    weight cache is off inside the capture. Capturing runs warm-up steps (on a side stream, as PyTorch
-    requires) inside unchanged_training_state, so it leaves weights and optimizer state as it found them.
-    Dropout and router noise draw fresh numbers at every replay (the graph advances the CUDA generator).
+    Needs static shapes and no host sync anywhere in the step: the fused grouped_mm MoE (bf16 on sm90, or sm100
+    with --moe-dispatch grouped_mm), the optimizers' LRs as device tensors (build_optimizers does this for
+    config.cuda_graph; the schedulers, stepped after each replay outside the graph, update them in place) and a
+    capturable AdamW. Autocast's weight cache is off inside the capture. Capturing runs warm-up steps (on a side
+    stream, as PyTorch requires) inside unchanged_training_state, so it leaves weights and optimizer state as it
+    found them. Dropout and router noise draw fresh numbers at every replay (the graph advances the CUDA generator).
     """
 
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],

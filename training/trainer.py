@@ -141,10 +141,15 @@ def check_cuda_graph(config: ExperimentConfig, device: torch.device) -> None:
     if device.type != "cuda":
         raise ConfigError("--cuda-graph needs a CUDA GPU; drop it on the CPU")
     dtype = torch.bfloat16 if resolve_precision(config, device) == BF16 else torch.float32
-    path = plan_dispatch(config.moe_dispatch, device, dtype, config.d_model, config.d_ff, cuda_capability(device))
+    capability = cuda_capability(device)
+    path = plan_dispatch(config.moe_dispatch, device, dtype, config.d_model, config.d_ff, capability)
     if path != GROUPED_FUSED:
-        raise ConfigError(f"--cuda-graph needs static shapes, i.e. the fused grouped_mm MoE (sm90/sm100 in bf16); here the "
-                          f"MoE would run the {path}: drop --cuda-graph")
+        if plan_dispatch("grouped_mm", device, dtype, config.d_model, config.d_ff, capability) == GROUPED_FUSED:
+            fix = "pass --moe-dispatch grouped_mm (auto keeps the fused kernel off on sm100 for now) or drop --cuda-graph"
+        else:
+            fix = "drop --cuda-graph"
+        raise ConfigError(f"--cuda-graph needs static shapes, i.e. the fused grouped_mm MoE (sm90 in bf16, or sm100 "
+                          f"with --moe-dispatch grouped_mm); here the MoE would run the {path}: {fix}")
 
 
 def prepare_model(model: MoELanguageModel, config: ExperimentConfig, device: torch.device, precision: str) -> list[str]:
