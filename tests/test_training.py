@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
+import types
 from pathlib import Path
+from typing import Any
 
 import matplotlib.image
 import pytest
@@ -24,6 +27,7 @@ from training.optim import build_optimizers, build_schedulers, lr_factor, split_
 from training.plots import LOSS_STEP_PLOT, VAL_TIME_PLOT
 from training.results import RESULTS_FILE
 from training.run_guard import ExperimentFailed
+from training import trainer
 from training.stats import paired_difference
 from training.trainer import new_run_record, train_model, training_step
 from tests.host_sync import HostSyncDetector, HostSyncError
@@ -124,6 +128,27 @@ def test_same_seed_twice_gives_identical_metrics_on_cpu(config):
     model = FlashAttentionModel(cfg, seed=6)
     other = train_model(model, data, cfg, 6, CPU, new_run_record("deepseek", model, 6))
     assert other["curve"]["val_loss"] != records[0]["curve"]["val_loss"]
+
+
+def test_logging_time_is_not_training_time(config, monkeypatch):
+    """The clock stops while a point is logged (metrics.jsonl, TensorBoard, W&B): a logger that takes an hour at
+    every point, on the clock the trainer reads, adds nothing to training_seconds or to the points' times."""
+    data = prepare_data(config, lambda _: None)
+    cfg = config.replace(vocab_size=data.vocab_size, log_every=1)
+    hours_logging = [0]
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(
+        perf_counter=lambda: time.perf_counter() + 3600.0 * hours_logging[0]))
+    points: list[dict[str, Any]] = []
+
+    def slow_logger(point: dict[str, Any]) -> None:
+        points.append(point)
+        hours_logging[0] += 1
+
+    model = BaselineAttentionModel(cfg, seed=1)
+    record = train_model(model, data, cfg, 1, CPU, new_run_record("baseline", model, 1), on_metrics=slow_logger)
+    assert [point["step"] for point in points] == [0, 1, 2, 3, 4, 5, 6]  # step 0, then every step (log_every=1)
+    assert 0 < record["training_seconds"] < 3600 and all(point["seconds"] < 3600 for point in points)
+    assert record["curve"]["training_seconds"] == sorted(record["curve"]["training_seconds"])
 
 
 class _FailingModel(FlashAttentionModel):

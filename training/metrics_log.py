@@ -6,7 +6,7 @@
   val accuracy (null at a logged step). `tail -f` it, or read it with pandas.read_json(lines=True).
 - --tensorboard: TensorBoard event files, one run per arm and seed in OUTPUT_DIR/tensorboard/<arm>-seed<seed>/:
   loss/train, loss/val and accuracy/val against the step, loss_vs_training_ms/train and /val against the
-  training time in milliseconds (evaluation excluded), and the whole config as text.
+  training time in milliseconds (evaluation and logging excluded), and the whole config as text.
 - --wandb PROJECT: one Weights & Biases run per arm and seed (group: the output folder), with the same
   values and the config.
 
@@ -128,7 +128,7 @@ class RunLog:
             for tag, value in (("loss_vs_training_ms/train", point["train_loss"]), ("loss_vs_training_ms/val", point.get("val_loss"))):
                 if _number(value):
                     self.tensorboard.add_scalar(tag, value, milliseconds)
-            self.tensorboard.flush()
+            self.tensorboard.flush()  # on disk now (not within flush_secs): a run killed later keeps its curve to here
         if self.wandb_run is not None:
             self.wandb_run.log({**{tag: value for tag, value in scalars.items() if _number(value)},
                                 "tokens": point["tokens"], "training_seconds": point["seconds"]}, step=step)

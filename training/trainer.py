@@ -2,7 +2,8 @@
 
 The hot path has no host-device synchronisation: losses are accumulated on the device and read
 back only at logging steps (every `log_every` steps), which is also where a non-finite loss is
-noticed. Training time excludes evaluation.
+noticed. Training time excludes evaluation, saving and the logging (metrics.jsonl, TensorBoard, W&B): the
+clock stops at each of those host syncs and starts again when they are done.
 
 Under data-parallel (`--parallel data`, training/distributed.py) the same loop runs on every rank:
 DistributedDataParallel averages the gradients, each rank takes its slice of every global batch and
@@ -259,8 +260,7 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
                                              done % config.save_every == 0 if config.save_every else is_eval)
             if done % config.log_every == 0 or is_eval or is_save:  # the only host syncs of the loop
                 wait_for_all()
-                now = time.perf_counter()
-                seconds = training_seconds + (now - segment_start)
+                training_seconds += time.perf_counter() - segment_start  # the clock stops: what follows is not training
                 if dist.data_parallel:  # every rank stops at the same (first) bad step
                     first_bad_step = torch.where(first_bad_step < 0, config.max_steps, first_bad_step)
                     dist.all_reduce(first_bad_step, "min")
@@ -270,16 +270,14 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
                 if dist.data_parallel:  # the global batch's loss: the mean of the ranks' equal slices
                     loss_detached = dist.all_reduce(loss_detached / dist.world_size)
                 step_loss = loss_detached.item()
-                progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{done * tokens_per_step / seconds:,.0f}",
+                progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{done * tokens_per_step / training_seconds:,.0f}",
                                      refresh=False)
                 if done < config.max_steps:
                     progress.update(done - progress.n)
                 else:
                     progress.n = done  # close() draws the final 100% line, once
                 if not is_eval:
-                    report(done, seconds, step_loss)
-                if is_eval or is_save:
-                    training_seconds = seconds
+                    report(done, training_seconds, step_loss)
                 if is_eval:
                     window_loss = loss_sum / steps_in_window
                     if dist.data_parallel:  # the global batch's loss: the mean of the ranks' equal slices
@@ -294,9 +292,11 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
                     assert state is not None
                     state.save(ResumePoint(done, training_seconds, loss_sum, steps_in_window), model, optimizers,
                                schedulers, record, batches, device, dist)
-                if is_eval or is_save:
+                if is_eval or is_save:  # their device work done, and every rank past rank 0's writes
                     wait_for_all()
-                    segment_start = time.perf_counter()
+                # the clock starts again after the logging (metrics.jsonl, TensorBoard, W&B), evaluation and saving;
+                # at a logged step the device has nothing queued (the loss was just read back)
+                segment_start = time.perf_counter()
     finally:
         progress.close()
         dist.unwrap(model)
