@@ -331,6 +331,37 @@ def test_the_published_experiment_fits_its_reference_card(monkeypatch):
     assert sum(need.device.values()) < FAKE_TOTAL_MEMORY_BYTES
 
 
+
+class _PastTheMemoryCheck(Exception):
+    """Raised where the experiment header is built: the run got past its memory checks (nothing is trained)."""
+
+
+@pytest.mark.parametrize("planned_vocab, estimates", [(None, 1), (10, 2)])
+def test_the_memory_is_estimated_again_only_for_a_larger_vocabulary(planned_vocab, estimates, token_cache, tmp_path,
+                                                                    monkeypatch):
+    """Preflight plans for the largest vocabulary the tokenizer could have; once the data is loaded the estimate
+    (which counts that data again) runs again only when the real vocabulary is larger: here the offline
+    tokenizer's, at most its planned 300, unless the plan is made smaller (10)."""
+    configs: list[ExperimentConfig] = []
+
+    def counted(config: ExperimentConfig, *args: Any) -> MemoryNeed:
+        configs.append(config)
+        return experiment_memory(config, *args)
+
+    def stop(*args: Any) -> None:
+        raise _PastTheMemoryCheck
+
+    monkeypatch.setattr(experiment, "experiment_memory", counted)
+    monkeypatch.setattr(experiment, "_experiment_header", stop)
+    if planned_vocab is not None:
+        monkeypatch.setattr(experiment, "planned_vocab_size", lambda config: planned_vocab)
+    config = _one_arm(tmp_path, token_cache)
+    with pytest.raises(_PastTheMemoryCheck):
+        run_experiment(config, log=lambda line: None)
+    assert len(configs) == estimates and configs[0].vocab_size is None  # preflight's, before the tokenizer
+    if estimates == 2:
+        assert configs[1].vocab_size is not None and 10 < configs[1].vocab_size <= config.offline_vocab_size
+
 def test_on_cuda_the_card_and_the_ram_are_checked_apart(monkeypatch):
     """The CUDA branch of the memory check, driven on the CPU: device parts against the card, host parts against RAM."""
     install_fake_cuda(monkeypatch, name="NVIDIA GeForce RTX 4090")

@@ -41,7 +41,7 @@ from reporting import check_writable, json_safe, write_json_atomic
 from training.lr_sweep import run_lr_sweep, scaled_lrs, untuned
 from training.plots import plot_results
 from arms import ordered_arms
-from training.memory_plan import ADVICE, experiment_memory
+from training.memory_plan import ADVICE, experiment_memory, planned_vocab_size
 from training.metrics_log import MetricsLog, check_loggers
 from training.results import RESULTS_FILE, STOPPED_STATUSES, comparison, format_table, summarise_model
 from training.resume import finished_runs, prepare_output_dir, resume_config
@@ -73,7 +73,7 @@ def preflight(config: ExperimentConfig, local_rank: int | None = None,
     if config.data_path:
         check_local_path(config.data_path)
     check_loggers(config)
-    check_fits(experiment_memory(config, builders or MODEL_BUILDERS, batch_shards), device, ADVICE, processes)
+    check_memory(config, builders or MODEL_BUILDERS, device, batch_shards, processes)
     try:
         check_writable(Path(config.output_dir))
     except OSError as error:
@@ -84,6 +84,13 @@ def preflight(config: ExperimentConfig, local_rank: int | None = None,
         raise ConfigError(f"cannot write the token cache to {config.cache_dir!r} ({error.strerror or error}); "
                           "choose another --cache-dir") from error
     return device
+
+
+def check_memory(config: ExperimentConfig, builders: dict[str, ModelBuilder], device: torch.device,
+                 batch_shards: int = 1, processes: int = 1) -> None:
+    """ConfigError unless this machine holds the run's estimated memory (training/memory_plan.py): `batch_shards`
+    ranks share each batch (data-parallel), `processes` ranks share this machine's RAM."""
+    check_fits(experiment_memory(config, builders, batch_shards), device, ADVICE, processes)
 
 
 def check_flash_attn(config: ExperimentConfig, device: torch.device) -> None:
@@ -304,6 +311,7 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
     that could fail on one rank alone goes through dist.agree, so that all ranks stop together."""
     lock = contextlib.ExitStack()
     output_dir = Path(config.output_dir)
+    planned = config  # what preflight's memory estimate was made for
     # One run per output folder: a second one stops here, before any data is loaded, naming this one's pid.
     # SIGTERM (timeout, a scheduler) raises RunTerminated, which the Ctrl-C branch below records.
     with lock, sigterm_raises_run_terminated():
@@ -316,10 +324,14 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
         data = dist.in_turn(lambda: prepare_data(config, log))  # each node's first rank fills the cache
         dist.agree(lambda: _same_data_everywhere(data, dist))
         dist.agree(lambda: check_vocab_size(config, data))
-        config = config.replace(vocab_size=config.vocab_size or data.vocab_size)
-        # planned before the tokenizer existed: checked again at its real vocabulary
-        dist.agree(lambda: check_fits(experiment_memory(config, builders, dist.world_size if dist.data_parallel else 1),
-                                      device, ADVICE, dist.local_world_size))
+        vocab_size = config.vocab_size or data.vocab_size
+        # preflight planned for the largest vocabulary the tokenizer could have, and for the config before --resume
+        # (which may add arms): estimated again only when either falls short (the data it counted is loaded now)
+        plan_again = vocab_size > planned_vocab_size(planned) or config != planned
+        config = config.replace(vocab_size=vocab_size)
+        if plan_again:
+            dist.agree(lambda: check_memory(config, builders, device, dist.world_size if dist.data_parallel else 1,
+                                            dist.local_world_size))
         results_path = output_dir / RESULTS_FILE
 
         header = _experiment_header(config, data, device, dist)

@@ -20,7 +20,7 @@ from models.memory import (TRAINING_BYTES_PER_PARAMETER, MemoryNeed, decode_cach
 from models.transformer import ModelBuilder
 from training.lr_sweep import sweep_steps
 
-HUB_VOCAB_ESTIMATE = 49_152  # the SmolLM-135M tokenizer's; the real size is checked again once the tokenizer is loaded
+HUB_VOCAB_ESTIMATE = 49_152  # the SmolLM-135M tokenizer's; a larger real one is checked again once it is loaded
 TEXT_COPIES = 3  # the bytes read, the decoded string, the documents split from it
 UTF8_BYTES_PER_CHAR = 4  # at most
 HOST_BYTES_PER_TOKEN = 36 + 4 + 8 + 24  # list of ints while tokenizing, the int32 cache array, int64 tensor, exposure counts
