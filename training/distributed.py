@@ -258,6 +258,20 @@ class Distributed:
         return lost[0], (f"rank {lost[0]} was lost without a word{during} (its process is gone: killed by SIGKILL or "
                          "the out-of-memory killer, or crashed)")
 
+    def failure_cause(self, doing: Mapping[int, str] | None = None,
+                      wait_s: float = FAILURE_NOTE_WAIT_S) -> RankFailed | None:
+        """Why the job is stopping, as far as this rank can tell, as the RankFailed to raise: the failure note another
+        rank posted; else a peer lost without a word (lost_peer; `doing`: rank -> what it was training); else this
+        rank's own note; else a note posted within `wait_s` (a peer that failed first may still be writing it).
+        None when nothing says."""
+        note = self.failure_note()
+        if note and not note.startswith(f"rank {self.rank} "):
+            return RankFailed(note)
+        if vanished := self.lost_peer(doing):
+            return RankFailed(vanished[1], vanished[0])
+        note = note or self.failure_note(wait_s)
+        return RankFailed(note) if note else None
+
     # --- data-parallel training -------------------------------------------------------------------
     def wrap(self, model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
         """The model as this rank trains it: DistributedDataParallel under --parallel data, else itself.
@@ -448,19 +462,15 @@ def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained]
                 own = _failure_message(dist, job, error)
                 # a peer that failed first has left its note (give it a moment), or vanished without one:
                 # this rank's error (a collective that lost its peer) is its consequence
-                standing, lost = own, None
-                if dist.several:
-                    note = dist.failure_note()
-                    lost = None if note else dist.lost_peer(dict.fromkeys(range(dist.world_size), job.label))
-                    standing = (note or (lost[1] if lost else None) or dist.failure_note(FAILURE_NOTE_WAIT_S)
-                                or dist.post_failure(own))
+                cause = dist.failure_cause(dict.fromkeys(range(dist.world_size), job.label)) if dist.several else None
+                standing = str(cause) if cause else dist.post_failure(own)
                 if standing != own:  # a peer failed first: this rank's error is its consequence
                     record["failure"] = standing
                 absorb(job, record)
                 fail(job, standing)
                 if standing == own:
                     raise error
-                raise RankFailed(standing, lost[0] if lost and standing == lost[1] else None)
+                raise cause or RankFailed(standing)
             absorb(job, record)
         return
     mine = [job for job in jobs if job.owner == dist.rank]
@@ -481,12 +491,9 @@ def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained]
         except Exception as lost:  # noqa: BLE001 - a peer died or was stopped: say which, if it left word
             if unreported is not None:
                 unreported(list(others.values()))
-            if note := dist.failure_note():
-                raise RankFailed(note) from lost
-            if vanished := dist.lost_peer({rank: job.label for rank, job in others.items()}):
-                raise RankFailed(vanished[1], vanished[0]) from lost
-            raise RankFailed(dist.failure_note(FAILURE_NOTE_WAIT_S) or f"rank {dist.rank} lost contact with the other "
-                             f"ranks after turn {turn + 1} ({type(lost).__name__}: {str(lost)[:200]})") from lost
+            cause = dist.failure_cause({rank: job.label for rank, job in others.items()})
+            raise cause or RankFailed(f"rank {dist.rank} lost contact with the other ranks after turn {turn + 1} "
+                                      f"({type(lost).__name__}: {str(lost)[:200]})") from lost
         for index, their_record, _ in shared:
             if index is not None:
                 absorb(jobs[index], their_record)

@@ -475,12 +475,12 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
             """Ctrl-C or SIGTERM: give the runs in progress their status and save; RankFailed when the stop
             came from another rank's failure (its note), or from a rank lost without a word."""
             status = stop_status(stop)  # "interrupted" or "terminated"; the run in progress is that, not failed
-            cause = dist.failure_note() if dist.several else None  # another rank failed or was stopped first
-            lost: set[int] = set()
-            if dist.several and (cause is None or cause.startswith(f"rank {dist.rank} ")):
-                # torchrun stops every rank when one died; one that left no note was lost without a word
-                if vanished := dist.lost_peer({**started, **runs_in_progress(records.values(), dist.world_size)}):
-                    lost, cause = {vanished[0]}, vanished[1]
+            # another rank failed or was stopped first; torchrun stops every rank when one died, and one that left
+            # no note was lost without a word (no wait for a late note: this stop was asked for)
+            stopped_by = (dist.failure_cause({**started, **runs_in_progress(records.values(), dist.world_size)}, wait_s=0)
+                          if dist.several else None)
+            cause = str(stopped_by) if stopped_by else None
+            lost = set() if stopped_by is None or stopped_by.lost_rank is None else {stopped_by.lost_rank}
             mark_unfinished(status, lost, cause)
             if cause and not cause.startswith(f"rank {dist.rank} "):
                 header["failure"] = cause
