@@ -391,8 +391,7 @@ def init_distributed(config: ExperimentConfig, launch: Launch, mode: str, device
     timeout = dt.timedelta(minutes=config.dist_timeout_minutes)
     rank, world_size = launch.rank, launch.world_size
     if store is None:
-        store, rank, world_size = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size,
-                                                       timeout=timeout))
+        store = rendezvous(launch, config.dist_timeout_minutes)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return Distributed(rank=rank, world_size=world_size, local_rank=launch.local_rank,
                        local_world_size=launch.local_world_size, mode=mode, backend=backend,
