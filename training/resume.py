@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from experiment_config import RESUMABLE_CHANGES, ConfigError, ExperimentConfig
+from models.checkpoint import CHECKPOINTS_DIR
 from training.metrics_log import METRICS_FILE, TENSORBOARD_DIR
 from training.plots import LOSS_STEP_PLOT, LR_SWEEP_PLOT, VAL_TIME_PLOT
 from training.results import RESULTS_FILE
 from training.train_state import STATE_DIR
 
-CHECKPOINTS_DIR = "checkpoints"  # models.checkpoint.run_checkpoint_dir puts the saved models there
 OUTPUTS = (RESULTS_FILE, CHECKPOINTS_DIR, STATE_DIR, METRICS_FILE, TENSORBOARD_DIR, VAL_TIME_PLOT, LOSS_STEP_PLOT,
            LR_SWEEP_PLOT)  # what an experiment writes into its output folder
 
