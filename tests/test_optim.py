@@ -21,7 +21,7 @@ from exp6_trainer import build_parser, config_from_args
 from experiment_config import MUON_ADJUST_LR_FNS, ConfigError, ExperimentConfig
 import training.optim as training_optim
 from training.optim import BlockMuon, PerBlockMuon, build_optimizers, build_schedulers, collapsed_lr_scales
-from training.trainer import forward_loss, training_step
+from training.step import forward_loss, training_step
 
 CPU = torch.device("cpu")
 ARMS = list(arm_builders())

@@ -31,8 +31,7 @@ from models.moe import GROUPED_FUSED, MASK_LOOP, plan_dispatch
 from models.transformer import MoELanguageModel
 from training.distributed import SINGLE, Distributed, shard_batch, shard_rows
 from training.optim import BlockMuon, build_optimizers, build_schedulers, collapsed_lr_scales
-from training.step import (GraphedStep, count_step_operators, forward_loss, language_model_loss,  # noqa: F401
-                           optimizer_step, training_step, unchanged_training_state)
+from training.step import GraphedStep, count_step_operators, optimizer_step, training_step, unchanged_training_state
 from training.train_state import ResumePoint, TrainingState, starts_digest
 
 MetricsCallback = Callable[[dict[str, Any]], None]  # gets {step, tokens, seconds, train_loss[, val_loss, val_accuracy]}
