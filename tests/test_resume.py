@@ -4,6 +4,7 @@ kept, new seeds train alone; a folder holding results is never replaced silently
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,22 @@ def test_overwrite_moves_the_old_results_aside_and_deletes_nothing(tmp_path):
     assert str(aside) in lines[0]
     assert move_aside(folder).name.startswith("out-old-")  # a second one in the same second gets its own name
 
+
+
+@pytest.mark.parametrize("text, why", [("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                                       ('{"experiment": {"config": 1' + "9" * 5_000 + "}}", "digits"),
+                                       (b"\xff\xfe", "not UTF-8 text")])
+def test_a_results_file_that_is_not_usable_json_is_refused_in_words(text, why, tmp_path):
+    """--resume reads the folder's results JSON within safe_json's limits: hostile text is a ConfigError, not a traceback."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    path = folder / RESULTS_FILE
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^--resume: cannot read {re.escape(str(path))} \\(JSONInputError: .*{why}"):
+        prepare_output_dir(folder, resume=True, overwrite=False, log=lambda _: None)
 
 def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path):
     config = tiny_config(tmp_path)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from experiment_config import RESUMABLE_CHANGES, ConfigError, ExperimentConfig
 from models.checkpoint import CHECKPOINTS_DIR
+from safe_json import read_json_file
 from training.metrics_log import METRICS_FILE, TENSORBOARD_DIR
 from training.plots import LOSS_STEP_PLOT, LR_SWEEP_PLOT, VAL_TIME_PLOT
 from training.results import RESULTS_FILE
@@ -77,9 +77,9 @@ def prepare_output_dir(directory: Path, resume: bool, overwrite: bool,
         raise ConfigError(f"--resume: {directory} holds {', '.join(found)} but no {RESULTS_FILE} to continue; "
                           "choose a fresh --output-dir, or add --overwrite instead of --resume to move them aside")
     try:
-        previous = json.loads(results_path.read_text(encoding="utf-8"))
+        previous = read_json_file(results_path)  # within size and depth limits; JSONInputError is a ValueError
         previous["experiment"]["config"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"--resume: cannot read {results_path} ({type(error).__name__}: {str(error)[:120]}); "
                           "choose a fresh --output-dir, or --overwrite to move it aside") from None
     return dict(previous)
