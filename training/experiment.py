@@ -295,14 +295,15 @@ def data_fingerprint(data: TokenData) -> str:
     return digest.hexdigest()
 
 
-def _same_data_everywhere(data: TokenData, dist: Distributed) -> None:
-    if not dist.several:
-        return
-    prints = dist.gather(data_fingerprint(data))
+def _same_data_everywhere(data: TokenData, dist: Distributed) -> str:
+    """The data's fingerprint (data_fingerprint, hashed once here), after checking that every rank's is rank 0's."""
+    fingerprint = data_fingerprint(data)
+    prints = dist.gather(fingerprint) if dist.several else [fingerprint]
     for rank, other in enumerate(prints):
         if other != prints[0]:
             raise ConfigError(f"rank {rank} loaded other tokens than rank 0 (one reached the Hub, the other did not, or "
                               "their --data files differ); give every node the same --data or --offline")
+    return fingerprint
 
 
 def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Callable[[str], None],
@@ -322,7 +323,7 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
         if previous is not None:
             config = dist.agree(lambda: resume_config(config, previous))
         data = dist.in_turn(lambda: prepare_data(config, log))  # each node's first rank fills the cache
-        dist.agree(lambda: _same_data_everywhere(data, dist))
+        fingerprint = dist.agree(lambda: _same_data_everywhere(data, dist))
         dist.agree(lambda: check_vocab_size(config, data))
         vocab_size = config.vocab_size or data.vocab_size
         # preflight planned for the largest vocabulary the tokenizer could have, and for the config before --resume
@@ -335,7 +336,7 @@ def _run(config: ExperimentConfig, builders: dict[str, ModelBuilder], log: Calla
         results_path = output_dir / RESULTS_FILE
 
         header = _experiment_header(config, data, device, dist)
-        header["data_sha256"] = data_fingerprint(data)
+        header["data_sha256"] = fingerprint
         kept: dict[tuple[str, int], dict[str, Any]] = {}  # --resume: the runs already finished
         if previous is not None:
             dist.agree(lambda: _same_data_as_before(header, previous, output_dir))
