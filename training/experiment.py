@@ -51,7 +51,7 @@ from training.distributed import (NONE, Distributed, Job, RankFailed, Trained, a
 from training.run_guard import (ExperimentFailed, SaveFailed, output_dir_lock, sigterm_raises_run_terminated,
                                 signals_deferred, stop_status)
 from training.train_state import TrainingState, state_path
-from training.trainer import NonFiniteLoss, check_cuda_graph, new_run_record, step_mode_label, train_model
+from training.trainer import CURVE_KEYS, NonFiniteLoss, check_cuda_graph, new_run_record, step_mode_label, train_model
 
 MODEL_BUILDERS: dict[str, ModelBuilder] = arm_builders()
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -607,7 +607,7 @@ def unreported_run(job: Job) -> dict[str, Any]:
     return {"model_name": job.name, "seed": job.seed, "status": "running", "rank": job.owner, "world_size": 1,
             "val_loss": None, "val_accuracy": None, "val_perplexity": None, "checkpoint": None,
             "note": f"trained on rank {job.owner}; the job stopped before its record reached rank 0",
-            "curve": {key: [] for key in ("step", "training_seconds", "tokens_seen", "train_loss", "val_loss", "val_accuracy")}}
+            "curve": {key: [] for key in CURVE_KEYS}}
 
 
 def run_placement(dist: Distributed) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 from atomic_files import write_atomic
 from experiment_config import ConfigError, ExperimentConfig
 from reporting import json_safe
+from training.trainer import CURVE_KEYS
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -57,10 +58,8 @@ class MetricsLog:
         """Log the evaluations of a run trained elsewhere (another rank) from its record's curve."""
         run = self.run(arm, seed)
         try:
-            for index, step in enumerate(curve["step"]):
-                run({"step": step, "tokens": curve["tokens_seen"][index], "seconds": curve["training_seconds"][index],
-                     "train_loss": curve["train_loss"][index], "val_loss": curve["val_loss"][index],
-                     "val_accuracy": curve["val_accuracy"][index]})
+            for index in range(len(curve["step"])):
+                run({point_key: curve[curve_key][index] for curve_key, point_key in CURVE_KEYS.items()})
         finally:
             run.close()
 

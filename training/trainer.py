@@ -35,6 +35,9 @@ from training.step import GraphedStep, count_step_operators, optimizer_step, tra
 from training.train_state import ResumePoint, TrainingState, starts_digest
 
 MetricsCallback = Callable[[dict[str, Any]], None]  # gets {step, tokens, seconds, train_loss[, val_loss, val_accuracy]}
+# a run's curve (its record's "curve", one value per evaluation): each key, with the key of the same value in a point
+CURVE_KEYS = {"step": "step", "training_seconds": "seconds", "tokens_seen": "tokens", "train_loss": "train_loss",
+              "val_loss": "val_loss", "val_accuracy": "val_accuracy"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -123,7 +126,7 @@ def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
         "compilation": None,  # dynamo's counts: frames compiled and graphs made before the clock started, and after
         "muon_lr_scales": None,  # each Muon block's LR factor (layers and experts with equal factors collapsed to *)
         "checkpoint": None,  # {"directory", "bytes", "files"} once a completed run's model is saved
-        "curve": {"step": [], "training_seconds": [], "tokens_seen": [], "train_loss": [], "val_loss": [], "val_accuracy": []},
+        "curve": {key: [] for key in CURVE_KEYS},
     }
 
 
@@ -210,20 +213,19 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
         if dist.data_parallel:
             dist.barrier()
 
-    def report(step: int, seconds: float, train_loss: float | None, metrics: dict[str, float] | None = None) -> None:
+    def report(step: int, seconds: float, train_loss: float | None) -> None:
         if on_metrics is not None:
-            on_metrics({"step": step, "tokens": step * tokens_per_step, "seconds": seconds, "train_loss": train_loss,
-                        **({"val_loss": metrics["val_loss"], "val_accuracy": metrics["val_accuracy"]} if metrics else {})})
+            on_metrics({"step": step, "tokens": step * tokens_per_step, "seconds": seconds, "train_loss": train_loss})
 
     def add_point(step: int, seconds: float, train_loss: float | None) -> None:
         metrics = evaluate(model, val_x, val_y, config.batch_size, device, precision, dist)
-        curve = record["curve"]
-        for key, value in (("step", step), ("training_seconds", seconds), ("tokens_seen", step * tokens_per_step),
-                           ("train_loss", train_loss), ("val_loss", metrics["val_loss"]),
-                           ("val_accuracy", metrics["val_accuracy"])):
-            curve[key].append(value)
+        point = {"step": step, "tokens": step * tokens_per_step, "seconds": seconds, "train_loss": train_loss,
+                 "val_loss": metrics["val_loss"], "val_accuracy": metrics["val_accuracy"]}
+        for curve_key, point_key in CURVE_KEYS.items():
+            record["curve"][curve_key].append(point[point_key])
         record["attention_backend"] = model.attention_backends()
-        report(step, seconds, train_loss, metrics)
+        if on_metrics is not None:
+            on_metrics(point)
 
     first_batch = training_batch(train_tokens, starts[0], config.max_seq_len)
     record["step_operators"] = warm_up(net, optimizers, *first_batch, config, device, precision)
