@@ -170,6 +170,16 @@ def prepare_model(model: MoELanguageModel, config: ExperimentConfig, device: tor
     return paths
 
 
+def saves_state_after(done: int, config: ExperimentConfig, is_eval: bool) -> bool:
+    """Whether the training state is saved after `done` steps: at the last step only with --keep-training-state
+    (a completed run needs none), else every config.save_every steps, or at each evaluation when that is 0."""
+    if done == config.max_steps:
+        return config.keep_training_state
+    if config.save_every:
+        return done % config.save_every == 0
+    return is_eval
+
+
 def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConfig, seed: int,
                 device: torch.device, record: dict[str, Any], dist: Distributed = SINGLE,
                 state: TrainingState | None = None, on_metrics: MetricsCallback | None = None) -> dict[str, Any]:
@@ -257,8 +267,7 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
             steps_in_window += 1
             done = step + 1
             is_eval = done % config.eval_every == 0 or done == config.max_steps
-            is_save = state is not None and (config.keep_training_state if done == config.max_steps else
-                                             done % config.save_every == 0 if config.save_every else is_eval)
+            is_save = state is not None and saves_state_after(done, config, is_eval)
             if done % config.log_every == 0 or is_eval or is_save:  # the only host syncs of the loop
                 wait_for_all()
                 training_seconds += time.perf_counter() - segment_start  # the clock stops: what follows is not training
