@@ -11,11 +11,11 @@ in the kernel that computes softmax(q k^T / sqrt(d_nope + d_rope)) v.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.attention import CausalSelfAttention, KVCache
-from hardware import cuda_capability
+from common.hardware import cuda_capability
+from config.settings import ExperimentConfig
+from models.attention import CausalSelfAttention, KVCache, float32_rms_norm
 from models.attention_ops import (
     CACHED_ATTENTION_KERNELS,
     FLASH_ATTN_NOT_INSTALLED,
@@ -27,7 +27,6 @@ from models.attention_ops import (
     sdpa_causal_attention,
 )
 from models.rope import RotaryEmbedding, apply_rope_interleaved
-from experiment_config import ExperimentConfig
 
 NORM_EPS = 1e-6
 LATENT_QUERY_CHUNK = 512  # queries per attention call when prefilling through the latent cache
@@ -36,18 +35,6 @@ LATENT_QUERY_CHUNK = 512  # queries per attention call when prefilling through t
 def device_type(x: torch.Tensor) -> str:
     """The device type a kernel choice was planned for ("cuda", "cpu")."""
     return x.device.type
-
-
-def _norm_in_float32(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm computed in float32 (as DeepSeek computes its latent norms), returned in x's dtype.
-
-    Under bf16 autocast x is a bf16 projection output; in a module cast to bf16 (no autocast) both x and
-    the gain are bf16. Either way the norm runs fused on float32 operands, and the result goes back to
-    x's dtype, so the next projection gets the dtype its weight has (a float32 result would meet a bf16
-    weight and matmul would refuse it).
-    """
-    normed = F.rms_norm(x.float(), norm.normalized_shape, None if norm.weight is None else norm.weight.float(), norm.eps)
-    return normed.to(x.dtype)
 
 
 class DeepseekV3Attention(CausalSelfAttention):
@@ -109,7 +96,7 @@ class DeepseekV3Attention(CausalSelfAttention):
     def query(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """x (batch, seq, d) -> q_nope (batch, heads, seq, d_nope), rotated q_rope (batch, heads, seq, d_rope)."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(_norm_in_float32(self.q_a_layernorm, self.q_a_proj(x)))
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(float32_rms_norm(self.q_a_layernorm, self.q_a_proj(x)))
         q = q.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         cos, sin = self.rope(seq, start)
@@ -120,7 +107,7 @@ class DeepseekV3Attention(CausalSelfAttention):
         everything MLA's keys and values are made of, and all its latent cache keeps."""
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         cos, sin = self.rope(x.shape[1], start)
-        return _norm_in_float32(self.kv_a_layernorm, latent), apply_rope_interleaved(k_rope, cos, sin)
+        return float32_rms_norm(self.kv_a_layernorm, latent), apply_rope_interleaved(k_rope, cos, sin)
 
     def project_qkv(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (batch, seq, d) -> q, k (batch, heads, seq, d_nope + d_rope) and v (batch, heads, seq, d_v)."""

@@ -6,12 +6,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.errors import ConfigError
+from config.settings import ExperimentConfig
 from models.attention import CausalSelfAttention, KVCache
-from models.attention_ops import (CACHED_ATTENTION_KERNELS, cached_causal_attention, eager_causal_attention,
-                                  half_precision_cuda, sdpa_causal_attention)
+from models.attention_ops import (
+    CACHED_ATTENTION_KERNELS,
+    cached_causal_attention,
+    eager_causal_attention,
+    half_precision_cuda,
+    sdpa_causal_attention,
+)
 from models.rope import RotaryEmbedding, apply_rope_half
-from models.transformer import AttentionFactory, MoELanguageModel
-from experiment_config import ConfigError, ExperimentConfig
+from models.transformer import MoELanguageModel
 
 
 class MultiHeadAttention(CausalSelfAttention):
@@ -63,13 +69,20 @@ class MultiHeadAttention(CausalSelfAttention):
         return {"qkv_proj.weight": [("q", rows[:q_width]), ("k", rows[q_width:q_width + kv_width]),
                                     ("v", rows[q_width + kv_width:])]}
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (batch, seq, d) -> q (batch, heads, seq, head_dim), k and v (batch, kv heads, seq, head_dim), before
+        RoPE: the place a variant changes what the heads are (e.g. a norm on q and k)."""
         batch, seq, _ = x.shape
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split((q_width, kv_width, kv_width), dim=-1)
         q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.heads(x)
         cos, sin = self.rope(seq, start=cache.length if cache is not None else 0)
         q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
         if cache is not None:  # stored (batch, tokens, kv heads, d); attended as (batch, kv heads, tokens, d) views
@@ -87,29 +100,36 @@ class MultiHeadAttention(CausalSelfAttention):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
-def attention_with_kv_heads(n_kv_heads: int) -> AttentionFactory:
-    """The factory the shared LM calls per layer: the baseline's attention with n_kv_heads K/V heads."""
-    def build(config: ExperimentConfig, layer_idx: int) -> CausalSelfAttention:
-        return MultiHeadAttention(config, layer_idx, n_kv_heads=n_kv_heads)
-    return build
+class GroupedQueryAttention(MultiHeadAttention):
+    """Grouped-query attention (GQA): the baseline's attention with config.gqa_kv_heads K/V heads."""
+
+    def __init__(self, config: ExperimentConfig, layer_idx: int = 0) -> None:
+        super().__init__(config, layer_idx, n_kv_heads=config.gqa_kv_heads)
+
+
+class MultiQueryAttention(MultiHeadAttention):
+    """Multi-query attention (MQA): the baseline's attention with one K/V head shared by every query head."""
+
+    def __init__(self, config: ExperimentConfig, layer_idx: int = 0) -> None:
+        super().__init__(config, layer_idx, n_kv_heads=1)
 
 
 class BaselineAttentionModel(MoELanguageModel):
-    """The shared MoE language model with standard multi-head attention."""
+    """The shared MoE language model with standard multi-head attention (the registry's "baseline" arm)."""
 
     def __init__(self, config: ExperimentConfig, seed: int | None = None) -> None:
         super().__init__(config, MultiHeadAttention, seed=seed)
 
 
 class GroupedQueryAttentionModel(MoELanguageModel):
-    """The shared MoE language model with grouped-query attention: config.gqa_kv_heads K/V heads."""
+    """The shared MoE language model with grouped-query attention: config.gqa_kv_heads K/V heads ("gqa")."""
 
     def __init__(self, config: ExperimentConfig, seed: int | None = None) -> None:
-        super().__init__(config, attention_with_kv_heads(config.gqa_kv_heads), seed=seed)
+        super().__init__(config, GroupedQueryAttention, seed=seed)
 
 
 class MultiQueryAttentionModel(MoELanguageModel):
-    """The shared MoE language model with multi-query attention: one K/V head shared by every query head."""
+    """The shared MoE language model with multi-query attention: one K/V head shared by every query head ("mqa")."""
 
     def __init__(self, config: ExperimentConfig, seed: int | None = None) -> None:
-        super().__init__(config, attention_with_kv_heads(1), seed=seed)
+        super().__init__(config, MultiQueryAttention, seed=seed)

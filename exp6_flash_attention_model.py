@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from config.settings import ExperimentConfig
 from deepseek_modeling import DeepseekV3FlashAttention2
 from models.transformer import MoELanguageModel
-from experiment_config import ExperimentConfig
 
 
 class FlashAttentionModel(MoELanguageModel):

@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hardware import check_gpu_usable
+from arms.registry import ARM_NAMES, check_arm_names
+from common.hardware import check_gpu_usable
 
 if TYPE_CHECKING:
     from models.transformer import ModelBuilder
 
-from config_cli import add_config_flags, config_from_args, config_toml
-from experiment_config import ConfigError, ExperimentConfig
+from common.errors import ConfigError
+from config.cli import add_config_flags, config_from_args, config_toml
+from config.settings import ExperimentConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="move the results already in --output-dir aside, to "
                         "a folder named after it with the time (nothing is deleted), and start afresh")
     add_config_flags(parser)
+    arms = next(action for action in parser._actions if action.dest == "arms")
+    arms.help = f"{arms.help}; the arms: {', '.join(ARM_NAMES)}"
     return parser
 
 
@@ -60,9 +64,10 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool) -> tuple[Expe
     saved = Path(config.output_dir) / RESULTS_FILE
     if args.resume and args.config is None and saved.is_file():
         try:
-            return config_from_args(argparse.Namespace(**{**vars(args), "config": str(saved)}), cuda_available)
+            config, notice = config_from_args(argparse.Namespace(**{**vars(args), "config": str(saved)}), cuda_available)
         except ConfigError as error:
             raise ConfigError(f"--resume: {error}; choose a fresh --output-dir, or --overwrite to move it aside") from None
+    check_arm_names(config.arms)
     return config, notice
 
 

@@ -20,11 +20,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from atomic_files import write_atomic
+from common.atomic_files import write_atomic
+from common.errors import ConfigError
+from config.settings import ExperimentConfig
 from data import offline_corpus
 from data.sources import capped, check_local_path, hub_documents, hub_unreachable_reason, local_texts
 from data.tokenizer import TextTokenizer, hub_tokenizer, offline_tokenizer_from_json, train_offline_tokenizer
-from experiment_config import ConfigError, ExperimentConfig
 
 CACHE_FORMAT = 4  # 2: documents counts only those that contributed tokens; documents_read added; 3: the offline tokenizer
 # is cached too; 4: a --data file's own size (documents_in_file, tokens_in_file) and the text field

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from experiment_config import ConfigError, ExperimentConfig
-from safe_json import JSONInputError, parse_json
+from common.errors import ConfigError
+from common.safe_json import JSONInputError, parse_json
+from config.settings import ExperimentConfig
 
 LOCAL_FORMATS = (".txt", ".jsonl", ".parquet")
 JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",

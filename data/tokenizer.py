@@ -7,13 +7,14 @@ tokenizer as its name (loaded again from the local Hugging Face cache, or the Hu
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from atomic_files import write_atomic
-from safe_json import read_text_file
+from common.atomic_files import write_atomic
+from common.safe_json import read_text_file
 
 TOKENIZER_FILE = "tokenizer.json"
 OFFLINE_BPE = "offline-bpe"  # spec kinds: the offline BPE's JSON, or a Hub tokenizer's name
@@ -46,15 +47,16 @@ def hub_tokenizer(name: str, local_files_only: bool = False) -> TextTokenizer:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
-
-    def decode(ids: list[int]) -> str:
-        text = tok.decode(ids, skip_special_tokens=False)
-        if not isinstance(text, str):  # a list only for a batch of sequences, never for one
-            raise TypeError(f"{name} decoded one sequence into {type(text).__name__}")
-        return text
-
     return TextTokenizer(name, len(tok), lambda text: tok.encode(text, add_special_tokens=False), tok.eos_token_id,
-                         decode=decode, kind=HUB, hub_name=name)
+                         decode=functools.partial(_decode_one, tok, name), kind=HUB, hub_name=name)
+
+
+def _decode_one(tok: Any, name: str, ids: list[int]) -> str:
+    """A Hub tokenizer's text of one sequence."""
+    text = tok.decode(ids, skip_special_tokens=False)
+    if not isinstance(text, str):  # a list only for a batch of sequences, never for one
+        raise TypeError(f"{name} decoded one sequence into {type(text).__name__}")
+    return text
 
 
 def train_offline_tokenizer(documents: list[str], vocab_size: int) -> TextTokenizer:

@@ -43,20 +43,30 @@ from typing import Any, Callable
 
 import torch
 
-from arms import ARMS, arm_color
-from atomic_files import write_atomic
-from cli_values import check_parsed_values, parse_and_plan
-from experiment_config import MAX_SEED, PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
-from hardware import (BF16, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
-                      resolve_device as experiment_device, resolve_precision, synchronize)
+from arms.registry import ARMS, arm_builders, arm_color
+from common.atomic_files import write_atomic
+from common.errors import ConfigError
+from common.hardware import (
+    BF16,
+    autocast,
+    device_name,
+    peak_memory_mb,
+    precision_label,
+    reset_peak_memory,
+    resolve_device,
+    resolve_precision,
+    synchronize,
+)
+from common.reporting import check_output_file, fmt, guarded, release, render_table, times_fewer, write_json_atomic
+from config.settings import BASELINE, MAX_SEED, PRECISIONS, ExperimentConfig, cpu_preset
+from config.values import check_parsed_values, parse_and_plan
+from inference.transformers_mla import TRANSFORMERS_MODE, with_transformers_attention
 from models.attention import KVCache
 from models.attention_ops import CACHED_ATTENTION_BACKENDS
-from models.checkpoint import arm_builders, load_checkpoint
+from models.checkpoint import load_checkpoint
 from models.costs import parameter_count
 from models.memory import MemoryNeed, check_fits, decode_cache_bytes, inference_activation_bytes, shape_only_model
 from models.transformer import MoELanguageModel
-from inference.transformers_mla import TRANSFORMERS_MODE, with_transformers_attention
-from reporting import check_output_file, fmt, guarded, release, render_table, write_json_atomic
 
 DEFAULT_OUTPUT = "benchmark_results/decode_benchmark.json"
 FULL_VOCAB_SIZE = 49152  # the SmolLM tokenizer the full experiment uses
@@ -140,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def attention_label(arm: str, mode: str) -> str:
     """'MHA kv', 'MLA expanded', 'MLA latent', 'MLA transformers', 'GQA kv', 'MQA kv': the arm's attention
     (arms.ARMS) and the cache."""
-    return f"{ARMS[arm].attention if arm in ARMS else arm} {mode}"
+    return f"{(ARMS[arm].short if arm in ARMS else '') or arm} {mode}"
 
 
 def ordered_modes(model: MoELanguageModel) -> list[str]:
@@ -164,7 +174,7 @@ def load_checkpoints(paths: list[str], device: torch.device) -> list[BenchModel]
         if not found:
             raise FileNotFoundError(f"{given}: no saved model (a folder with config.json) there")
         for directory in found:
-            loaded = load_checkpoint(directory, device)
+            loaded = load_checkpoint(directory, arm_builders(), device)
             models.append(BenchModel(loaded.arm, loaded.model, f"checkpoint {directory}", directory.name))
     arms = [m.arm for m in models]
     if len(set(arms)) == len(arms):  # one model per arm: labels need no folder name
@@ -324,19 +334,24 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                      "re-expands per-head K and V for every cached token at every step; absorbed latent decoding "
                      "forms no per-head K or V. Median decode ms/token, latent vs transformers:")
         lines += absorption_lines(results)
-    for arm in ARMS.values():
-        label = attention_label(arm.name, "kv")
-        grouped = sizes.get(label)
-        if mha and grouped and arm.attention not in ("MHA", "MLA"):  # GQA, MQA: the same K/V cache, fewer heads
+    for arm in ARMS.values():  # every other arm's own cache (GQA, MQA: the same K/V cache with fewer heads)
+        modes = arm_cache_modes(results, arm.name)
+        own = sizes.get(attention_label(arm.name, modes[0])) if modes else None
+        if mha and own and arm.name not in (BASELINE, "deepseek"):
             vs_latent = f"; MLA's latent cache holds {latent:g} B" if latent else ""
-            lines.append(f"{label} holds {grouped:g} B per token per layer: {mha / grouped:.1f}x less than MHA's "
-                         f"K/V{vs_latent}.")
+            lines.append(f"{attention_label(arm.name, modes[0])} holds {own:g} B per token per layer: "
+                         f"{times_fewer(mha / own, 'bytes')} MHA's K/V{vs_latent}.")
     ok = _ok_rows(results)
     if ok:
         agree = all(r["measured_equals_analytic"] and r["cache_layers_agree"] for r in ok)
         lines.append("Measured cache bytes equal the analytic counts in every row and layer." if agree else
                      "Measured cache bytes DIFFER from the analytic counts (or between layers) in some rows: see the JSON.")
     return lines
+
+
+def arm_cache_modes(results: dict[str, Any], arm: str) -> list[str]:
+    """The cache modes measured for `arm` (its own first), from the JSON's list of models."""
+    return next((list(m["cache_modes"]) for m in results.get("models", []) if m.get("arm") == arm), [])
 
 
 def absorption_lines(results: dict[str, Any]) -> list[str]:
@@ -492,7 +507,7 @@ def decode_memory(models: list[MoELanguageModel], contexts: list[int], batch_siz
 def plan_benchmark(args: argparse.Namespace) -> DecodePlan:
     """Check every argument and the memory the largest row needs; ConfigError naming the flag otherwise."""
     check_parsed_values(args)  # integers in int64, floats finite, text non-empty: every flag
-    device = experiment_device(ExperimentConfig(device=args.device).validate())
+    device = resolve_device(ExperimentConfig(device=args.device).validate().device)
     on_cuda = device.type == "cuda"
     contexts = list(args.contexts or (CUDA_CONTEXTS if on_cuda else CPU_CONTEXTS))
     batch_sizes = list(args.batch_sizes or (CUDA_BATCH_SIZES if on_cuda else CPU_BATCH_SIZES))
@@ -517,7 +532,7 @@ def plan_benchmark(args: argparse.Namespace) -> DecodePlan:
     check_fits(decode_memory(models, contexts, batch_sizes, new_tokens), device,
                "lower the largest --contexts, --batch-sizes or --new-tokens")
     return DecodePlan(args, device, contexts, batch_sizes, new_tokens, small, config,
-                      resolve_precision(config, device), output, checkpoints)
+                      resolve_precision(config.precision, device), output, checkpoints)
 
 
 def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:

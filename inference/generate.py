@@ -22,11 +22,12 @@ from typing import Callable
 
 import torch
 
-from cli_values import check_parsed_values
+from arms.registry import ARM_NAMES, arm_builders
+from common.errors import ConfigError, one_line
+from common.hardware import autocast, resolve_device
+from config.settings import MAX_SEED, ExperimentConfig
+from config.values import check_parsed_values
 from data.tokenizer import TextTokenizer, TokenizerError, load_tokenizer
-from experiment_config import MAX_SEED, ConfigError, ExperimentConfig, one_line
-from hardware import autocast, resolve_device
-from arms import ARM_NAMES
 from models.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, CheckpointError, load_checkpoint, run_checkpoint_dir
 from models.costs import parameter_count
 from models.memory import MemoryNeed, check_fits, decode_cache_bytes, inference_activation_bytes
@@ -188,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)
-        device = resolve_device(ExperimentConfig(device=args.device).validate())
+        device = resolve_device(ExperimentConfig(device=args.device).validate().device)
         sampling = Sampling(args.temperature or 0.0, args.top_k)
         folders = find_checkpoints(Path(args.checkpoint), args.run_seed)
-        loaded = [load_checkpoint(folder, device) for folder in folders]
+        loaded = [load_checkpoint(folder, arm_builders(), device) for folder in folders]
         tokenizers = [load_tokenizer(ckpt.tokenizer_spec(), ckpt.directory) for ckpt in loaded]
         prompt_tokens = [len(tokenizer.encode(args.prompt)) for tokenizer in tokenizers]
         if min(prompt_tokens) < 1:

@@ -30,8 +30,8 @@ from transformers.models.deepseek_v3 import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention as HFDeepseekV3Attention
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
+from config.settings import ExperimentConfig
 from deepseek_modeling import NORM_EPS, DeepseekV3Attention
-from experiment_config import ExperimentConfig
 from models.attention import CausalSelfAttention, KVCache
 from models.attention_ops import CACHED_ATTENTION_KERNELS, cached_attention_kernels
 from models.checkpoint import WEIGHTS_FILE, CheckpointError, read_config

@@ -7,6 +7,7 @@ arm is one small module passed in, and mypy checks every use of it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -52,6 +53,19 @@ class KVCache:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The cached tensors' shapes (batch, tokens, ...), for reports."""
         return {name: (t.shape[0], self.length, *t.shape[2:]) for name, t in self._storage.items()}
+
+
+def float32_rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm computed in float32 (as DeepSeek computes its latent norms), returned in x's dtype: the norm an
+    attention module applies inside itself (MLA's latent norms, a QK-norm), safe in bf16 with or without autocast.
+
+    Under bf16 autocast x is a bf16 projection output; in a module cast to bf16 (no autocast) both x and
+    the gain are bf16. Either way the norm runs fused on float32 operands, and the result goes back to
+    x's dtype, so the next projection gets the dtype its weight has (a float32 result would meet a bf16
+    weight and matmul would refuse it).
+    """
+    normed = F.rms_norm(x.float(), norm.normalized_shape, None if norm.weight is None else norm.weight.float(), norm.eps)
+    return normed.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):

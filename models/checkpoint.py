@@ -21,14 +21,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import safetensors.torch
 import torch
 
-from atomic_files import write_atomic
-from experiment_config import ConfigError, ExperimentConfig
-from safe_json import JSONInputError, read_json_file
+from common.atomic_files import write_atomic
+from common.errors import ConfigError
+from common.safe_json import JSONInputError, read_json_file
+from config.settings import ExperimentConfig
 from models.costs import parameter_count
 from models.transformer import ModelBuilder, MoELanguageModel
 
@@ -111,17 +112,6 @@ class LoadedCheckpoint:
         return spec
 
 
-def arm_builders() -> dict[str, ModelBuilder]:
-    """The model class of each arm, from the one registry (arms.ARMS).
-
-    The registry and the arm classes live in the top-level files, which import models/; importing them
-    here, when a model is built, keeps models/ importable on its own.
-    """
-    from arms import arm_builders as registry_builders
-
-    return registry_builders()
-
-
 def run_checkpoint_dir(output_dir: Path, arm: str, seed: int) -> Path:
     """Where the experiment saves the model of one run: OUTPUT_DIR/checkpoints/<arm>-seed<seed>/."""
     return Path(output_dir) / CHECKPOINTS_DIR / f"{arm}-seed{seed}"
@@ -146,9 +136,6 @@ def save_checkpoint(model: MoELanguageModel, arm: str, directory: Path, extra: d
     Tensors are written contiguous, on the CPU, in the model's dtype. Returns
     {"directory": str, "files": {file name: bytes}, "bytes": total}.
     """
-    known = arm_builders()
-    if arm not in known:
-        raise CheckpointError(f"unknown arm {arm!r}: expected one of {', '.join(known)}")
     tensors = {key: tensor.to("cpu").contiguous() for key, tensor in checkpoint_state_dict(model).items()}
     dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in tensors.values()})
     weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
@@ -194,17 +181,16 @@ def read_config(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(directory: Path, device: torch.device | str = "cpu",
-                    builders: dict[str, ModelBuilder] | None = None) -> LoadedCheckpoint:
+def load_checkpoint(directory: Path, builders: Mapping[str, ModelBuilder],
+                    device: torch.device | str = "cpu") -> LoadedCheckpoint:
     """The model saved in `directory`, rebuilt from its config.json and loaded strictly, in eval mode on `device`.
 
-    `builders` maps arm names to model classes (default: every arm of the registry, arms.ARMS). A model's
-    shape comes from the saved config (e.g. the GQA arm's gqa_kv_heads).
+    `builders` maps arm names to the functions that build their models (arms/registry.py: arm_builders()); a
+    model's shape comes from the saved config (e.g. the GQA arm's gqa_kv_heads).
     """
     directory = Path(directory)
     meta = read_config(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    builders = builders if builders is not None else arm_builders()
     arm = meta.get("arm")
     if not isinstance(arm, str) or arm not in builders:
         raise CheckpointError(f"{config_path}: unknown arm {arm!r}; expected one of {', '.join(builders)}")

@@ -26,8 +26,9 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from experiment_config import ConfigError, ExperimentConfig
-from hardware import memory_capacity
+from common.errors import ConfigError
+from common.hardware import memory_capacity
+from config.settings import ExperimentConfig
 from models.attention import CausalSelfAttention
 from models.moe import Expert
 from models.transformer import ModelBuilder, MoELanguageModel

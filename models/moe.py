@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiment_config import ExperimentConfig
-from hardware import cuda_capability
+from common.hardware import cuda_capability
+from config.settings import ExperimentConfig
 
 
 class TopKRouter(nn.Module):

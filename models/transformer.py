@@ -13,8 +13,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from experiment_config import ConfigError, ExperimentConfig
-from hardware import cuda_capability
+from common.errors import ConfigError
+from common.hardware import cuda_capability
+from config.settings import ExperimentConfig
 from models.attention import CausalSelfAttention, KVCache
 from models.moe import MixtureOfExperts
 

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atomic_files import write_atomic
+from common.atomic_files import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 TOTAL_LIMIT_S = 7 * 60
@@ -387,7 +387,7 @@ def probe_environment() -> dict[str, Any]:
     """The card and the software stack, as stage 0 reports them."""
     import torch
 
-    from hardware import nvidia_driver_version
+    from common.hardware import nvidia_driver_version
 
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                             "cudnn": torch.backends.cudnn.version(), "driver": nvidia_driver_version(),

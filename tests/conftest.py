@@ -14,7 +14,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import pytest
 import torch
 
-from experiment_config import ExperimentConfig
+from config.settings import ExperimentConfig
 
 
 def tiny_config(tmp_path, **changes) -> ExperimentConfig:

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from arms.registry import arm_builders
 from exp6_flash_attention_model import FlashAttentionModel
 from exp6_trainer import main
 from models.attention import KVCache
-from training.experiment import MODEL_BUILDERS
 
 FAULT = "injected fault"
 
@@ -61,4 +61,4 @@ if __name__ == "__main__":
     argv = sys.argv[4:]
     if FailsOnOneRank.fault.startswith("flags:") and int(os.environ.get("RANK", "0")) == FailsOnOneRank.fail_rank:
         argv += FailsOnOneRank.fault.removeprefix("flags:").split()
-    sys.exit(main(argv, builders={**MODEL_BUILDERS, "deepseek": FailsOnOneRank}))
+    sys.exit(main(argv, builders={**arm_builders(), "deepseek": FailsOnOneRank}))

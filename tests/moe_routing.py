@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from experiment_config import ExperimentConfig
+from config.settings import ExperimentConfig
 from models.moe import MixtureOfExperts, TopKRouter
 
 

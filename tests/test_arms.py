@@ -17,15 +17,17 @@ import torch
 import torch.nn.functional as F
 
 import exp6_baseline_attention_model
-from arms import ARM_NAMES, ARMS, ModelBuilder, arm_builders, arm_label
+from arms.registry import ARM_NAMES, ARMS, arm_builders, arm_label, check_arm_names
+from common.errors import ConfigError
+from config.settings import ExperimentConfig
 from exp6_baseline_attention_model import GroupedQueryAttentionModel, MultiHeadAttention, MultiQueryAttentionModel
 from exp6_trainer import build_parser, config_from_args, main
-from experiment_config import ConfigError, ExperimentConfig
-from models import attention_ops, checkpoint
+from models import attention_ops
 from models.checkpoint import load_checkpoint, run_checkpoint_dir
-from models.transformer import MoELanguageModel
-from training import plots, results as results_module
-from training.experiment import MODEL_BUILDERS, run_experiment
+from models.transformer import ModelBuilder, MoELanguageModel
+from training import plots
+from training import results as results_module
+from training.experiment import run_experiment
 from training.plots import LOSS_STEP_PLOT, VAL_TIME_PLOT
 from training.results import RESULTS_FILE, comparison_pairs, format_table
 from training.stats import paired_difference
@@ -38,12 +40,11 @@ PAIRS = ("deepseek - baseline", "gqa - baseline", "mqa - baseline", "deepseek - 
 
 def test_one_registry_names_every_arm_and_everyone_reads_it():
     assert ARM_NAMES == ALL_ARMS
-    assert [ARMS[a].label for a in ALL_ARMS] == ["Baseline (MHA)", "DeepSeek-V3 MLA", "GQA (2 KV heads)",
+    assert [ARMS[a].label_for() for a in ALL_ARMS] == ["Baseline (MHA)", "DeepSeek-V3 MLA", "GQA (2 KV heads)",
                                                  "MQA (1 KV head)"]
     assert len({arm.color for arm in ARMS.values()}) == len(ARMS)  # one colour per arm
-    assert checkpoint.arm_builders() == arm_builders() == MODEL_BUILDERS
     assert plots.COLORS == {name: arm.color for name, arm in ARMS.items()}
-    assert plots.LABELS == {name: arm.label for name, arm in ARMS.items()}
+    assert plots.LABELS == {name: arm.label_for() for name, arm in ARMS.items()}
     assert ExperimentConfig().arms == ("baseline", "deepseek")
     assert arm_label("gqa", {"gqa_kv_heads": 1}) == "GQA (1 KV head)"
     assert arm_label("gqa", ExperimentConfig(n_heads=8, d_model=256, gqa_kv_heads=4)) == "GQA (4 KV heads)"
@@ -116,13 +117,17 @@ def test_arms_and_kv_heads_reach_the_config():
 
 
 @pytest.mark.parametrize("arms, message", [
-    (("baseline", "mla"), "--arms baseline mla: unknown arm 'mla'; choose from baseline, deepseek, gqa, mqa"),
     (("baseline", "gqa", "gqa"), "--arms baseline gqa gqa: an arm is repeated"),
     (("deepseek", "gqa"), "--arms deepseek gqa: must include baseline"),
 ])
 def test_bad_arms_are_config_errors_naming_the_flag(arms, message):
     with pytest.raises(ConfigError, match=message):
         ExperimentConfig(arms=arms).validate()
+
+
+def test_an_arm_the_registry_lacks_is_named_with_every_arm_it_has():
+    with pytest.raises(ConfigError, match=f"--arms baseline mla: unknown arm 'mla'; choose from {', '.join(ARM_NAMES)}$"):
+        check_arm_names(("baseline", "mla"))
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -155,7 +160,7 @@ TRAINED: dict[str, MoELanguageModel] = {}
 def _kept(name: str) -> ModelBuilder:
     """The registry's builder for `name`, keeping the model it builds so the test can compare it with its save."""
     def build(config: ExperimentConfig, seed: int | None = None) -> MoELanguageModel:
-        model = ARMS[name].builder(config, seed=seed)
+        model = ARMS[name].build(config, seed=seed)
         TRAINED[name] = model
         return model
     return build
@@ -217,8 +222,8 @@ def test_a_tiny_run_with_all_four_arms_writes_every_arm_pairs_budget_and_plots(c
         assert image.shape[0] > 100 and image.shape[1] > 100
 
     for name in ("gqa", "mqa"):  # the saved models of the new arms load back with the trained logits
-        loaded = load_checkpoint(run_checkpoint_dir(Path(cfg.output_dir), name, cfg.seed))
-        assert loaded.arm == name and type(loaded.model) is ARMS[name].builder
+        loaded = load_checkpoint(run_checkpoint_dir(Path(cfg.output_dir), name, cfg.seed), arm_builders())
+        assert loaded.arm == name and type(loaded.model.attention_modules()[0]) is type(TRAINED[name].attention_modules()[0])
         assert loaded.config.gqa_kv_heads == 2 and loaded.config.n_heads == 4
         ids = torch.randint(0, loaded.config.vocab_size or 0, (2, 9), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import deepseek_modeling
+from config.settings import ExperimentConfig
 from deepseek_modeling import DeepseekV3Attention, DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import MultiHeadAttention
 from models.rope import apply_rope_half
-from experiment_config import ExperimentConfig
 
 ATOL, RTOL = 1e-5, 1e-4
 MUTATION_MIN_DIFF = 1e-3

@@ -11,18 +11,27 @@ import pytest
 import safetensors.torch
 import torch
 
+from arms.registry import ARM_NAMES, arm_builders
+from common.errors import ConfigError
+from config.settings import ExperimentConfig
 from data.dataset import prepare_data
 from data.offline_corpus import stdlib_documents
 from data.tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, save_tokenizer, train_offline_tokenizer
-from exp6_baseline_attention_model import BaselineAttentionModel
+from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
 from exp6_flash_attention_model import FlashAttentionModel
 from exp6_trainer import build_parser, config_from_args
-from experiment_config import ConfigError, ExperimentConfig
-from models.checkpoint import (CONFIG_FILE, NAME_TABLE, WEIGHTS_FILE, CheckpointError, checkpoint_name,
-                               checkpoint_state_dict, load_checkpoint, parameter_name, run_checkpoint_dir,
-                               save_checkpoint)
-from arms import ARM_NAMES, arm_builders
-from exp6_baseline_attention_model import MultiHeadAttention
+from models.checkpoint import (
+    CONFIG_FILE,
+    NAME_TABLE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    checkpoint_name,
+    checkpoint_state_dict,
+    load_checkpoint,
+    parameter_name,
+    run_checkpoint_dir,
+    save_checkpoint,
+)
 from models.transformer import MoELanguageModel
 from training.experiment import run_experiment
 from training.results import RESULTS_FILE
@@ -57,8 +66,8 @@ def test_save_then_load_gives_identical_weights_and_logits(config, tmp_path, arm
     assert saved["files"] == {name: (tmp_path / "ckpt" / name).stat().st_size for name in (WEIGHTS_FILE, CONFIG_FILE)}
     assert saved["bytes"] == sum(saved["files"].values())
 
-    loaded = load_checkpoint(tmp_path / "ckpt")
-    assert loaded.arm == arm and type(loaded.model) is ARM_CLASSES[arm]
+    loaded = load_checkpoint(tmp_path / "ckpt", arm_builders())
+    assert loaded.arm == arm and type(loaded.model.attention_modules()[0]) is type(model.attention_modules()[0])
     assert loaded.config == cfg.replace(seeds=cfg.run_seeds) and loaded.extra == {"seed": 7, "note": "test"}
     assert not loaded.model.training
     original, restored = model.state_dict(), loaded.model.state_dict()
@@ -96,7 +105,7 @@ def test_a_gqa_checkpoint_is_rebuilt_with_its_saved_kv_heads(config, tmp_path, k
     cfg = config.replace(vocab_size=64, n_heads=4, gqa_kv_heads=kv_heads)
     model = _trained_looking(cfg, "gqa")
     save_checkpoint(model, "gqa", tmp_path / "gqa", {})
-    loaded = load_checkpoint(tmp_path / "gqa")
+    loaded = load_checkpoint(tmp_path / "gqa", arm_builders())
     assert loaded.arm == "gqa" and loaded.config.gqa_kv_heads == kv_heads
     attention = loaded.model.attention_modules()[0]
     assert isinstance(attention, MultiHeadAttention) and attention.n_kv_heads == kv_heads
@@ -179,21 +188,22 @@ def _damage(directory: Path, how: str) -> None:
 def test_a_damaged_or_mismatched_checkpoint_is_a_clear_one_line_error(config, tmp_path, how, message):
     directory = tmp_path / "ckpt"
     save_checkpoint(_trained_looking(config.replace(vocab_size=64), "deepseek"), "deepseek", directory, {})
-    load_checkpoint(directory)  # sound before the damage
+    load_checkpoint(directory, arm_builders())  # sound before the damage
     _damage(directory, how)
     with pytest.raises(CheckpointError, match=message) as error:
-        load_checkpoint(directory)
+        load_checkpoint(directory, arm_builders())
     assert "\n" not in str(error.value)
 
 
-def test_saving_an_unknown_arm_or_an_untied_head_is_refused(config, tmp_path):
+def test_an_unknown_arm_does_not_load_and_an_untied_head_is_not_saved(config, tmp_path):
     model = FlashAttentionModel(config.replace(vocab_size=64))
+    save_checkpoint(model, "mla", tmp_path / "mla", {})  # models/ knows no arms: the registry refuses the name on load
     with pytest.raises(CheckpointError, match="unknown arm 'mla'"):
-        save_checkpoint(model, "mla", tmp_path, {})
+        load_checkpoint(tmp_path / "mla", arm_builders())
     model.lm_head.weight = torch.nn.Parameter(model.embed.weight.detach().clone())
     with pytest.raises(CheckpointError, match="not tied"):
-        save_checkpoint(model, "deepseek", tmp_path, {})
-    assert list(tmp_path.iterdir()) == []  # nothing written
+        save_checkpoint(model, "deepseek", tmp_path / "untied", {})
+    assert not (tmp_path / "untied").exists()  # nothing written
 
 
 def test_config_from_dict_is_the_inverse_of_to_dict_and_names_unknown_keys():
@@ -314,7 +324,7 @@ def test_every_completed_run_saves_a_loadable_model(config):
         assert record["checkpoint"]["bytes"] == sum(files.values())
         directories.append(str(directory))
 
-        loaded = load_checkpoint(directory)
+        loaded = load_checkpoint(directory, arm_builders())
         assert loaded.arm == arm and loaded.extra["seed"] == config.seed
         assert loaded.extra["val_loss"] == record["val_loss"]
         assert torch.equal(_logits(loaded.model, loaded.config.vocab_size or 0),
@@ -345,12 +355,12 @@ def test_no_save_writes_nothing_and_a_failed_run_saves_nothing(config):
 
 
 def test_a_failed_save_keeps_the_results_and_says_so(config, monkeypatch):
-    import training.experiment
+    import training.run_outputs
 
     def disk_full(*args: Any, **kwargs: Any) -> dict[str, Any]:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(training.experiment, "save_checkpoint", disk_full)
+    monkeypatch.setattr(training.run_outputs, "save_checkpoint", disk_full)
     lines: list[str] = []
     results = run_experiment(config.replace(max_steps=2, eval_every=2), log=lines.append)
     assert results["experiment"]["status"] == "completed"

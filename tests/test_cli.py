@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import ConfigError
+from config.settings import PRESETS, ExperimentConfig
 from exp6_trainer import build_parser, config_from_args, main
-from experiment_config import PRESETS, ConfigError, ExperimentConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

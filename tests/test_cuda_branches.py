@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import hardware
-from experiment_config import ExperimentConfig
+from common import hardware
+from config.settings import ExperimentConfig
 from exp6_flash_attention_model import FlashAttentionModel
 from models.moe import GROUPED_FUSED, MASK_LOOP, SORTED_SPLIT
 from tests.fake_cuda import FAKE_PEAK_MEMORY_BYTES, CudaOnCpu, install_fake_cuda
@@ -35,8 +35,8 @@ def test_hardware_helpers_call_the_cuda_runtime(monkeypatch):
     assert hardware.peak_memory_mb(CUDA) == FAKE_PEAK_MEMORY_BYTES / 2**20
     hardware.release_memory(CUDA)
     assert calls.synchronize == [CUDA] and calls.reset_peak == [CUDA] and calls.empty_cache == 1
-    assert hardware.resolve_precision(hardware_config("auto"), CUDA) == "bf16"
-    assert hardware.resolve_device(hardware_config("auto")) == CUDA
+    assert hardware.resolve_precision(hardware_config("auto").precision, CUDA) == "bf16"
+    assert hardware.resolve_device(hardware_config("auto").device) == CUDA
 
 
 def hardware_config(precision: str) -> ExperimentConfig:

@@ -12,13 +12,23 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import ConfigError
+from config.settings import ExperimentConfig
 from data import dataset as dataset_module
-from data.dataset import (DataPlan, _load_cache, _save_cache, _tokenize, batch_starts, prepare_data, split_tokens,
-                          training_batch, validation_windows)
+from data.dataset import (
+    DataPlan,
+    _load_cache,
+    _save_cache,
+    _tokenize,
+    batch_starts,
+    prepare_data,
+    split_tokens,
+    training_batch,
+    validation_windows,
+)
 from data.offline_corpus import stdlib_documents
 from data.sources import hub_documents, local_documents
 from data.tokenizer import TextTokenizer, hub_tokenizer, offline_tokenizer_from_json, train_offline_tokenizer
-from experiment_config import ConfigError, ExperimentConfig
 
 
 def test_split_is_contiguous_and_no_validation_token_is_in_any_training_window(config):

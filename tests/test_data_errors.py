@@ -9,11 +9,11 @@ from typing import Callable
 
 import pytest
 
+from common.errors import ConfigError
 from data import dataset as dataset_module
 from data.dataset import prepare_data
 from data.tokenizer import TextTokenizer
 from exp6_trainer import main
-from experiment_config import ConfigError
 
 
 def _jsonl(*rows: str) -> bytes:

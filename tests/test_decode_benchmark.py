@@ -15,12 +15,12 @@ import matplotlib.image  # noqa: E402 - after choosing the Agg backend
 import pytest
 import torch
 
-from experiment_config import ExperimentConfig, cpu_preset
+from arms.registry import arm_builders
+from config.settings import ExperimentConfig, cpu_preset
 from exp6_baseline_attention_model import BaselineAttentionModel, GroupedQueryAttentionModel, MultiQueryAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
 from inference import decode_benchmark
 from models import checkpoint
-from models.checkpoint import arm_builders
 from models.attention import KVCache
 from models.transformer import MoELanguageModel
 from tests.fake_cuda import FAKE_PEAK_MEMORY_BYTES, CudaOnCpu, install_fake_cuda

@@ -19,15 +19,27 @@ import pytest
 import torch
 
 import training.distributed as distributed
-from experiment_config import ConfigError, ExperimentConfig
-from hardware import resolve_device
+from arms.registry import arm_builders
+from common.errors import ConfigError
+from common.hardware import resolve_device
+from config.settings import ExperimentConfig
 from tests.conftest import tiny_config
 from tests.fake_cuda import install_fake_cuda
-from training.distributed import (DATA, NONE, SEEDS, Distributed, Launch, launch_from_env, resolve_parallel, shard_batch,
-                                  shard_rows)
-from training.experiment import comparison_jobs, run_experiment
+from training.distributed import (
+    DATA,
+    NONE,
+    SEEDS,
+    Distributed,
+    Launch,
+    launch_from_env,
+    resolve_parallel,
+    shard_batch,
+    shard_rows,
+)
+from training.experiment import run_experiment
 from training.metrics_log import METRICS_FILE
 from training.results import RESULTS_FILE
+from training.runs import comparison_jobs
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING_KEYS = {"training_time_minutes", "training_seconds", "tokens_per_second", "started_at", "finished_at",
@@ -87,11 +99,11 @@ def test_each_rank_takes_its_own_gpu_and_nccl(monkeypatch):
     chosen: list[Any] = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
     config = ExperimentConfig(seeds=(1, 2))
-    assert resolve_device(config, local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device(config.device, local_rank=1) == torch.device("cuda", 1)
     with pytest.raises(ConfigError, match="--device cuda:0 under torchrun would put every rank on one GPU"):
-        resolve_device(config.replace(device="cuda:0"), local_rank=1)
+        resolve_device("cuda:0", local_rank=1)
     with pytest.raises(ConfigError, match="local rank 2 needs GPU cuda:2 but this node shows 2"):
-        resolve_device(config, local_rank=2)
+        resolve_device(config.device, local_rank=2)
 
     joined: dict[str, Any] = {}
     monkeypatch.setattr(distributed.dist, "rendezvous", lambda url, rank, world_size, timeout: iter([("store", rank, world_size)]))
@@ -102,7 +114,7 @@ def test_each_rank_takes_its_own_gpu_and_nccl(monkeypatch):
     assert joined["backend"] == "nccl" and joined["rank"] == 1 and joined["world_size"] == 2
     assert joined["timeout"] == dt.timedelta(minutes=config.dist_timeout_minutes)  # no collective waits forever
     assert chosen == []  # the rank's GPU is set once every rank has agreed it has one
-    context = distributed.on_device(context, resolve_device(config, local_rank=1))
+    context = distributed.on_device(context, resolve_device(config.device, local_rank=1))
     assert chosen == [torch.device("cuda", 1)]
     assert context.object_group == "gloo group"  # records travel on the CPU, not through NCCL
     assert context.devices[0]["device_name"] == "NVIDIA H200 (sm90)"
@@ -118,8 +130,7 @@ def test_data_parallel_wraps_the_model_in_ddp_on_its_gpu(monkeypatch, tmp_path):
         return module
 
     monkeypatch.setattr(distributed, "DistributedDataParallel", fake_ddp)
-    from training.experiment import MODEL_BUILDERS
-    model = MODEL_BUILDERS["deepseek"](tiny_config(tmp_path, vocab_size=64), seed=0)
+    model = arm_builders()["deepseek"](tiny_config(tmp_path, vocab_size=64), seed=0)
     context = Distributed(rank=0, world_size=2, mode=DATA)
     context.wrap(model, torch.device("cuda", 1), find_unused_parameters=True)
     assert wrapped == {"device_ids": [torch.device("cuda", 1)], "find_unused_parameters": True}

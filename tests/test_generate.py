@@ -11,8 +11,7 @@ from data.tokenizer import TextTokenizer
 from exp6_baseline_attention_model import BaselineAttentionModel, GroupedQueryAttentionModel, MultiQueryAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
 from inference.generate import Sampling, cache_mode_for, generate_ids, generate_text
-from models.checkpoint import ModelBuilder
-from models.transformer import MoELanguageModel
+from models.transformer import ModelBuilder, MoELanguageModel
 
 
 def _model(config, model_cls: ModelBuilder) -> MoELanguageModel:

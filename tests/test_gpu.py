@@ -29,12 +29,17 @@ import torch.nn.functional as F
 
 import deepseek_modeling
 import exp6_baseline_attention_model
+from common.hardware import cuda_capability
+from config.settings import ExperimentConfig
 from deepseek_modeling import DeepseekV3Attention, DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
-from experiment_config import ExperimentConfig
-from hardware import cuda_capability
-from models.attention_ops import FLASH_ATTN_INSTALL, eager_causal_attention, flash_attn_import_error, sdpa_causal_attention
+from models.attention_ops import (
+    FLASH_ATTN_INSTALL,
+    eager_causal_attention,
+    flash_attn_import_error,
+    sdpa_causal_attention,
+)
 from models.moe import GROUPED_CPU, GROUPED_FUSED, GROUPED_PER_GROUP, MASK_LOOP, SORTED_SPLIT, MixtureOfExperts
 from tests.fake_cuda import CudaOnCpu, install_fake_cuda, install_fake_cuda_graphs
 from tests.host_sync import HostSyncDetector

@@ -266,7 +266,7 @@ def test_a_timed_out_stage_is_exit_124_and_its_process_group_is_killed(tmp_path)
 
 def test_stage_0_probe_on_a_card(monkeypatch):
     """The probe's CUDA branch, with the CUDA runtime answering like an H200 (tests/fake_cuda.py)."""
-    import hardware
+    from common import hardware
     from tests.fake_cuda import install_fake_cuda
 
     install_fake_cuda(monkeypatch, "NVIDIA H200", (9, 0))

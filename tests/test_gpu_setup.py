@@ -14,12 +14,13 @@ import torch
 
 import deepseek_modeling
 import exp6_trainer
-import hardware
 import models.attention_ops as attention_ops
+from common import hardware
+from common.errors import ConfigError
+from config.settings import ExperimentConfig
 from exp6_flash_attention_model import FlashAttentionModel
-from experiment_config import ConfigError, ExperimentConfig
 from tests.fake_cuda import install_fake_cuda
-from training.experiment import check_flash_attn
+from training.preflight import check_flash_attn
 
 CUDA = torch.device("cuda")
 pytestmark = pytest.mark.filterwarnings("ignore:.*CUDA is not available.*:UserWarning",
@@ -72,7 +73,7 @@ def test_device_cpu_still_runs_the_cpu_preset_on_such_a_machine(monkeypatch, sta
     _machine(monkeypatch, driver="550.54.15", torch_sees_gpu=False)
     assert exp6_trainer.main(["--device", "cpu", "--output-dir", str(tmp_path)]) == 0
     assert [config.preset for config in started] == ["cpu"] and started[0].device == "cpu"
-    assert hardware.resolve_device(started[0]).type == "cpu"
+    assert hardware.resolve_device(started[0].device).type == "cpu"
 
 
 def test_a_usable_gpu_runs_the_full_experiment(monkeypatch, started, tmp_path):
@@ -80,7 +81,7 @@ def test_a_usable_gpu_runs_the_full_experiment(monkeypatch, started, tmp_path):
     monkeypatch.setattr(hardware, "nvidia_driver_version", lambda: "580.65.06")
     assert exp6_trainer.main(["--output-dir", str(tmp_path)]) == 0
     assert [config.preset for config in started] == ["full"]
-    assert hardware.resolve_device(started[0]) == CUDA
+    assert hardware.resolve_device(started[0].device) == CUDA
 
 
 def test_no_gpu_at_all_runs_the_cpu_preset_with_its_notice(monkeypatch, capsys, started, tmp_path):
@@ -95,8 +96,8 @@ def test_resolve_device_refuses_such_a_gpu_for_every_command(monkeypatch):
     _machine(monkeypatch, driver="550.54.15", torch_sees_gpu=False)
     for device in ("auto", "cuda", "cuda:0"):
         with pytest.raises(ConfigError, match="550.54.15"):
-            hardware.resolve_device(ExperimentConfig(device=device))
-    assert hardware.resolve_device(ExperimentConfig(device="cpu")).type == "cpu"
+            hardware.resolve_device(device)
+    assert hardware.resolve_device("cpu").type == "cpu"
 
 
 def test_the_driver_version_is_read_from_proc_then_nvidia_smi(monkeypatch, tmp_path):

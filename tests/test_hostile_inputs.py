@@ -30,8 +30,9 @@ import inference.decode_benchmark as decode_benchmark
 import inference.generate as generate
 import training.benchmark as training_benchmark
 import training.experiment as experiment
-from experiment_config import ExperimentConfig
-from hardware import memory_capacity
+import training.preflight as preflight
+from common.hardware import memory_capacity
+from config.settings import ExperimentConfig
 from models.memory import MemoryNeed
 from tests.conftest import tiny_config
 
@@ -73,6 +74,11 @@ class Outcomes:
             return result
         return reached
 
+    def exit_here(self, *args: Any, **kwargs: Any) -> Any:
+        """A stand-in for the experiment's work after preflight: notes that it was reached and exits 0."""
+        self.started = True
+        raise SystemExit(0)
+
     def record_fits(self, real: Callable[..., None]) -> Callable[..., None]:
         def recording(need: MemoryNeed, device: torch.device, *args: Any, **kwargs: Any) -> None:
             real(need, device, *args, **kwargs)  # raises when it does not fit
@@ -113,7 +119,7 @@ class Outcomes:
 def outcomes(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Outcomes:
     monkeypatch.chdir(tmp_path)  # relative paths among the hostile values land here
     recorder = Outcomes(capsys)
-    for module in (experiment, generate, decode_benchmark, training_benchmark):
+    for module in (preflight, generate, decode_benchmark, training_benchmark):
         monkeypatch.setattr(module, "check_fits", recorder.record_fits(module.check_fits))
     return recorder
 
@@ -123,7 +129,7 @@ def outcomes(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(ExperimentConfig)])
 def test_every_setting_with_every_hostile_value_is_planned_or_refused_in_one_line(field, outcomes, monkeypatch,
                                                                                   tmp_path):
-    monkeypatch.setattr(experiment, "_run", outcomes.stop({}))  # planned (preflight passed); no data, no training
+    monkeypatch.setattr(experiment, "on_device", outcomes.exit_here)  # planned (preflight passed); no data, no training
     hint = typing.get_type_hints(ExperimentConfig)[field]
     base = tiny_config(tmp_path).to_dict()
     for value in _field_values(hint):
@@ -160,7 +166,7 @@ def _run_flags(outcomes: Outcomes, parser: argparse.ArgumentParser, base: list[s
 
 
 def test_every_flag_of_the_experiment(outcomes, monkeypatch, tmp_path):
-    monkeypatch.setattr(experiment, "_run", outcomes.stop({}))  # planned (preflight passed); no data, no training
+    monkeypatch.setattr(experiment, "on_device", outcomes.exit_here)  # planned (preflight passed); no data, no training
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(tiny_config(tmp_path).to_dict()))
     _run_flags(outcomes, exp6_trainer.build_parser(), ["--config", str(config)], exp6_trainer.main)

@@ -6,13 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from config.settings import ExperimentConfig
 from deepseek_modeling import DeepseekV3FlashAttention2
-from exp6_baseline_attention_model import (BaselineAttentionModel, GroupedQueryAttentionModel, MultiHeadAttention,
-                                           MultiQueryAttentionModel)
+from exp6_baseline_attention_model import (
+    BaselineAttentionModel,
+    GroupedQueryAttentionModel,
+    MultiHeadAttention,
+    MultiQueryAttentionModel,
+)
 from exp6_flash_attention_model import FlashAttentionModel
-from experiment_config import ExperimentConfig
-from models.checkpoint import ModelBuilder
-from models.transformer import MoELanguageModel
+from models.transformer import ModelBuilder, MoELanguageModel
 
 ARMS = [(BaselineAttentionModel, "kv"), (FlashAttentionModel, "expanded"), (FlashAttentionModel, "latent"),
         (GroupedQueryAttentionModel, "kv"), (MultiQueryAttentionModel, "kv")]

@@ -13,10 +13,14 @@ import torch
 from torch import nn
 
 import training.lr_sweep
+import training.runs
 import training.trainer
+from arms.registry import ARMS
+from common.errors import ConfigError
+from config.settings import ExperimentConfig
 from exp6_trainer import build_parser, config_from_args, main
-from experiment_config import ConfigError, ExperimentConfig
-from training.experiment import MODEL_BUILDERS, run_experiment
+from models.attention import CausalSelfAttention
+from training.experiment import run_experiment
 from training.lr_sweep import EDGE_NOTE, UNTUNED_NOTE, at_grid_edge, best_multiplier, sweep_config, sweep_steps
 from training.plots import LR_SWEEP_PLOT
 from training.results import RESULTS_FILE
@@ -29,7 +33,8 @@ def _read(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _arm_of(model: nn.Module) -> str:
-    return next(name for name, builder in MODEL_BUILDERS.items() if type(model) is builder)
+    attention = next(module for module in model.modules() if isinstance(module, CausalSelfAttention))
+    return next(name for name, arm in ARMS.items() if type(attention) is arm.attention)
 
 
 def _capture_optimizer_lrs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, float, float]]:
@@ -230,7 +235,7 @@ def test_the_sweep_never_sees_a_validation_token_and_no_training_window_a_tuning
 
     monkeypatch.setattr(training.experiment, "prepare_data", positional)
     monkeypatch.setattr(training.lr_sweep, "train_model", in_phase("sweep", training.lr_sweep.train_model))
-    monkeypatch.setattr(training.experiment, "train_model", in_phase("comparison", training.experiment.train_model))
+    monkeypatch.setattr(training.runs, "train_model", in_phase("comparison", training.runs.train_model))
     monkeypatch.setattr(training.trainer, "evaluate", recording_evaluate)
     monkeypatch.setattr(training.trainer, "training_batch", recording_batch)
     cfg = config.replace(lr_sweep=True, lr_sweep_multipliers=(1.0,), lr_sweep_steps=2, max_steps=3, eval_every=3,

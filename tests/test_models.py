@@ -5,15 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arms import ARM_NAMES, ARMS
-from exp6_baseline_attention_model import (BaselineAttentionModel, GroupedQueryAttentionModel, MultiHeadAttention,
-                                           MultiQueryAttentionModel)
+from arms.registry import ARM_NAMES, ARMS
+from common.errors import ConfigError
+from exp6_baseline_attention_model import (
+    BaselineAttentionModel,
+    GroupedQueryAttentionModel,
+    MultiHeadAttention,
+    MultiQueryAttentionModel,
+)
 from exp6_flash_attention_model import FlashAttentionModel
-from deepseek_modeling import DeepseekV3FlashAttention2
 from models.transformer import MoELanguageModel, TransformerBlock
-from experiment_config import ConfigError
 
-MODELS = [arm.builder for arm in ARMS.values()]  # every arm: MHA, MLA, GQA, MQA
+MODELS = [arm.build for arm in ARMS.values()]  # every arm of the registry
 
 
 @pytest.fixture
@@ -48,12 +51,12 @@ def test_changing_a_later_token_never_changes_earlier_logits(model_cls, model_co
 @pytest.mark.parametrize("arm", [name for name in ARM_NAMES if name != "baseline"])
 def test_models_differ_only_in_attention(model_config, arm):
     """Same block and LM classes; every parameter outside attention has the same name, shape and initial value."""
-    baseline, other = BaselineAttentionModel(model_config, seed=7), ARMS[arm].builder(model_config, seed=7)
-    assert type(other) is not type(baseline) and isinstance(other, MoELanguageModel)
+    baseline, other = BaselineAttentionModel(model_config, seed=7), ARMS[arm].build(model_config, seed=7)
+    assert type(other) is MoELanguageModel and isinstance(baseline, MoELanguageModel)
     assert all(isinstance(b, TransformerBlock) for b in (*baseline.blocks, *other.blocks))
-    assert isinstance(baseline.blocks[0].attention, MultiHeadAttention)
-    expected = DeepseekV3FlashAttention2 if arm == "deepseek" else MultiHeadAttention
-    assert all(isinstance(block.attention, expected) for block in other.transformer_blocks())
+    assert type(baseline.blocks[0].attention) is MultiHeadAttention
+    expected = type(ARMS[arm].attention(model_config, 0))
+    assert expected is not MultiHeadAttention and all(type(b.attention) is expected for b in other.transformer_blocks())
     shared_b = {n: p for n, p in baseline.named_parameters() if ".attention." not in n}
     shared_o = {n: p for n, p in other.named_parameters() if ".attention." not in n}
     assert shared_b.keys() == shared_o.keys()

@@ -8,8 +8,17 @@ import copy
 import pytest
 import torch
 
-from models.moe import (GROUPED_CPU, GROUPED_FUSED, GROUPED_PER_GROUP, MASK_LOOP, SORTED_SPLIT, MixtureOfExperts,
-                        expert_counts, load_balancing_loss, plan_dispatch)
+from models.moe import (
+    GROUPED_CPU,
+    GROUPED_FUSED,
+    GROUPED_PER_GROUP,
+    MASK_LOOP,
+    SORTED_SPLIT,
+    MixtureOfExperts,
+    expert_counts,
+    load_balancing_loss,
+    plan_dispatch,
+)
 from tests.moe_routing import force_uneven_routing
 
 

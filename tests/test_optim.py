@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
-from arms import arm_builders
+import training.optim as training_optim
+from arms.registry import arm_builders
+from common.errors import ConfigError
+from config.settings import MUON_ADJUST_LR_FNS, ExperimentConfig
 from deepseek_modeling import DeepseekV3Attention
 from exp6_trainer import build_parser, config_from_args
-from experiment_config import MUON_ADJUST_LR_FNS, ConfigError, ExperimentConfig
-import training.optim as training_optim
 from training.optim import BlockMuon, PerBlockMuon, build_optimizers, build_schedulers, collapsed_lr_scales
 from training.step import forward_loss, training_step
 

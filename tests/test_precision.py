@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import ConfigError
 from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
-from experiment_config import ConfigError
 from models.moe import GROUPED_CPU
 from models.transformer import TransformerBlock
 from training import benchmark

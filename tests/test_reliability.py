@@ -21,17 +21,21 @@ import torch
 
 import inference.decode_benchmark as decode_benchmark
 import inference.generate as generate
-import reporting
 import training.benchmark as training_benchmark
 import training.experiment as experiment
-from arms import arm_builders
-from atomic_files import atomic_directory
+import training.ledger as ledger
+import training.preflight as preflight
+import training.run_outputs as run_outputs
+from arms.registry import arm_builders
+from common import reporting
+from common.atomic_files import atomic_directory
+from common.errors import ConfigError
+from common.hardware import memory_capacity
+from config.settings import ExperimentConfig
 from data.sources import local_documents
 from data.tokenizer import TOKENIZER_FILE
 from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_trainer import main
-from experiment_config import ConfigError, ExperimentConfig
-from hardware import memory_capacity
 from models.checkpoint import CONFIG_FILE
 from models.memory import MemoryNeed, check_fits
 from models.transformer import MoELanguageModel
@@ -97,7 +101,7 @@ def test_the_run_is_on_disk_when_training_ends_and_a_failing_sample_is_recorded(
         on_disk.append(_read(config))  # what a crash right now would leave
         raise MemoryError("the sample does not fit")
 
-    monkeypatch.setattr(experiment, "greedy_sample", sample_fails)
+    monkeypatch.setattr(run_outputs, "greedy_sample", sample_fails)
     lines: list[str] = []
     run_experiment(config, log=lines.append)
     before_extras = on_disk[0]["baseline"]["runs"][0]
@@ -117,7 +121,7 @@ def test_a_checkpoint_save_cut_short_leaves_no_half_folder(token_cache, tmp_path
         assert (directory / TOKENIZER_FILE).is_file()  # the tokenizer is already in the folder being built
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiment, "save_checkpoint", cut_short)
+    monkeypatch.setattr(run_outputs, "save_checkpoint", cut_short)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config, log=lambda line: None)
     assert list((Path(config.output_dir) / "checkpoints").iterdir()) == []  # neither the folder nor its staging copy
@@ -143,7 +147,7 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
 
 def test_a_stop_between_the_two_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
     """Ctrl-C after the old folder was moved aside and before the new one took its place: the old save stays."""
-    import atomic_files
+    from common import atomic_files
     target = tmp_path / "model"
     with atomic_directory(target) as staging:
         (staging / "a").write_text("first")
@@ -248,7 +252,7 @@ def test_deleting_the_lock_file_does_not_let_a_second_run_in(token_cache, tmp_pa
 
 def test_a_second_ctrl_c_during_the_final_save_does_not_cut_it_short(token_cache, tmp_path, monkeypatch):
     config = _one_arm(tmp_path, token_cache)
-    real_save = experiment.write_json_atomic
+    real_save = ledger.write_json_atomic
     seconds: list[str] = []
 
     def second_ctrl_c(path: Path, payload: dict[str, Any]) -> None:
@@ -258,7 +262,7 @@ def test_a_second_ctrl_c_during_the_final_save_does_not_cut_it_short(token_cache
             seconds.append("sent")
         real_save(path, payload)
 
-    monkeypatch.setattr(experiment, "write_json_atomic", second_ctrl_c)
+    monkeypatch.setattr(ledger, "write_json_atomic", second_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config, builders={"baseline": _StopsAtStep1}, log=lambda line: None)
     assert seconds == ["sent"]
@@ -351,8 +355,8 @@ def test_the_memory_is_estimated_again_only_for_a_larger_vocabulary(planned_voca
     def stop(*args: Any) -> None:
         raise _PastTheMemoryCheck
 
-    monkeypatch.setattr(experiment, "experiment_memory", counted)
-    monkeypatch.setattr(experiment, "_experiment_header", stop)
+    monkeypatch.setattr(preflight, "experiment_memory", counted)
+    monkeypatch.setattr(experiment, "experiment_header", stop)
     if planned_vocab is not None:
         monkeypatch.setattr(experiment, "planned_vocab_size", lambda config: planned_vocab)
     config = _one_arm(tmp_path, token_cache)

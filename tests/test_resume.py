@@ -13,14 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 import training.trainer as trainer_module
+from arms.registry import arm_builders
+from common.errors import ConfigError
 from data.dataset import prepare_data
 from exp6_trainer import main
-from experiment_config import ConfigError
 from models.transformer import MoELanguageModel
 from tests.conftest import tiny_config
 from tests.fake_cuda import CudaOnCpu, install_fake_cuda
 from training.distributed import DATA, Distributed
-from training.experiment import MODEL_BUILDERS, run_experiment
+from training.experiment import run_experiment
 from training.metrics_log import METRICS_FILE
 from training.results import RESULTS_FILE
 from training.resume import move_aside, prepare_output_dir
@@ -55,7 +56,7 @@ def test_a_run_stopped_at_step_k_and_resumed_is_bit_identical(config, tmp_path):
     device = torch.device("cpu")
 
     def fresh() -> tuple[MoELanguageModel, dict[str, Any]]:
-        model = MODEL_BUILDERS[arm](config.replace(vocab_size=data.vocab_size), seed=42)
+        model = arm_builders()[arm](config.replace(vocab_size=data.vocab_size), seed=42)
         return model, new_run_record(arm, model, 42)
 
     reference, ref_record = fresh()
@@ -240,12 +241,12 @@ def test_the_cuda_random_stream_is_saved_and_restored(monkeypatch, config, tmp_p
     data = prepare_data(config, lambda _: None)
     cuda = torch.device("cuda")
     with CudaOnCpu():
-        model = MODEL_BUILDERS["baseline"](config.replace(vocab_size=data.vocab_size), seed=1)
+        model = arm_builders()["baseline"](config.replace(vocab_size=data.vocab_size), seed=1)
         state = TrainingState(tmp_path / "state.pt")
         with pytest.raises(KeyboardInterrupt):
             train_model(model, data, config, 1, cuda, new_run_record("baseline", model, 1), state=state, on_metrics=StopAt(4))
         assert calls.rng_reads == [cuda]  # saved at the evaluation of step 2
-        model = MODEL_BUILDERS["baseline"](config.replace(vocab_size=data.vocab_size), seed=1)
+        model = arm_builders()["baseline"](config.replace(vocab_size=data.vocab_size), seed=1)
         train_model(model, data, config, 1, cuda, new_run_record("baseline", model, 1), state=TrainingState(state.path, True))
     (restored, device), = calls.rng_writes
     assert torch.equal(restored, torch.arange(16, dtype=torch.uint8)) and device == cuda
@@ -255,7 +256,7 @@ def test_data_parallel_ranks_keep_their_own_random_streams(monkeypatch, config, 
     """Rank 0 writes one file holding every rank's stream; each rank restores its own."""
     streams = [{"cpu": torch.Generator().manual_seed(rank).get_state()} for rank in range(2)]
     monkeypatch.setattr(Distributed, "gather", lambda self, obj: list(streams))
-    model = MODEL_BUILDERS["baseline"](config.replace(vocab_size=64), seed=0)
+    model = arm_builders()["baseline"](config.replace(vocab_size=64), seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     from training.train_state import ResumePoint
 

@@ -26,14 +26,16 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from arms.registry import arm_builders
+from common.errors import ConfigError
+from config.settings import ExperimentConfig
 from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
 from exp6_trainer import main
-from experiment_config import ConfigError, ExperimentConfig
 from models.attention import KVCache
-from models.transformer import MoELanguageModel
+from models.transformer import ModelBuilder, MoELanguageModel
 from training import plots
-from training.experiment import MODEL_BUILDERS, ModelBuilder, run_experiment
+from training.experiment import run_experiment
 from training.results import RESULTS_FILE, summarise_model
 from training.run_guard import LOCK_FILE, RunTerminated
 
@@ -116,7 +118,7 @@ def _check_stopped_run(config: ExperimentConfig, status: str) -> None:
 def test_ctrl_c_is_recorded_as_interrupted_not_failed(config):
     lines: list[str] = []
     with pytest.raises(KeyboardInterrupt) as stop:
-        run_experiment(config, builders={**MODEL_BUILDERS, "deepseek": _CtrlC}, log=lines.append)
+        run_experiment(config, builders={**arm_builders(), "deepseek": _CtrlC}, log=lines.append)
     assert not isinstance(stop.value, RunTerminated)
     _check_stopped_run(config, "interrupted")
     assert any(line.startswith("Interrupted") and RESULTS_FILE in line for line in lines)
@@ -132,7 +134,7 @@ def test_sigterm_is_recorded_as_terminated_and_the_old_handler_comes_back(config
     try:
         lines: list[str] = []
         with pytest.raises(RunTerminated):
-            run_experiment(config, builders={**MODEL_BUILDERS, "deepseek": _Sigterm}, log=lines.append)
+            run_experiment(config, builders={**arm_builders(), "deepseek": _Sigterm}, log=lines.append)
         assert received == []
         assert signal.getsignal(signal.SIGTERM) is outer_handler  # restored after the run
     finally:

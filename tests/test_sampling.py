@@ -10,12 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from data.dataset import (batch_starts, exposure_line, exposure_summary, prepare_data, token_exposures,
-                          training_batch)
-from experiment_config import ExperimentConfig
-from models.checkpoint import ModelBuilder
-from models.transformer import MoELanguageModel
-from training.experiment import MODEL_BUILDERS, run_experiment
+from arms.registry import arm_builders
+from config.settings import ExperimentConfig
+from data.dataset import batch_starts, exposure_line, exposure_summary, prepare_data, token_exposures, training_batch
+from models.transformer import ModelBuilder, MoELanguageModel
+from training.experiment import run_experiment
 from training.results import RESULTS_FILE
 
 SEQ = 16
@@ -149,7 +148,7 @@ def test_header_numbers_are_a_recount_and_arm_order_rotates_per_seed(config):
         return build
 
     lines: list[str] = []
-    run_experiment(cfg, builders={name: recording(name, MODEL_BUILDERS[name]) for name in ("baseline", "deepseek")},
+    run_experiment(cfg, builders={name: recording(name, arm_builders()[name]) for name in ("baseline", "deepseek")},
                    log=lines.append)
     order = [["baseline", "deepseek"], ["deepseek", "baseline"], ["baseline", "deepseek"]]
     expected = [(kind, name, seed) for seed, names in zip((1, 2, 3), order) for name in names for kind in ("build", "train")]

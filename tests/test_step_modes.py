@@ -13,18 +13,20 @@ import torch
 import torch._dynamo
 import torch._logging
 
+import training.distributed
 import training.experiment
-from arms import arm_builders
+from arms.registry import arm_builders
+from common.errors import ConfigError
+from config.settings import ExperimentConfig
 from data.dataset import TokenData
 from exp6_trainer import build_parser, config_from_args
-from experiment_config import ConfigError, ExperimentConfig
 from models.moe import GROUPED_CPU, MASK_LOOP, SORTED_SPLIT
 from tests.fake_cuda import CudaOnCpu, install_fake_cuda, install_fake_cuda_graphs
 from tests.host_sync import HostSyncError
 from training.experiment import preflight, run_experiment
 from training.optim import BlockMuon, build_optimizers, build_schedulers
-from training.step import GraphedStep, training_step
-from training.trainer import make_step, new_run_record, step_mode_label, train_model
+from training.step import GraphedStep
+from training.trainer import new_run_record, step_mode_label, train_model
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 pytestmark = pytest.mark.filterwarnings("ignore:.*CUDA is not available.*:UserWarning",
@@ -201,6 +203,6 @@ def test_step_modes_that_cannot_work_are_refused_before_training(monkeypatch, co
     monkeypatch.setenv("RANK", "0")
     # the ranks first meet in torchrun's store (to compare configs and share setup errors): here a store in
     # which rank 1 says what rank 0 says, since it was started alike
-    monkeypatch.setattr(training.experiment, "rendezvous", lambda launch, minutes: _StoreOfAlikeRanks())
+    monkeypatch.setattr(training.distributed, "rendezvous", lambda launch, minutes: _StoreOfAlikeRanks())
     with pytest.raises(ConfigError, match="--parallel data"):
         run_experiment(config.replace(cuda_graph=True, device="cuda", parallel="data"))

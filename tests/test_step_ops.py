@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from arms import arm_builders
-from experiment_config import ExperimentConfig
+from arms.registry import arm_builders
+from config.settings import ExperimentConfig
 from training.optim import build_optimizers
 from training.step import STEP_PARTS
 from training.trainer import warm_up

@@ -14,23 +14,28 @@ import matplotlib.image
 import pytest
 import torch
 
+from arms.registry import arm_builders
+from config.settings import ExperimentConfig
 from data.dataset import prepare_data
 from deepseek_modeling import DeepseekV3FlashAttention2
-from exp6_baseline_attention_model import (BaselineAttentionModel, GroupedQueryAttentionModel, MultiHeadAttention,
-                                           MultiQueryAttentionModel)
+from exp6_baseline_attention_model import (
+    BaselineAttentionModel,
+    GroupedQueryAttentionModel,
+    MultiHeadAttention,
+    MultiQueryAttentionModel,
+)
 from exp6_flash_attention_model import FlashAttentionModel
-from experiment_config import ExperimentConfig
 from models.attention import KVCache
-from models.transformer import AttentionFactory, MoELanguageModel
-from training.experiment import MODEL_BUILDERS, ModelBuilder, run_experiment
+from models.transformer import AttentionFactory, ModelBuilder, MoELanguageModel
+from tests.host_sync import HostSyncDetector, HostSyncError
+from training import trainer
+from training.experiment import run_experiment
 from training.optim import build_optimizers, build_schedulers, lr_factor, split_parameters
 from training.plots import LOSS_STEP_PLOT, VAL_TIME_PLOT
 from training.results import RESULTS_FILE
 from training.run_guard import ExperimentFailed
-from training import trainer
 from training.stats import paired_difference
 from training.trainer import new_run_record, train_model, training_step
-from tests.host_sync import HostSyncDetector, HostSyncError
 
 PUBLIC_KEYS = ("val_loss", "val_accuracy", "val_perplexity", "model_name", "training_time_minutes",
                "parameter_count", "parameters_millions")
@@ -172,7 +177,7 @@ class _FailingModel(FlashAttentionModel):
 def test_nan_at_a_step_fails_that_run_only_and_is_recorded(config):
     """The NaN fails its run only: the other arm trains and is kept. An arm left with no completed run
     leaves nothing to compare, so the experiment ends "failed" (a non-zero exit in the CLI)."""
-    builders = {**MODEL_BUILDERS, "deepseek": _FailingModel}
+    builders = {**arm_builders(), "deepseek": _FailingModel}
     lines: list[str] = []
     with pytest.raises(ExperimentFailed, match="no run of deepseek completed"):
         run_experiment(config, builders=builders, log=lines.append)
@@ -198,7 +203,7 @@ def test_an_arm_with_one_completed_seed_keeps_the_experiment_completed(config):
             self.fail_at_call = 5 if seed == 1 else -1
 
     run_experiment(config.replace(seeds=(1, 2), save_checkpoints=False, sample_tokens=0),
-                   builders={**MODEL_BUILDERS, "deepseek": FailsFirstSeedOnly}, log=lambda line: None)
+                   builders={**arm_builders(), "deepseek": FailsFirstSeedOnly}, log=lambda line: None)
     written = _read_results(config)
     assert written["experiment"]["status"] == "completed"
     assert written["deepseek"]["seeds_failed"] == [1] and written["deepseek"]["seeds_completed"] == [2]
@@ -210,7 +215,7 @@ def test_ctrl_c_keeps_what_finished_and_says_where(config):
 
     lines: list[str] = []
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, builders={**MODEL_BUILDERS, "deepseek": Interrupting}, log=lines.append)
+        run_experiment(config, builders={**arm_builders(), "deepseek": Interrupting}, log=lines.append)
     written = _read_results(config)
     assert written["experiment"]["status"] == "interrupted"
     assert written["baseline"]["runs"][0]["status"] == "completed"
@@ -222,7 +227,7 @@ def test_ctrl_c_keeps_what_finished_and_says_where(config):
 
 def test_results_file_is_replaced_atomically(config, monkeypatch):
     """A crash while writing leaves the previous results file intact."""
-    import reporting
+    from common import reporting
 
     path = Path(config.output_dir) / RESULTS_FILE
     reporting.write_json_atomic(path, {"old": 1})

@@ -10,13 +10,19 @@ import pytest
 import torch
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
+from config.settings import ExperimentConfig, cpu_preset
 from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
-from experiment_config import ExperimentConfig, cpu_preset
 from inference import decode_benchmark
-from inference.transformers_mla import (TRANSFORMERS_MODE, TransformersCache, attention_state_dict,
-                                        load_transformers_attention, transformers_attention, transformers_config,
-                                        with_transformers_attention)
+from inference.transformers_mla import (
+    TRANSFORMERS_MODE,
+    TransformersCache,
+    attention_state_dict,
+    load_transformers_attention,
+    transformers_attention,
+    transformers_config,
+    with_transformers_attention,
+)
 from models import checkpoint
 from models.checkpoint import CheckpointError
 

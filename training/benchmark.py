@@ -35,19 +35,36 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from arms import arm_builders
+from arms.registry import arm_builders
+from common.errors import ConfigError
+from common.hardware import (
+    FP32,
+    autocast,
+    device_name,
+    peak_memory_mb,
+    precision_label,
+    reset_peak_memory,
+    resolve_device,
+    resolve_precision,
+    synchronize,
+)
+from common.reporting import check_output_file, fmt, guarded, release, render_table, write_json_atomic
+from config.settings import DEFAULT_ARMS, MOE_DISPATCHES, PRECISIONS, ExperimentConfig, cpu_preset
+from config.values import check_parsed_values, parse_and_plan
 from deepseek_modeling import DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import MultiHeadAttention
 from models.attention import CausalSelfAttention
 from models.costs import attention_score_macs, cost_report, parameter_count
+from models.memory import (
+    TRAINING_BYTES_PER_PARAMETER,
+    MemoryNeed,
+    attention_training_bytes,
+    check_fits,
+    shape_only,
+    shape_only_model,
+    training_activation_bytes,
+)
 from models.transformer import MoELanguageModel
-from experiment_config import DEFAULT_ARMS, MOE_DISPATCHES, PRECISIONS, ConfigError, ExperimentConfig, cpu_preset
-from hardware import (FP32, autocast, device_name, peak_memory_mb, precision_label, reset_peak_memory,
-                      resolve_device as experiment_device, resolve_precision, synchronize)
-from cli_values import check_parsed_values, parse_and_plan
-from models.memory import (TRAINING_BYTES_PER_PARAMETER, MemoryNeed, attention_training_bytes, check_fits, shape_only,
-                           shape_only_model, training_activation_bytes)
-from reporting import check_output_file, fmt, guarded, release, render_table, write_json_atomic
 from training.optim import build_optimizers, build_schedulers
 from training.trainer import check_cuda_graph, make_step, prepare_model, step_mode_label, warm_up
 
@@ -218,7 +235,7 @@ def benchmark_model(name: str, model_name: str, variant: str, config: Experiment
     model = MODELS[model_name](config, seed=config.seed)
     if variant == PUBLIC:
         make_public_style(model)
-    precision = resolve_precision(config, device)
+    precision = resolve_precision(config.precision, device)
     prepare_model(model, config, device, precision)
     costs = cost_report(model, seq_len=config.max_seq_len)
     batch, seq = config.batch_size, config.max_seq_len
@@ -306,7 +323,7 @@ def benchmark_attention(module_name: str, config: ExperimentConfig, seq_len: int
     module = ATTENTION_MODULES[module_name](config).to(device).train()
     batch = max(1, ATTENTION_TOKENS["cuda" if device.type == "cuda" else "cpu"] // seq_len)
     x = torch.randn(batch, seq_len, config.d_model, device=device, requires_grad=True)
-    precision = resolve_precision(config, device)
+    precision = resolve_precision(config.precision, device)
     reset_peak_memory(device)
 
     def forward_backward(_: int) -> None:
@@ -430,7 +447,7 @@ def benchmark_memory(args: argparse.Namespace, config: ExperimentConfig, seq_len
 def plan_benchmark(args: argparse.Namespace) -> BenchmarkPlan:
     """Check every argument, --output and the memory of the largest measurement; ConfigError naming the flag otherwise."""
     check_parsed_values(args)  # integers in int64, floats finite, text non-empty: every flag
-    device = experiment_device(ExperimentConfig(device=args.device).validate())
+    device = resolve_device(ExperimentConfig(device=args.device).validate().device)
     on_cuda = device.type == "cuda"
     steps = args.steps if args.steps is not None else (20 if on_cuda else 3)
     warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
@@ -451,7 +468,7 @@ def plan_benchmark(args: argparse.Namespace) -> BenchmarkPlan:
                             cuda_graph=bool(args.cuda_graph), precision=args.precision, moe_dispatch=args.moe_dispatch,
                             batch_size=args.batch_size or config.batch_size, vocab_size=args.vocab_size or config.vocab_size)
     config.validate()
-    precision = resolve_precision(config, device)
+    precision = resolve_precision(config.precision, device)
     compiles = args.compile or any(STEP_MODES[mode]["compile"] for mode in args.step_modes or [])
     if compiles and precision != "bf16":
         raise ConfigError("--compile needs bf16 (the grouped-GEMM MoE compiles only in bf16), as in training: "

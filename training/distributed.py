@@ -22,12 +22,14 @@ as lost. Every collective has a timeout (--dist-timeout), so no rank waits forev
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
 import json
 import os
 import socket
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,10 +39,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from experiment_config import ConfigError, ExperimentConfig
-from hardware import device_name, use_cuda_device
+from common.errors import ConfigError
+from common.hardware import device_name, resolve_device, use_cuda_device
+from config.settings import MAX_DIST_TIMEOUT_MINUTES, ExperimentConfig
 from models.moe import MixtureOfExperts
-from training.run_guard import stop_status
+from training.run_guard import signals_deferred, stop_status
 
 NONE, SEEDS, DATA = "none", "seeds", "data"  # the parallel modes that run (config.parallel "auto" resolves to one)
 FAILURE_KEY = "exp6/failure"  # in the rendezvous store: the first failure, "rank R failed during ...: error"
@@ -162,6 +165,62 @@ class Distributed:
     def data_parallel(self) -> bool:
         return self.several and self.mode == DATA
 
+    # --- what this rank does in the experiment: the experiment asks, it never checks ranks itself -------
+    @property
+    def device_rank(self) -> int | None:
+        """The local rank whose GPU this process takes under torchrun (cuda:LOCAL_RANK); None for one process."""
+        return self.local_rank if self.several else None
+
+    @property
+    def batch_shards(self) -> int:
+        """How many ranks share each batch: every rank under data-parallel, else one."""
+        return self.world_size if self.data_parallel else 1
+
+    @property
+    def saves_models(self) -> bool:
+        """Whether this rank writes the greedy sample and saved model of the runs it trains: every rank its own
+        runs, except under data-parallel, where every rank holds the same model and rank 0 alone writes it."""
+        return self.is_main or not self.data_parallel
+
+    def ranks_training(self) -> list[int]:
+        """The ranks that train the run this rank starts: all of them under data-parallel, else this one."""
+        return list(range(self.world_size)) if self.data_parallel else [self.rank]
+
+    def owns(self, job: "Job") -> bool:
+        """Whether this rank looks after `job`'s files (its training state): the rank that trained it under
+        seed-parallel, else rank 0."""
+        return job.owner == self.rank if self.seed_parallel else self.is_main
+
+    def trained_elsewhere(self, job: "Job") -> bool:
+        """Whether `job` was trained on another rank, so that its curve reaches this one only in its record."""
+        return self.seed_parallel and job.owner != self.rank
+
+    def placement(self) -> dict[str, Any]:
+        """Where a run is trained, for its record: the rank (None: all ranks, under data-parallel) and how many."""
+        if self.data_parallel:
+            return {"rank": None, "world_size": self.world_size}
+        return {"rank": self.rank, "world_size": 1}
+
+    def where(self, job: "Job", rank: int | None) -> str:
+        """How a run is named in the log: with the rank that trained it under seed-parallel."""
+        return f"{job.label} [rank {rank}]" if self.seed_parallel else job.label
+
+    def speaker(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """`log` on rank 0, which alone speaks for the job; a log that says nothing on the other ranks."""
+        return log if self.is_main else _quiet
+
+    def describe(self, batch_size: int) -> str:
+        """The one log line that says how the ranks share the work."""
+        devices = sorted({rank["device_name"] for rank in self.devices})
+        hosts = len({rank["host"] for rank in self.devices})
+        where = f"{self.world_size} ranks on {hosts} node{'s' if hosts > 1 else ''} ({self.backend}; {', '.join(devices)})"
+        if self.seed_parallel:
+            return (f"Parallel: seeds over {where}: seed i trains on rank i mod {self.world_size}, every arm of it, "
+                    "exactly as one process would")
+        return (f"Parallel: data over {where}: each global batch of {batch_size} is split into "
+                f"{self.world_size} x {batch_size // self.world_size} sequences, gradients averaged by "
+                "DistributedDataParallel")
+
     def record(self) -> dict[str, Any]:
         """What the results header says about the processes that ran."""
         return {"world_size": self.world_size, "parallel": self.mode, "backend": self.backend,
@@ -208,6 +267,15 @@ class Distributed:
                     raise SharedConfigError(where + message)
                 raise RankFailed(f"rank {rank} failed: {message}")
         return result  # type: ignore[return-value]  # set whenever no rank failed
+
+    def on_main(self, step: Callable[[], T]) -> T | None:
+        """Run `step` on rank 0 alone; every rank stops if it failed there (agree). Its result on rank 0, None on
+        the others."""
+        return self.agree(lambda: step() if self.is_main else None)
+
+    def from_main(self, step: Callable[[], T]) -> T | None:
+        """Run `step` on rank 0 alone and give every rank its result (on_main, then gather)."""
+        return self.gather(self.on_main(step))[0]
 
     def in_turn(self, step: Callable[[], T]) -> T:
         """Run `step` first on each node's local rank 0, then on the other ranks (e.g. fill a cache once
@@ -316,6 +384,10 @@ class Distributed:
 SINGLE = Distributed()
 
 
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0: rank 0 alone speaks for the job."""
+
+
 def _process_gone(pid: Any) -> bool:
     """Whether process `pid` has exited (a zombie counts: dead, not yet reaped by torchrun)."""
     if not isinstance(pid, int):
@@ -396,6 +468,47 @@ def init_distributed(config: ExperimentConfig, launch: Launch, mode: str, device
     return Distributed(rank=rank, world_size=world_size, local_rank=launch.local_rank,
                        local_world_size=launch.local_world_size, mode=mode, backend=backend,
                        timeout=timeout, store=store, object_group=_object_group(backend, timeout))
+
+
+def join_minutes(config: ExperimentConfig) -> float:
+    """How long the ranks wait for each other at the rendezvous: --dist-timeout when it is valid (else the
+    default; the error is reported once the ranks have met)."""
+    minutes = config.dist_timeout_minutes
+    valid = isinstance(minutes, (int, float)) and 0 < minutes <= MAX_DIST_TIMEOUT_MINUTES
+    return float(minutes) if valid else ExperimentConfig.dist_timeout_minutes
+
+
+@contextlib.contextmanager
+def joined(config: ExperimentConfig, check: Callable[[str], None]) -> Iterator[Distributed]:
+    """This process's place in the job while inside: SINGLE for one process; under torchrun the ranks first meet
+    in torchrun's store (the same settings everywhere, or every rank stops, naming them), share every setup error
+    (the config's, the parallel mode's, and `check(mode)`'s ConfigError for what cannot work in that mode) so that
+    rank 0 can say it, then join the process group, which they leave on the way out."""
+    launch = launch_from_env()
+    store = None
+    if launch.several:
+        store = rendezvous(launch, join_minutes(config))
+        check_same_config(store, launch, config.to_dict())
+    problem, mode, device_type = None, NONE, "cpu"
+    try:  # follows from the config and the machine: shared through the store, so rank 0 can say it
+        config.validate()
+        mode = resolve_parallel(config, launch.world_size)
+        check(mode)
+        device_type = resolve_device(config.device).type  # cuda or cpu; each rank's own GPU is chosen after joining
+    except ConfigError as error:
+        if not launch.several:
+            raise
+        problem = str(error)
+    if launch.several:
+        agree_before_joining(store, launch, problem)
+    context = init_distributed(config, launch, mode, device_type, store)
+    try:
+        yield context
+    finally:
+        # already stopping (an error on its way to the CLI's one line): a late SIGTERM, e.g. torchrun stopping
+        # every rank once one has died, must not kill the process before that line is printed
+        with signals_deferred(redeliver=sys.exc_info()[1] is None):
+            shutdown(context)
 
 
 def on_device(context: Distributed, device: torch.device) -> Distributed:

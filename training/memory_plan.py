@@ -11,12 +11,18 @@ library's docstrings, a few MB) is not counted. models/memory.py holds the model
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
-from experiment_config import ExperimentConfig
+from config.settings import ExperimentConfig
 from models.costs import parameter_count
-from models.memory import (TRAINING_BYTES_PER_PARAMETER, MemoryNeed, decode_cache_bytes, shape_only_model,
-                           training_activation_bytes)
+from models.memory import (
+    TRAINING_BYTES_PER_PARAMETER,
+    MemoryNeed,
+    decode_cache_bytes,
+    shape_only_model,
+    training_activation_bytes,
+)
 from models.transformer import ModelBuilder
 from training.lr_sweep import sweep_steps
 
@@ -58,7 +64,7 @@ def max_corpus_tokens(config: ExperimentConfig) -> int:
     return min(config.max_tokens, tokens) if config.max_tokens and tokens else config.max_tokens or tokens
 
 
-def experiment_memory(config: ExperimentConfig, builders: dict[str, ModelBuilder], batch_shards: int = 1) -> MemoryNeed:
+def experiment_memory(config: ExperimentConfig, builders: Mapping[str, ModelBuilder], batch_shards: int = 1) -> MemoryNeed:
     """The estimate for one process: the largest arm's training step (its share of each batch under
     data-parallel: `batch_shards` ranks), the data, and the greedy sample's cache."""
     plan_config = config.replace(vocab_size=planned_vocab_size(config))

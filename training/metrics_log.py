@@ -25,9 +25,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from atomic_files import write_atomic
-from experiment_config import ConfigError, ExperimentConfig
-from reporting import json_safe
+from common.atomic_files import write_atomic
+from common.errors import ConfigError
+from common.reporting import json_safe
+from config.settings import ExperimentConfig
 from training.trainer import CURVE_KEYS
 
 METRICS_FILE = "metrics.jsonl"

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.optim._muon import _adjust_lr
 
-from experiment_config import ExperimentConfig
+from config.settings import ExperimentConfig
 from models.attention import CausalSelfAttention
 
 # BlockMuon's plans for subsets of its matrices (a step where some have no gradient: the mask-loop MoE's unreached

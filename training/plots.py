@@ -11,16 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from arms import ARMS, arm_color, arm_label
-from atomic_files import write_atomic
-
+from arms.registry import ARMS, arm_color, arm_label
+from common.atomic_files import write_atomic
 from training.results import result_arms
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-LABELS = {name: arm.label for name, arm in ARMS.items()}  # at the default --gqa-kv-heads; plots use arm_label
+LABELS = {name: arm.label_for() for name, arm in ARMS.items()}  # at the default --gqa-kv-heads; plots use arm_label
 COLORS = {name: arm.color for name, arm in ARMS.items()}
 VAL_TIME_PLOT = "exp6_val_loss_vs_time.png"
 LOSS_STEP_PLOT = "exp6_loss_vs_step.png"

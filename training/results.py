@@ -3,17 +3,22 @@ printed table. Which arms a results dict holds is read from it (its top-level ke
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
-from arms import BASELINE, MLA, arm_label, ordered_arms
-from reporting import fmt
+from arms.registry import ARMS, arm_label, comparison_pairs, headline_arm, ordered_arms
+from common.reporting import fmt, times_fewer
+from config.settings import BASELINE
 from training.stats import ALPHA, holm_verdicts, mean_std, paired_difference
 
 RESULTS_FILE = "exp6_attention_comparison.json"
 MEASURED_KV = "kv_cache_bytes_per_token_per_layer_bf16_measured"
 METRICS = ("val_loss", "val_accuracy", "val_perplexity")
 STOPPED_STATUSES = ("interrupted", "terminated")  # Ctrl-C / SIGTERM: stopped from outside, not failed
+
+
+def short_name(arm: str) -> str:
+    """An arm's short attention name ("MHA", "MLA"), or its name when the registry gives none."""
+    return (ARMS[arm].short if arm in ARMS else "") or arm
 
 
 def summarise_model(runs: list[dict[str, Any]], costs: dict[str, Any] | None) -> dict[str, Any]:
@@ -44,16 +49,6 @@ def result_arms(results: Mapping[str, Any]) -> list[str]:
     return ordered_arms(results)
 
 
-def comparison_pairs(arms: Iterable[str]) -> list[tuple[str, str]]:
-    """(first, second) for every difference first - second to report: every arm against the baseline, then
-    MLA against each other arm that is not the baseline (MLA vs GQA and MQA: the matched-cache question)."""
-    present = ordered_arms(arms)
-    pairs = [(arm, BASELINE) for arm in present if arm != BASELINE and BASELINE in present]
-    if MLA in present:
-        pairs += [(MLA, arm) for arm in present if arm not in (BASELINE, MLA)]
-    return pairs
-
-
 def exclusion_reason(arm: str, run: dict[str, Any] | None, key: str) -> str | None:
     """Why this arm's run of a seed cannot be paired on `key` (None: it can): 'deepseek failed at step 212
     (non-finite loss)', 'baseline was interrupted', 'gqa did not run', ..."""
@@ -75,30 +70,32 @@ def paired_metrics(first_runs: list[dict[str, Any]], second_runs: list[dict[str,
                    names: tuple[str, str]) -> dict[str, Any]:
     """Paired per-seed differences first - second for each final metric, and the val-loss verdict with its n
     and every seed either arm ran that is not paired, with the reason."""
-    first_by_seed = {r["seed"]: r for r in first_runs}
-    second_by_seed = {r["seed"]: r for r in second_runs}
-    seeds = sorted(set(first_by_seed) | set(second_by_seed))
-
-    def metric(key: str) -> dict[str, Any]:
-        values: tuple[dict[int, float], dict[int, float]] = ({}, {})
-        excluded = []
-        for seed in seeds:
-            reasons = [exclusion_reason(name, by_seed.get(seed), key)
-                       for name, by_seed in zip(names, (first_by_seed, second_by_seed))]
-            if any(reasons):
-                excluded.append({"seed": seed, "reason": "; ".join(r for r in reasons if r)})
-                continue
-            values[0][seed], values[1][seed] = first_by_seed[seed][key], second_by_seed[seed][key]
-        return paired_difference(*values, lower_is_better=key != "val_accuracy", names=names, excluded=excluded)
-
-    out = {key: metric(key) for key in METRICS}
+    by_seed = ({r["seed"]: r for r in first_runs}, {r["seed"]: r for r in second_runs})
+    out = {key: paired_metric(by_seed, names, key) for key in METRICS}
     out.update(verdict=out["val_loss"]["verdict"], n=out["val_loss"]["n"],
                excluded_seeds=out["val_loss"]["excluded_seeds"], p_value=out["val_loss"]["p_value"])
     return out
 
 
-HEADLINE_BASIS = ("with several pairs the headline is deepseek - baseline's Holm-adjusted verdict (over every pair "
-                  "reported); with one pair, its 95% CI verdict (the two then agree)")
+def paired_metric(by_seed: tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]], names: tuple[str, str],
+                  key: str) -> dict[str, Any]:
+    """One metric's paired difference over the seeds both arms completed; every other seed either ran is
+    excluded with its reason."""
+    values: tuple[dict[int, float], dict[int, float]] = ({}, {})
+    excluded = []
+    for seed in sorted(set(by_seed[0]) | set(by_seed[1])):
+        reasons = [exclusion_reason(name, runs.get(seed), key) for name, runs in zip(names, by_seed)]
+        if any(reasons):
+            excluded.append({"seed": seed, "reason": "; ".join(r for r in reasons if r)})
+            continue
+        values[0][seed], values[1][seed] = by_seed[0][seed][key], by_seed[1][seed][key]
+    return paired_difference(*values, lower_is_better=key != "val_accuracy", names=names, excluded=excluded)
+
+
+HEADLINE_BASIS = ("the headline is the headline arm (the first arm after the baseline in registry order: MLA when it "
+                  "ran) against the baseline; with several pairs its Holm-adjusted verdict (over every pair reported), "
+                  "with one pair its 95% CI verdict (the two then agree)")
+UNADJUSTED = "unadjusted: only val_loss is Holm-adjusted across the pairs"
 
 
 def comparison(runs: Mapping[str, list[dict[str, Any]]],
@@ -106,23 +103,26 @@ def comparison(runs: Mapping[str, list[dict[str, Any]]],
     """Every pair of comparison_pairs under `pairs` ("deepseek - baseline", "gqa - baseline", ...,
     "deepseek - gqa", ...), each with its per-metric paired CI and unadjusted verdict, its n and excluded
     seeds, and its val-loss p-value Holm-adjusted across all the pairs (`p_holm`, `verdict_holm`). The top
-    level keeps the published shape: deepseek - baseline per metric and its `verdict` (None when deepseek did
-    not run); `headline` is the verdict the printed headline uses (HEADLINE_BASIS).
-    With the arms' summaries (costs and mean losses), `matched_kv_budget` says which arms cache no
-    more than MLA."""
+    level keeps the published shape: the headline pair (deepseek - baseline in the default run) per metric and
+    its `verdict` (None when only the baseline ran); `headline` is the verdict the printed headline uses
+    (HEADLINE_BASIS). With the arms' summaries (costs and mean losses), `matched_kv_budget` says which arms
+    cache no more than the headline arm."""
     arm_pairs = comparison_pairs(runs)
     pairs = {f"{a} - {b}": paired_metrics(runs[a], runs[b], (a, b)) for a, b in arm_pairs}
     holm = holm_verdicts({pair: values["val_loss"] for pair, values in pairs.items()},
                          {f"{a} - {b}": (a, b) for a, b in arm_pairs})
     for pair, values in pairs.items():
         values.update(holm[pair])
-    main_pair = f"{MLA} - {BASELINE}"
+        for key in METRICS[1:]:
+            values[key]["adjustment"] = UNADJUSTED
+    main_pair = f"{headline_arm(runs)} - {BASELINE}"
     main = pairs.get(main_pair)
     out: dict[str, Any] = dict(main) if main is not None else {"verdict": None}
     out["pairs"] = pairs
     out["multiple_comparisons"] = {
         "method": "Holm step-down over the val-loss p-values of every pair reported; a pair without a p-value "
-                  "(one seed, none, or identical differences) counts as p = 1",
+                  "(one seed, none, or identical differences) counts as p = 1; accuracy and perplexity are "
+                  "not adjusted",
         "pairs": len(pairs), "alpha": ALPHA, "headline_basis": HEADLINE_BASIS}
     out["headline"] = None if main is None else {
         "pair": main_pair, "basis": "holm" if len(pairs) > 1 else "ci95",
@@ -133,10 +133,10 @@ def comparison(runs: Mapping[str, list[dict[str, Any]]],
 
 
 def matched_kv_budget(summaries: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """Which arms hold at most MLA's KV cache per token (measured, bf16, per layer), with their val losses;
-    None until MLA's costs are known."""
-    mla_costs = (summaries.get(MLA) or {}).get("costs") or {}
-    budget = mla_costs.get(MEASURED_KV)
+    """Which arms hold at most the headline arm's KV cache per token (measured, bf16, per layer), with their val
+    losses; None until that arm's costs are known."""
+    budget_arm = headline_arm(summaries)
+    budget = ((summaries.get(budget_arm or "") or {}).get("costs") or {}).get(MEASURED_KV)
     if budget is None:
         return None
     arms: dict[str, dict[str, Any]] = {}
@@ -146,22 +146,33 @@ def matched_kv_budget(summaries: Mapping[str, dict[str, Any]]) -> dict[str, Any]
             arms[name] = {"kv_cache_bytes_per_token_per_layer_bf16_measured": cache,
                           "within_budget": cache <= budget, "val_loss": summaries[name].get("val_loss"),
                           "val_loss_std": summaries[name].get("val_loss_std")}
-    return {"budget_bytes_per_token_per_layer_bf16": budget, "arms": arms,
+    return {"budget_arm": budget_arm, "budget_bytes_per_token_per_layer_bf16": budget, "arms": arms,
             "within_budget": [name for name, arm in arms.items() if arm["within_budget"]],
-            "note": "arms whose measured bf16 KV cache per token per layer is at most MLA's (latent) cache"}
+            "note": f"arms whose measured bf16 KV cache per token per layer is at most {budget_arm}'s"}
 
 
-def _cost_sentence(baseline: dict[str, Any], deepseek: dict[str, Any]) -> str:
-    """One line on what MLA buys at decode time (cache memory, measured) and what it costs in training."""
-    measured_key, analytic_key = "kv_cache_bytes_per_token_per_layer_bf16_measured", "kv_cache_bytes_per_token_per_layer_bf16"
-    kv = baseline[measured_key] / deepseek[measured_key]
-    agree = all(c[measured_key] == c[analytic_key] for c in (baseline, deepseek))
-    flops = deepseek["training_flops_per_token"] / baseline["training_flops_per_token"] - 1
-    attn = deepseek["parameters_attention"] / baseline["parameters_attention"] - 1
+def mean_sd(summary: Mapping[str, Any], key: str, spec: str) -> str:
+    """'5.5830 ± 0.0100': the mean over seeds and, with several, their standard deviation (SD), as the table shows
+    them (its note says that ± is the seed SD, not an interval)."""
+    std = summary.get(f"{key}_std")
+    return fmt(summary.get(key), spec) + ("" if std is None else f" ± {std:{spec}}")
+
+
+def _cost_sentence(baseline: dict[str, Any], other: dict[str, Any], names: tuple[str, str] = (BASELINE, "deepseek")
+                   ) -> str:
+    """One line on what an arm (the headline arm, MLA by default) buys at decode time against the baseline (cache
+    memory, measured) and what it costs in training."""
+    measured_key, analytic_key = MEASURED_KV, "kv_cache_bytes_per_token_per_layer_bf16"
+    base_name, other_name = (short_name(name) for name in names)
+    kv = baseline[measured_key] / other[measured_key]
+    agree = all(c[measured_key] == c[analytic_key] for c in (baseline, other))
+    flops = other["training_flops_per_token"] / baseline["training_flops_per_token"] - 1
+    attn = other["parameters_attention"] / baseline["parameters_attention"] - 1
     check = "measured equals analytic" if agree else "MEASURED DIFFERS FROM ANALYTIC"
-    return (f"At decode time MLA's latent cache holds {kv:.1f}x fewer bytes per token than MHA's K/V "
-            f"({deepseek[measured_key]:.0f} vs {baseline[measured_key]:.0f} B/token/layer in bf16, {check}); "
-            f"in training it costs {flops:+.2%} FLOPs per token ({deepseek['training_flops_per_token']:,} vs "
+    return (f"At decode time {other_name}'s {other.get('kv_cache_mode', '')} cache holds "
+            f"{times_fewer(kv, 'bytes per token')} {base_name}'s {baseline.get('kv_cache_mode', '')} cache "
+            f"({other[measured_key]:.0f} vs {baseline[measured_key]:.0f} B/token/layer in bf16, {check}); "
+            f"in training it costs {flops:+.2%} FLOPs per token ({other['training_flops_per_token']:,} vs "
             f"{baseline['training_flops_per_token']:,}) with {attn:+.1%} attention parameters.")
 
 
@@ -170,17 +181,12 @@ def _matched_budget_line(results: dict[str, Any], names: list[str]) -> str | Non
     if matched is None:
         return None
     config = results.get("experiment", {}).get("config")
-
-    def loss(arm: dict[str, Any]) -> str:
-        std = arm.get("val_loss_std")
-        return fmt(arm.get("val_loss"), ".4f") + ("" if std is None else f" ± {std:.4f}")
-
-    within = [f"{arm_label(name, config)} {arm[MEASURED_KV]:,.0f} B, val loss {loss(arm)}"
+    within = [f"{arm_label(name, config)} {arm[MEASURED_KV]:,.0f} B, val loss {mean_sd(arm, 'val_loss', '.4f')}"
               for name, arm in matched["arms"].items() if arm["within_budget"]]
     above = [f"{arm_label(name, config)} {arm[MEASURED_KV]:,.0f} B"
              for name, arm in matched["arms"].items() if not arm["within_budget"]]
-    line = (f"Matched KV budget (<= MLA's {matched['budget_bytes_per_token_per_layer_bf16']:,.0f} B/token/layer, "
-            f"bf16, measured): {'; '.join(within)}")
+    line = (f"Matched KV budget (<= {short_name(matched['budget_arm'])}'s "
+            f"{matched['budget_bytes_per_token_per_layer_bf16']:,.0f} B/token/layer, bf16, measured): {'; '.join(within)}")
     return line + (f". Above it: {', '.join(above)}." if above else ".")
 
 
@@ -190,17 +196,12 @@ def format_table(results: dict[str, Any]) -> str:
     config = results.get("experiment", {}).get("config")
     models = [results[name] for name in names]
     costs = [m.get("costs") or {} for m in models]
-
-    def pm(m: dict[str, Any], key: str, spec: str) -> str:
-        std = m.get(f"{key}_std")
-        return fmt(m.get(key), spec) + ("" if std is None else f" ± {std:{spec}}")
-
     rows = [
-        ("Validation loss", [pm(m, "val_loss", ".4f") for m in models]),
-        ("Validation accuracy", [pm(m, "val_accuracy", ".4f") for m in models]),
-        ("Validation perplexity", [pm(m, "val_perplexity", ".2f") for m in models]),
-        ("Training time (min)", [pm(m, "training_time_minutes", ".2f") for m in models]),
-        ("Tokens / s", [pm(m, "tokens_per_second", ",.0f") for m in models]),
+        ("Validation loss", [mean_sd(m, "val_loss", ".4f") for m in models]),
+        ("Validation accuracy", [mean_sd(m, "val_accuracy", ".4f") for m in models]),
+        ("Validation perplexity", [mean_sd(m, "val_perplexity", ".2f") for m in models]),
+        ("Training time (min)", [mean_sd(m, "training_time_minutes", ".2f") for m in models]),
+        ("Tokens / s", [mean_sd(m, "tokens_per_second", ",.0f") for m in models]),
         ("Peak GPU memory (MB)", [fmt(m.get("peak_gpu_memory_mb"), ",.0f") for m in models]),
         ("Parameters, total", [fmt(c.get("parameters_total"), ",") for c in costs]),
         ("Parameters, active/token", [fmt(c.get("parameters_active_per_token"), ",") for c in costs]),
@@ -218,22 +219,24 @@ def format_table(results: dict[str, Any]) -> str:
     col = max(16, *(len(v) for v in headers), *(len(v) for _, values in rows for v in values))
     lines = [f"{'':{width}}" + "".join(f"  {h:>{col}}" for h in headers), "-" * (width + (col + 2) * len(names))]
     lines += [f"{label:{width}}" + "".join(f"  {v:>{col}}" for v in values) for label, values in rows]
+    lines.append("Values are means over the completed seeds; ± is their standard deviation (seed SD), not a CI.")
     by_name = dict(zip(names, costs))
-    if by_name.get(BASELINE) and by_name.get(MLA):
-        lines.append(_cost_sentence(by_name[BASELINE], by_name[MLA]))
+    headline = headline_arm(names)
+    if headline is not None and by_name.get(BASELINE) and by_name.get(headline):
+        lines.append(_cost_sentence(by_name[BASELINE], by_name[headline], (BASELINE, headline)))
     matched = _matched_budget_line(results, names)
     if matched:
         lines.append(matched)
     pairs = results.get("comparison", {}).get("pairs")
     if pairs is None:  # results written before the pairs existed: deepseek - baseline only
-        pairs = {f"{MLA} - {BASELINE}": results.get("comparison", {})}
+        pairs = {f"deepseek - {BASELINE}": results.get("comparison", {})}
     for pair, values in pairs.items():
         if values.get("verdict"):
             lines.append(f"Val loss, {pair}: {values['verdict']}")
             if values.get("verdict_holm") and len(pairs) > 1:
                 lines.append(f"  Holm-adjusted: {values['verdict_holm']}")
-    headline = results.get("comparison", {}).get("headline")
-    if headline and headline.get("verdict") and len(pairs) > 1:
+    verdict = results.get("comparison", {}).get("headline")
+    if verdict and verdict.get("verdict") and len(pairs) > 1:
         basis = f"Holm-adjusted over the {len(pairs)} pairs; the unadjusted CIs are above"
-        lines.append(f"Headline, val loss {headline['pair']} ({basis}): {headline['verdict']}")
+        lines.append(f"Headline, val loss {verdict['pair']} ({basis}): {verdict['verdict']}")
     return "\n".join(lines)

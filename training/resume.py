@@ -11,18 +11,23 @@ would not be comparable.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-from experiment_config import RESUMABLE_CHANGES, ConfigError, ExperimentConfig
+from common.errors import ConfigError
+from common.safe_json import read_json_file
+from config.settings import RESUMABLE_CHANGES, ExperimentConfig
 from models.checkpoint import CHECKPOINTS_DIR
-from safe_json import read_json_file
+from training.distributed import Distributed
 from training.metrics_log import METRICS_FILE, TENSORBOARD_DIR
 from training.plots import LOSS_STEP_PLOT, LR_SWEEP_PLOT, VAL_TIME_PLOT
 from training.results import RESULTS_FILE
+from training.run_guard import output_dir_lock, sigterm_raises_run_terminated
 from training.train_state import STATE_DIR
 
 OUTPUTS = (RESULTS_FILE, CHECKPOINTS_DIR, STATE_DIR, METRICS_FILE, TENSORBOARD_DIR, VAL_TIME_PLOT, LOSS_STEP_PLOT,
@@ -54,6 +59,19 @@ def move_aside(directory: Path) -> Path:
         if (directory / name).exists():
             os.replace(directory / name, aside / name)
     return aside
+
+
+@contextlib.contextmanager
+def output_folder(config: ExperimentConfig, dist: Distributed, resume: bool, overwrite: bool,
+                  log: Callable[[str], None]) -> Iterator[dict[str, Any] | None]:
+    """While inside, the output folder belongs to this run (rank 0 holds its lock: a second run stops at once,
+    before any data is loaded, naming this one's pid) and SIGTERM raises RunTerminated, which is recorded like
+    Ctrl-C. Yields the results to continue (--resume), or None for a fresh start (a folder holding results is
+    refused, or with --overwrite moved aside first); rank 0 decides, every rank hears."""
+    output_dir = Path(config.output_dir)
+    with contextlib.ExitStack() as lock, sigterm_raises_run_terminated():
+        dist.on_main(lambda: lock.enter_context(output_dir_lock(output_dir)))
+        yield dist.from_main(lambda: prepare_output_dir(output_dir, resume, overwrite, log))
 
 
 def prepare_output_dir(directory: Path, resume: bool, overwrite: bool,

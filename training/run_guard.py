@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from experiment_config import ConfigError
+from common.errors import ConfigError
 
 LOCK_FILE = ".exp6.lock"  # in the output folder; holds the pid of the run that owns the folder (for messages only)
 
@@ -38,6 +38,18 @@ def stop_status(stop: BaseException) -> str:
     return "terminated" if isinstance(stop, RunTerminated) else "interrupted"
 
 
+class _RaiseOnce:
+    """A SIGTERM handler that raises RunTerminated the first time only."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if not self.fired:
+            self.fired = True
+            raise RunTerminated(f"terminated by {signal.Signals(signum).name}")
+
+
 @contextlib.contextmanager
 def sigterm_raises_run_terminated() -> Iterator[None]:
     """While inside, SIGTERM raises RunTerminated; the previous handler is restored on the way out.
@@ -49,15 +61,7 @@ def sigterm_raises_run_terminated() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired = False
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        nonlocal fired
-        if not fired:
-            fired = True
-            raise RunTerminated(f"terminated by {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, _RaiseOnce())
     try:
         yield
     finally:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from experiment_config import ExperimentConfig
-from hardware import autocast, capture_cuda_graph
+from common.hardware import autocast, capture_cuda_graph
+from config.settings import ExperimentConfig
 
 STEP_PARTS = ("forward", "backward_and_clip", "optimizer")
 
@@ -165,15 +165,17 @@ class GraphedStep:
                  precision: str, warmup_steps: int = 3) -> None:
         self.inputs, self.targets = inputs.clone(), targets.clone()
         self.schedulers = schedulers
-
-        def step() -> torch.Tensor:
-            # enabled=False sets nothing but the weight-cache flag, which the forward's autocast inherits (backward
-            # and optimizer run outside any autocast, where the flag does nothing)
-            with torch.autocast(device.type, enabled=False, cache_enabled=False):
-                return training_step(model, optimizers, [], self.inputs, self.targets, config, device, precision)
-
+        self._step = (model, optimizers, config, device, precision)
         with unchanged_training_state(model, optimizers):
-            self._replay, self.loss = capture_cuda_graph(device, step, warmup_steps)
+            self._replay, self.loss = capture_cuda_graph(device, self._captured_step, warmup_steps)
+
+    def _captured_step(self) -> torch.Tensor:
+        """The step as the graph captures it, on the graph's own input buffers."""
+        model, optimizers, config, device, precision = self._step
+        # enabled=False sets nothing but the weight-cache flag, which the forward's autocast inherits (backward
+        # and optimizer run outside any autocast, where the flag does nothing)
+        with torch.autocast(device.type, enabled=False, cache_enabled=False):
+            return training_step(model, optimizers, [], self.inputs, self.targets, config, device, precision)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.inputs.copy_(inputs)

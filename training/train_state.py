@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from atomic_files import write_atomic
-from experiment_config import ConfigError
-from hardware import rng_states, set_rng_states
+from common.atomic_files import write_atomic
+from common.errors import ConfigError
+from common.hardware import rng_states, set_rng_states
 from training.distributed import SINGLE, Distributed
 
 STATE_DIR = "training_state"  # in the output folder

@@ -22,10 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.errors import ConfigError
+from common.hardware import (
+    BF16,
+    autocast,
+    cuda_capability,
+    peak_memory_mb,
+    precision_label,
+    reset_peak_memory,
+    resolve_precision,
+    synchronize,
+)
+from config.settings import ExperimentConfig
 from data.dataset import TokenData, batch_starts, training_batch, validation_windows
-from experiment_config import ConfigError, ExperimentConfig
-from hardware import (BF16, autocast, cuda_capability, peak_memory_mb, precision_label, reset_peak_memory,
-                      resolve_precision, synchronize)
 from models.costs import parameter_count
 from models.moe import GROUPED_FUSED, MASK_LOOP, plan_dispatch
 from models.transformer import MoELanguageModel
@@ -143,7 +152,7 @@ def check_cuda_graph(config: ExperimentConfig, device: torch.device) -> None:
     paths read expert sizes back to the host, which a graph cannot)."""
     if device.type != "cuda":
         raise ConfigError("--cuda-graph needs a CUDA GPU; drop it on the CPU")
-    dtype = torch.bfloat16 if resolve_precision(config, device) == BF16 else torch.float32
+    dtype = torch.bfloat16 if resolve_precision(config.precision, device) == BF16 else torch.float32
     capability = cuda_capability(device)
     path = plan_dispatch(config.moe_dispatch, device, dtype, config.d_model, config.d_ff, capability)
     if path != GROUPED_FUSED:
@@ -193,139 +202,185 @@ def train_model(model: MoELanguageModel, data: TokenData, config: ExperimentConf
     evaluation with what was measured (the live curves: metrics.jsonl, TensorBoard, W&B).
     """
     torch.manual_seed(dist.training_seed(seed))  # dropout and router noise: the same stream for every arm
-    compiled_before = compiled_so_far()
-    precision = resolve_precision(config, device)
-    paths = prepare_model(model, config, device, precision)
-    net = dist.wrap(model, device, find_unused_parameters=MASK_LOOP in paths)  # DDP under data-parallel, else the model
-    record.update(precision=precision_label(precision), compiled=config.compile, step_mode=step_mode_label(config))
-    optimizers = build_optimizers(model, config, device)
-    schedulers = build_schedulers(optimizers, config)
-    if isinstance(optimizers[0], BlockMuon):
-        record["muon_lr_scales"] = collapsed_lr_scales(optimizers[0].lr_scales())
-    train_tokens = data.train.to(device)
-    starts = batch_starts(len(data.train), config, seed)  # the global batches, (max_steps, batch_size)
-    batches = starts_digest(starts)
-    if dist.data_parallel:
-        starts = shard_batch(starts, dist.rank, dist.world_size)
-    starts = starts.to(device)
-    val_x, val_y = validation_windows(data.val, config.max_seq_len)
-    n_val_windows = len(val_x)
-    if dist.data_parallel:
-        val_x, val_y = shard_rows(val_x, dist.rank, dist.world_size), shard_rows(val_y, dist.rank, dist.world_size)
-    val_x, val_y = val_x.to(device), val_y.to(device)
-    tokens_per_step = config.batch_size * config.max_seq_len  # the global batch
-    reset_peak_memory(device)
+    Trainer(model, data, config, seed, device, record, dist, state, on_metrics).train()
+    return record
 
-    def wait_for_all() -> None:
+
+class Trainer:
+    """One run's training: the model on its device with its optimizers, batches and validation windows, and the
+    loop, whose only host syncs are the logged steps (where the clock stops, losses are read back and a
+    non-finite one is noticed), the evaluations and the training-state saves."""
+
+    def __init__(self, model: MoELanguageModel, data: TokenData, config: ExperimentConfig, seed: int,
+                 device: torch.device, record: dict[str, Any], dist: Distributed, state: TrainingState | None,
+                 on_metrics: MetricsCallback | None) -> None:
+        self.model, self.config, self.seed, self.device, self.record = model, config, seed, device, record
+        self.dist, self.state, self.on_metrics = dist, state, on_metrics
+        self.compiled_before = compiled_so_far()
+        self.precision = resolve_precision(config.precision, device)
+        paths = prepare_model(model, config, device, self.precision)
+        self.net = dist.wrap(model, device, find_unused_parameters=MASK_LOOP in paths)  # DDP under data-parallel
+        record.update(precision=precision_label(self.precision), compiled=config.compile, step_mode=step_mode_label(config))
+        self.optimizers = build_optimizers(model, config, device)
+        self.schedulers = build_schedulers(self.optimizers, config)
+        if isinstance(self.optimizers[0], BlockMuon):
+            record["muon_lr_scales"] = collapsed_lr_scales(self.optimizers[0].lr_scales())
+        self.train_tokens = data.train.to(device)
+        starts = batch_starts(len(data.train), config, seed)  # the global batches, (max_steps, batch_size)
+        self.batches = starts_digest(starts)
+        self.starts = (shard_batch(starts, dist.rank, dist.world_size) if dist.data_parallel else starts).to(device)
+        val_x, val_y = validation_windows(data.val, config.max_seq_len)
+        self.n_val_windows = len(val_x)
+        if dist.data_parallel:
+            val_x, val_y = shard_rows(val_x, dist.rank, dist.world_size), shard_rows(val_y, dist.rank, dist.world_size)
+        self.val_x, self.val_y = val_x.to(device), val_y.to(device)
+        self.tokens_per_step = config.batch_size * config.max_seq_len  # the global batch
+        reset_peak_memory(device)
+
+    def train(self) -> None:
+        """Warm up, restore or start the curve, run the steps, and fill the record of a completed run."""
+        step_fn, resumed = self.start()
+        self.loss_sum, self.steps_in_window = resumed.loss_sum, resumed.steps_in_window
+        self.training_seconds = resumed.training_seconds
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.progress = tqdm(total=self.config.max_steps, initial=resumed.step,
+                             desc=f"{self.record['model_name']} (seed {self.seed})", unit="step", dynamic_ncols=True,
+                             mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not self.dist.is_main)
+        self.wait_for_all()
+        self.segment_start = time.perf_counter()
+        try:
+            for step in range(resumed.step, self.config.max_steps):
+                x, y = training_batch(self.train_tokens, self.starts[step], self.config.max_seq_len)
+                loss = step_fn(x, y)
+                self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
+                                                  torch.full_like(self.first_bad_step, step), self.first_bad_step)
+                self.loss_sum += loss
+                self.steps_in_window += 1
+                self.after_step(step + 1, loss)
+        finally:
+            self.progress.close()
+            self.dist.unwrap(self.model)
+            compiled_now = compiled_so_far()  # any compilation from here on ran inside the training loop: a recompile
+            self.record["compilation"].update(
+                frames_compiled_during_training=compiled_now["frames"] - self.compiled_at_start["frames"],
+                graphs_during_training=compiled_now["graphs"] - self.compiled_at_start["graphs"])
+        self.finish()
+
+    def start(self) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ResumePoint]:
+        """Warm up (untimed, leaving weights and optimizer state as they were), make the step, and restore the
+        training state, or evaluate the untrained model as the curve's first point."""
+        first_batch = training_batch(self.train_tokens, self.starts[0], self.config.max_seq_len)
+        self.record["step_operators"] = warm_up(self.net, self.optimizers, *first_batch, self.config, self.device,
+                                                self.precision)
+        step_fn = make_step(self.net, self.optimizers, self.schedulers, *first_batch, self.config, self.device,
+                            self.precision)
+        torch.manual_seed(self.dist.training_seed(self.seed))  # training's random stream must not depend on the warm-up
+        resumed = (self.state.restore(self.model, self.optimizers, self.schedulers, self.record, self.batches,
+                                      self.device, self.dist) if self.state else None)
+        if resumed is None:
+            resumed = ResumePoint(step=0, training_seconds=0.0, loss_sum=torch.zeros((), device=self.device),
+                                  steps_in_window=0)
+            self.add_point(0, 0.0, None)  # curves start at 0 s, before any update; compiles the eval mode, before the clock
+        self.compiled_at_start = compiled_so_far()
+        self.record["compilation"] = {
+            "frames_compiled_before_training": self.compiled_at_start["frames"] - self.compiled_before["frames"],
+            "graphs_before_training": self.compiled_at_start["graphs"] - self.compiled_before["graphs"],
+        }
+        return step_fn, resumed
+
+    def after_step(self, done: int, loss: torch.Tensor) -> None:
+        """After `done` steps: at a logged step, evaluation or save (the only host syncs of the loop) the clock
+        stops, a non-finite loss fails the run, the progress bar and curves are fed, and the clock starts again
+        once the logging, evaluation and saving are done."""
+        config = self.config
+        is_eval = done % config.eval_every == 0 or done == config.max_steps
+        is_save = self.state is not None and saves_state_after(done, config, is_eval)
+        if not (done % config.log_every == 0 or is_eval or is_save):
+            return
+        self.wait_for_all()
+        self.training_seconds += time.perf_counter() - self.segment_start  # what follows is not training
+        self.check_finite()
+        step_loss = self.global_mean(loss).item()
+        self.show_progress(done, step_loss)
+        if is_eval:
+            mean_train = self.global_mean(self.loss_sum / self.steps_in_window).item()
+            self.add_point(done, self.training_seconds, mean_train)
+            self.loss_sum.zero_()
+            self.steps_in_window = 0
+            self.record["tokens_seen"] = done * self.tokens_per_step
+            self.record["training_time_minutes"] = self.training_seconds / 60
+        else:
+            self.report(done, step_loss)
+        if is_save:
+            assert self.state is not None
+            self.state.save(ResumePoint(done, self.training_seconds, self.loss_sum, self.steps_in_window), self.model,
+                            self.optimizers, self.schedulers, self.record, self.batches, self.device, self.dist)
+        if is_eval or is_save:  # their device work done, and every rank past rank 0's writes
+            self.wait_for_all()
+        # at a logged step the device has nothing queued (the loss was just read back)
+        self.segment_start = time.perf_counter()
+
+    def check_finite(self) -> None:
+        """NonFiniteLoss at the first step whose loss was not finite; under data-parallel every rank stops at the
+        same (first) bad step."""
+        if self.dist.data_parallel:
+            never = self.config.max_steps
+            bad = torch.where(self.first_bad_step < 0, never, self.first_bad_step)
+            self.dist.all_reduce(bad, "min")
+            self.first_bad_step = torch.where(bad == never, -1, bad)
+        if (bad_step := int(self.first_bad_step)) >= 0:
+            raise NonFiniteLoss(bad_step)
+
+    def global_mean(self, loss: torch.Tensor) -> torch.Tensor:
+        """The global batch's loss: under data-parallel the mean of the ranks' equal slices."""
+        return self.dist.all_reduce(loss / self.dist.world_size) if self.dist.data_parallel else loss
+
+    def show_progress(self, done: int, step_loss: float) -> None:
+        self.progress.set_postfix(loss=f"{step_loss:.3f}",
+                                  tok_s=f"{done * self.tokens_per_step / self.training_seconds:,.0f}", refresh=False)
+        if done < self.config.max_steps:
+            self.progress.update(done - self.progress.n)
+        else:
+            self.progress.n = done  # close() draws the final 100% line, once
+
+    def wait_for_all(self) -> None:
         """The device's queued work done (on every rank, under data-parallel): where a training timer may
         start or stop. Seed-parallel ranks train different runs and never wait for each other here."""
-        synchronize(device)
-        if dist.data_parallel:
-            dist.barrier()
+        synchronize(self.device)
+        if self.dist.data_parallel:
+            self.dist.barrier()
 
-    def report(step: int, seconds: float, train_loss: float | None) -> None:
-        if on_metrics is not None:
-            on_metrics({"step": step, "tokens": step * tokens_per_step, "seconds": seconds, "train_loss": train_loss})
+    def report(self, step: int, train_loss: float | None) -> None:
+        if self.on_metrics is not None:
+            self.on_metrics({"step": step, "tokens": step * self.tokens_per_step, "seconds": self.training_seconds,
+                             "train_loss": train_loss})
 
-    def add_point(step: int, seconds: float, train_loss: float | None) -> None:
-        metrics = evaluate(model, val_x, val_y, config.batch_size, device, precision, dist)
-        point = {"step": step, "tokens": step * tokens_per_step, "seconds": seconds, "train_loss": train_loss,
-                 "val_loss": metrics["val_loss"], "val_accuracy": metrics["val_accuracy"]}
+    def add_point(self, step: int, seconds: float, train_loss: float | None) -> None:
+        """Evaluate on the whole validation set and add the point to the record's curve and the live curves."""
+        metrics = evaluate(self.model, self.val_x, self.val_y, self.config.batch_size, self.device, self.precision,
+                           self.dist)
+        point = {"step": step, "tokens": step * self.tokens_per_step, "seconds": seconds,
+                 "train_loss": train_loss, "val_loss": metrics["val_loss"], "val_accuracy": metrics["val_accuracy"]}
         for curve_key, point_key in CURVE_KEYS.items():
-            record["curve"][curve_key].append(point[point_key])
-        record["attention_backend"] = model.attention_backends()
-        if on_metrics is not None:
-            on_metrics(point)
+            self.record["curve"][curve_key].append(point[point_key])
+        self.record["attention_backend"] = self.model.attention_backends()
+        if self.on_metrics is not None:
+            self.on_metrics(point)
 
-    first_batch = training_batch(train_tokens, starts[0], config.max_seq_len)
-    record["step_operators"] = warm_up(net, optimizers, *first_batch, config, device, precision)
-    step_fn = make_step(net, optimizers, schedulers, *first_batch, config, device, precision)
-    torch.manual_seed(dist.training_seed(seed))  # reseed: training's random stream must not depend on the warm-up
-    resumed = state.restore(model, optimizers, schedulers, record, batches, device, dist) if state else None
-    if resumed is None:
-        resumed = ResumePoint(step=0, training_seconds=0.0, loss_sum=torch.zeros((), device=device), steps_in_window=0)
-        add_point(0, 0.0, None)  # curves start at 0 s, before any update; compiles the eval mode, before the clock
-    compiled_at_start = compiled_so_far()
-    record["compilation"] = {
-        "frames_compiled_before_training": compiled_at_start["frames"] - compiled_before["frames"],
-        "graphs_before_training": compiled_at_start["graphs"] - compiled_before["graphs"],
-    }
-    loss_sum, steps_in_window, training_seconds = resumed.loss_sum, resumed.steps_in_window, resumed.training_seconds
-    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    progress = tqdm(total=config.max_steps, initial=resumed.step, desc=f"{record['model_name']} (seed {seed})",
-                    unit="step", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                    disable=not dist.is_main)
-    wait_for_all()
-    segment_start = time.perf_counter()
-    try:
-        for step in range(resumed.step, config.max_steps):
-            x, y = training_batch(train_tokens, starts[step], config.max_seq_len)
-            loss_detached = step_fn(x, y)
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_detached),
-                                         torch.full_like(first_bad_step, step), first_bad_step)
-            loss_sum += loss_detached
-            steps_in_window += 1
-            done = step + 1
-            is_eval = done % config.eval_every == 0 or done == config.max_steps
-            is_save = state is not None and saves_state_after(done, config, is_eval)
-            if done % config.log_every == 0 or is_eval or is_save:  # the only host syncs of the loop
-                wait_for_all()
-                training_seconds += time.perf_counter() - segment_start  # the clock stops: what follows is not training
-                if dist.data_parallel:  # every rank stops at the same (first) bad step
-                    first_bad_step = torch.where(first_bad_step < 0, config.max_steps, first_bad_step)
-                    dist.all_reduce(first_bad_step, "min")
-                    first_bad_step = torch.where(first_bad_step == config.max_steps, -1, first_bad_step)
-                if (bad := int(first_bad_step)) >= 0:
-                    raise NonFiniteLoss(bad)
-                if dist.data_parallel:  # the global batch's loss: the mean of the ranks' equal slices
-                    loss_detached = dist.all_reduce(loss_detached / dist.world_size)
-                step_loss = loss_detached.item()
-                progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{done * tokens_per_step / training_seconds:,.0f}",
-                                     refresh=False)
-                if done < config.max_steps:
-                    progress.update(done - progress.n)
-                else:
-                    progress.n = done  # close() draws the final 100% line, once
-                if not is_eval:
-                    report(done, training_seconds, step_loss)
-                if is_eval:
-                    window_loss = loss_sum / steps_in_window
-                    if dist.data_parallel:  # the global batch's loss: the mean of the ranks' equal slices
-                        dist.all_reduce(window_loss.div_(dist.world_size))
-                    mean_train = window_loss.item()
-                    add_point(done, training_seconds, mean_train)
-                    loss_sum.zero_()
-                    steps_in_window = 0
-                    record["tokens_seen"] = done * tokens_per_step
-                    record["training_time_minutes"] = training_seconds / 60
-                if is_save:
-                    assert state is not None
-                    state.save(ResumePoint(done, training_seconds, loss_sum, steps_in_window), model, optimizers,
-                               schedulers, record, batches, device, dist)
-                if is_eval or is_save:  # their device work done, and every rank past rank 0's writes
-                    wait_for_all()
-                # the clock starts again after the logging (metrics.jsonl, TensorBoard, W&B), evaluation and saving;
-                # at a logged step the device has nothing queued (the loss was just read back)
-                segment_start = time.perf_counter()
-    finally:
-        progress.close()
-        dist.unwrap(model)
-        compiled_now = compiled_so_far()  # any compilation from here on ran inside the training loop: a recompile
-        record["compilation"].update(
-            frames_compiled_during_training=compiled_now["frames"] - compiled_at_start["frames"],
-            graphs_during_training=compiled_now["graphs"] - compiled_at_start["graphs"])
-
-    record.update(
-        status="completed",
-        val_loss=record["curve"]["val_loss"][-1],
-        val_accuracy=record["curve"]["val_accuracy"][-1],
-        val_perplexity=perplexity(record["curve"]["val_loss"][-1]),
-        training_seconds=training_seconds,
-        training_time_minutes=training_seconds / 60,
-        tokens_per_second=record["tokens_seen"] / training_seconds if training_seconds > 0 else None,
-        peak_gpu_memory_mb=peak_memory_mb(device),
-        moe_dispatch=model.moe_dispatch_used(),
-        **({"replicas_identical": dist.replicas_identical(model)} if dist.data_parallel else {}),
-        validation_set=f"all {n_val_windows} non-overlapping {config.max_seq_len}-token windows of the validation split",
-    )
-    return record
+    def finish(self) -> None:
+        """The record of a completed run: final metrics, time, speed, memory and what ran."""
+        record, seconds, model = self.record, self.training_seconds, self.model
+        record.update(
+            status="completed",
+            val_loss=record["curve"]["val_loss"][-1],
+            val_accuracy=record["curve"]["val_accuracy"][-1],
+            val_perplexity=perplexity(record["curve"]["val_loss"][-1]),
+            training_seconds=seconds,
+            training_time_minutes=seconds / 60,
+            tokens_per_second=record["tokens_seen"] / seconds if seconds > 0 else None,
+            peak_gpu_memory_mb=peak_memory_mb(self.device),
+            moe_dispatch=model.moe_dispatch_used(),
+            **({"replicas_identical": self.dist.replicas_identical(model)} if self.dist.data_parallel else {}),
+            validation_set=f"all {self.n_val_windows} non-overlapping {self.config.max_seq_len}-token windows of the "
+                           "validation split",
+        )

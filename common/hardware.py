@@ -2,7 +2,7 @@
 
 Every call into the CUDA runtime (`torch.cuda.*`) that training, the benchmark and inference make
 lives here, so a CPU test can drive each CUDA branch with those calls monkeypatched, and mypy
-checks every name. Models and data never need this module; it needs only the config.
+checks every name. Models and data never need this module; it needs nothing of the project but its error type.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from experiment_config import ConfigError, ExperimentConfig
+from common.errors import ConfigError
 
 BF16, FP32 = "bf16", "fp32"
 T = TypeVar("T")
@@ -74,22 +74,23 @@ def check_gpu_usable(device_setting: str) -> None:
         raise ConfigError(error)
 
 
-def resolve_device(config: ExperimentConfig, local_rank: int | None = None) -> torch.device:
-    """config.device as a torch.device; auto means the CUDA GPU when one is visible, else the CPU.
+def resolve_device(setting: str, local_rank: int | None = None) -> torch.device:
+    """The --device setting (auto, cpu, cuda or cuda:N) as a torch.device; auto means the CUDA GPU when one is
+    visible, else the CPU.
 
     `local_rank` (a process started by torchrun): auto and cuda mean this rank's own GPU,
     cuda:LOCAL_RANK, and a fixed cuda:N is refused, since it would put every rank on one card.
     """
-    check_gpu_usable(config.device)
-    wants_cuda = config.device.startswith("cuda") or config.device == "auto" and torch.cuda.is_available()
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {config.device} was asked for but no CUDA GPU is visible; use --device cpu")
+    check_gpu_usable(setting)
+    wants_cuda = setting.startswith("cuda") or setting == "auto" and torch.cuda.is_available()
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {setting} was asked for but no CUDA GPU is visible; use --device cpu")
     if not wants_cuda:
         return torch.device("cpu")
     if local_rank is None:
-        return torch.device("cuda" if config.device == "auto" else config.device)
-    if config.device not in ("auto", "cuda"):
-        raise ConfigError(f"--device {config.device} under torchrun would put every rank on one GPU; "
+        return torch.device("cuda" if setting == "auto" else setting)
+    if setting not in ("auto", "cuda"):
+        raise ConfigError(f"--device {setting} under torchrun would put every rank on one GPU; "
                           "use --device cuda (each rank takes cuda:LOCAL_RANK)")
     visible = torch.cuda.device_count()
     if local_rank >= visible:
@@ -104,11 +105,11 @@ def use_cuda_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def resolve_precision(config: ExperimentConfig, device: torch.device) -> str:
-    """bf16 or fp32; auto means bf16 autocast on CUDA and full fp32 on CPU."""
-    if config.precision == "auto":
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """The --precision setting as bf16 or fp32; auto means bf16 autocast on CUDA and full fp32 on CPU."""
+    if setting == "auto":
         return BF16 if device.type == "cuda" else FP32
-    return config.precision
+    return setting
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:

@@ -28,8 +28,9 @@ from typing import Any
 
 import tomli_w
 
-from experiment_config import NONE_WORD, PRESETS, ConfigError, ExperimentConfig
-from safe_json import check_depth, read_json_file, read_text_file
+from common.errors import ConfigError
+from common.safe_json import check_depth, read_json_file, read_text_file
+from config.settings import NONE_WORD, PRESETS, ExperimentConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -131,15 +132,21 @@ def defaults_text(name: str) -> str:
 
 # --- flags ----------------------------------------------------------------------------------------
 
-def _parse_as(kind: Any, optional: bool) -> Callable[[str], Any]:
+class _ParseAs:
     """argparse's `type` for one value of `kind`; "none" gives None for an optional setting."""
-    def parse(text: str) -> Any:
-        if optional and text.lower() == NONE_WORD:
-            return None
-        return kind(text)
 
-    parse.__name__ = getattr(kind, "__name__", "value")  # argparse names it in "invalid int value"
-    return parse
+    def __init__(self, kind: Any, optional: bool) -> None:
+        self.kind, self.optional = kind, optional
+        self.__name__ = getattr(kind, "__name__", "value")  # argparse names it in "invalid int value"
+
+    def __call__(self, text: str) -> Any:
+        if self.optional and text.lower() == NONE_WORD:
+            return None
+        return self.kind(text)
+
+
+def _parse_as(kind: Any, optional: bool) -> Callable[[str], Any]:
+    return _ParseAs(kind, optional)
 
 
 class Switch(argparse.Action):

@@ -8,12 +8,14 @@ its users can map settings one to one; the MLA fields are DeepSeek-V3's names.
 from __future__ import annotations
 
 import dataclasses
-import re
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from common.errors import ConfigError
 
 ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa", "eager")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -21,7 +23,8 @@ MOE_DISPATCHES = ("auto", "grouped_mm", "sorted", "loop")
 PARALLEL_MODES = ("auto", "seeds", "data")  # --parallel under torchrun: one seed per rank, or one batch split over ranks
 OPTIMIZERS = ("muon", "adamw")  # --optimizer: per-matrix Muon for the block matrices, or an AdamW-only control
 MUON_ADJUST_LR_FNS = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn: each block's LR factor from its shape
-DEFAULT_ARMS = ("baseline", "deepseek")  # the experiment's two arms; arms.py lists every arm
+BASELINE = "baseline"  # the arm every comparison pairs with: it always runs
+DEFAULT_ARMS = (BASELINE, "deepseek")  # the experiment's two arms; arms/ holds every arm, one file each
 DEFAULT_GQA_KV_HEADS = 2
 INT64_LIMIT = 2**63  # every integer setting lies in [-2**63, 2**63): torch tensors, generators and numpy hold it
 MAX_SEED = INT64_LIMIT - 1
@@ -48,21 +51,9 @@ def setting(default: Any, **cli: Any) -> Any:
     return dataclasses.field(default=default, metadata={"cli": cli})
 
 
-def one_line(text: object) -> str:
-    """`text` with every run of whitespace (newlines too) made one space: an error is one line."""
-    return " ".join(str(text).split())
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message, always one line, says what is wrong and how to fix it."""
-
-    def __init__(self, message: object) -> None:
-        super().__init__(one_line(message))
-
-
 @dataclass(frozen=True)
 class ExperimentConfig:
-    # Model (shared by both models)
+    # Model (shared by every arm)
     d_model: int = 256  # model width (embedding and residual stream)
     n_heads: int = 4  # attention (query) heads; must divide d_model
     n_layers: int = 3  # transformer blocks
@@ -101,7 +92,7 @@ class ExperimentConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the base LR
     seed: int = 42  # the seed when --seeds is not given
     seeds: tuple[int, ...] = setting((), metavar="SEED")  # train every arm once per seed, e.g. --seeds 42 43 44; empty: --seed alone
-    arms: tuple[str, ...] = setting(DEFAULT_ARMS, metavar="ARM")  # which arms to train: baseline (MHA, always), deepseek (MLA), gqa, mqa
+    arms: tuple[str, ...] = setting(DEFAULT_ARMS, metavar="ARM")  # which arms to train, one file each in arms/ (--help lists them); baseline (MHA) always runs
     lr_sweep: bool = setting(False, values_into="lr_sweep_multipliers", metavar="M")  # before the comparison, tune each arm's LRs: a short run per multiplier M on a seed not among --seeds, the best by its loss on the tuning set (training/lr_sweep.py)
     lr_sweep_multipliers: tuple[float, ...] = setting((0.25, 0.5, 1.0, 2.0, 4.0), metavar="M")  # each scales both muon_lr and adamw_lr
     lr_sweep_steps: int = 0  # steps per sweep run; 0: max_steps // 4 (at least 1)
@@ -200,12 +191,9 @@ class ExperimentConfig:
         return (base or cls()).replace(**fields)
 
     def _validate_arms(self) -> None:
-        from arms import ARM_NAMES, BASELINE  # the registry imports the models, which import this file
-
+        """Each arm once, the baseline among them. Whether each name is an arm is the registry's to say
+        (arms/registry.py: check_arm_names), since the registry sits above the config."""
         given = " ".join(self.arms)
-        unknown = [arm for arm in self.arms if arm not in ARM_NAMES]
-        if unknown:
-            raise ConfigError(f"--arms {given}: unknown arm {unknown[0]!r}; choose from {', '.join(ARM_NAMES)}")
         if len(set(self.arms)) != len(self.arms):
             raise ConfigError(f"--arms {given}: an arm is repeated; give each arm once")
         if BASELINE not in self.arms:
@@ -237,10 +225,15 @@ class ExperimentConfig:
     def validate(self) -> "ExperimentConfig":
         """Raise ConfigError on the first impossible setting; return self when all is well."""
         self._validate_kinds()
-        seeds = (self.seed, *self.seeds) + ((self.lr_sweep_seed,) if self.lr_sweep_seed is not None else ())
-        bad_seeds = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
-        top_lr = max(self.muon_lr, self.adamw_lr) * (max(self.lr_sweep_multipliers, default=1.0) if self.lr_sweep else 1.0)
-        checks: list[tuple[bool, str]] = [
+        for ok, message in self._model_checks() + self._training_checks() + self._data_checks() + self._run_checks():
+            if not ok:
+                raise ConfigError(message)
+        self._validate_arms()
+        self._validate_token_budget()
+        return self
+
+    def _model_checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.d_model > 0 and self.n_heads > 0, "d_model and n_heads must be positive"),
             (self.d_model % max(self.n_heads, 1) == 0,
              f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; pick n_heads that divides d_model"),
@@ -267,10 +260,17 @@ class ExperimentConfig:
             (self.gqa_kv_heads >= 1 and self.n_heads % max(self.gqa_kv_heads, 1) == 0,
              f"--gqa-kv-heads {self.gqa_kv_heads}: must be at least 1 and divide n_heads={self.n_heads} "
              f"(e.g. {', '.join(str(h) for h in range(1, min(self.n_heads, 64) + 1) if self.n_heads % h == 0)})"),
+            (self.vocab_size is None or self.vocab_size > 1, "vocab_size must be > 1 or None"),
+        ]
+
+    def _training_checks(self) -> list[tuple[bool, str]]:
+        seeds = (self.seed, *self.seeds) + ((self.lr_sweep_seed,) if self.lr_sweep_seed is not None else ())
+        bad_seeds = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
+        top_lr = max(self.muon_lr, self.adamw_lr) * (max(self.lr_sweep_multipliers, default=1.0) if self.lr_sweep else 1.0)
+        return [
             (self.batch_size > 0, f"--batch-size {self.batch_size}: must be at least 1"),
             (self.max_steps > 0, f"--steps {self.max_steps}: must be at least 1"),
             (self.eval_every > 0, f"--eval-every {self.eval_every}: must be at least 1"),
-            (self.sample_tokens >= 0, f"sample_tokens={self.sample_tokens} must be >= 0"),
             (self.log_every > 0, f"log_every={self.log_every} must be positive"),
             (self.muon_lr > 0 and self.adamw_lr > 0, "muon_lr and adamw_lr must be positive"),
             (math.isfinite(top_lr), f"muon_lr={self.muon_lr}, adamw_lr={self.adamw_lr} times the largest --lr-sweep multiplier "
@@ -284,61 +284,70 @@ class ExperimentConfig:
             (self.weight_decay >= 0 and self.grad_clip > 0, "weight_decay must be >= 0 and grad_clip > 0"),
             (0.0 <= self.warmup_fraction < 1.0, f"warmup_fraction={self.warmup_fraction} must be in [0, 1)"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"),
+            (self.lr_sweep_seed is None or self.lr_sweep_seed not in self.run_seeds,
+             f"--lr-sweep-seed {self.lr_sweep_seed}: is one of the reported --seeds "
+             f"{' '.join(map(str, self.run_seeds))}; the sweep must not tune on a reported seed, choose another"),
+            (not bad_seeds, f"seed {' '.join(map(str, bad_seeds))}: a seed must be between 0 and 2**63 - 1"),
+            (len(set(self.run_seeds)) == len(self.run_seeds),
+             f"--seeds {' '.join(map(str, self.run_seeds))}: a seed is repeated; give each seed once"),
+            (not (self.compile_optimizer and self.optimizer != "muon"),
+             "--compile-optimizer compiles Muon's update, and --optimizer adamw has none (AdamW is one fused kernel); drop it"),
+        ]
+
+    def _data_checks(self) -> list[tuple[bool, str]]:
+        return [
             (0.0 < self.val_fraction < 1.0, f"val_fraction={self.val_fraction} must be in (0, 1)"),
             (0.0 < self.tuning_fraction and self.val_fraction + self.tuning_fraction < 1.0,
              f"--tuning-fraction {self.tuning_fraction}: must be positive and leave training tokens "
              f"(tuning_fraction + val_fraction < 1; val_fraction is {self.val_fraction})"),
-            (self.lr_sweep_seed is None or self.lr_sweep_seed not in self.run_seeds,
-             f"--lr-sweep-seed {self.lr_sweep_seed}: is one of the reported --seeds "
-             f"{' '.join(map(str, self.run_seeds))}; the sweep must not tune on a reported seed, choose another"),
             (self.num_documents >= 0, f"--num-documents {self.num_documents}: must be at least 1, or 0 for every document"),
             (self.num_documents > 0 or self.offline or self.data_path is not None,
              "--num-documents 0 (every document) would stream the whole Hub dataset; give a number, or use --data"),
             (self.max_chars_per_doc >= 0,
              f"--max-chars-per-doc {self.max_chars_per_doc}: must be at least 1, or 0 for whole documents"),
             (self.max_tokens >= 0, f"--max-tokens {self.max_tokens}: must be at least 1, or 0 for every token"),
-            (self.save_every >= 0, f"--save-every {self.save_every}: must be at least 1, or 0 for each evaluation"),
-            (self.vocab_size is None or self.vocab_size > 1, "vocab_size must be > 1 or None"),
             (self.offline_vocab_size >= MIN_OFFLINE_VOCAB,
              f"offline_vocab_size={self.offline_vocab_size}: must be at least {MIN_OFFLINE_VOCAB} (the offline tokenizer's "
              "256 byte symbols and its end-of-text token); 8192 is the default"),
+        ]
+
+    def _run_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.sample_tokens >= 0, f"sample_tokens={self.sample_tokens} must be >= 0"),
+            (self.save_every >= 0, f"--save-every {self.save_every}: must be at least 1, or 0 for each evaluation"),
             (not (self.cuda_graph and self.device == "cpu"), "--cuda-graph needs a CUDA GPU; drop it with --device cpu"),
             (not (self.cuda_graph and self.moe_dispatch in ("sorted", "loop")),
              f"--cuda-graph needs static shapes, which --moe-dispatch {self.moe_dispatch} does not have (it reads "
              "expert sizes back to the host); use --moe-dispatch auto or grouped_mm"),
-            (not (self.compile_optimizer and self.optimizer != "muon"),
-             "--compile-optimizer compiles Muon's update, and --optimizer adamw has none (AdamW is one fused kernel); drop it"),
             (0 < self.dist_timeout_minutes <= MAX_DIST_TIMEOUT_MINUTES,
              f"--dist-timeout {self.dist_timeout_minutes:g}: must be a positive number of minutes, at most "
              f"{MAX_DIST_TIMEOUT_MINUTES} (30 days)"),
             (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"--device {self.device}: must be auto, cpu, cuda or cuda:N"),
-            (not bad_seeds, f"seed {' '.join(map(str, bad_seeds))}: a seed must be between 0 and 2**63 - 1"),
-            (len(set(self.run_seeds)) == len(self.run_seeds),
-             f"--seeds {' '.join(map(str, self.run_seeds))}: a seed is repeated; give each seed once"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        self._validate_arms()
+
+    def _validate_token_budget(self) -> None:
+        """Enough tokens for one window of each split: training and validation, and with --lr-sweep the tuning set
+        too (without a sweep its tokens train)."""
+        if not self.max_tokens:
+            return
         window = self.max_seq_len + 1
-        # train and validation; with --lr-sweep the tuning set too (without a sweep its tokens train)
         parts = ((1 - self.val_fraction - self.tuning_fraction, self.tuning_fraction, self.val_fraction)
                  if self.lr_sweep else (1 - self.val_fraction, self.val_fraction))
+        if _enough_tokens(self.max_tokens, parts, window):
+            return
+        needed = max(len(parts) * window, *(math.ceil(window / part) for part in parts))
+        while not _enough_tokens(needed, parts, window):  # guard against rounding in the division
+            needed += 1
+        what = "training, tuning and validation window" if self.lr_sweep else "training and one validation window"
+        raise ConfigError(
+            f"--max-tokens {self.max_tokens}: too few for one {what} of "
+            f"{window} tokens (--seq-len {self.max_seq_len} + 1); use --max-tokens {needed} or more, or lower --seq-len"
+        )
 
-        def enough(tokens: int) -> bool:
-            return tokens >= len(parts) * window and all(part * tokens >= window for part in parts)
 
-        if self.max_tokens and not enough(self.max_tokens):
-            needed = max(len(parts) * window, *(math.ceil(window / part) for part in parts))
-            while not enough(needed):  # guard against rounding in the division
-                needed += 1
-            what = "training, tuning and validation window" if self.lr_sweep else "training and one validation window"
-            raise ConfigError(
-                f"--max-tokens {self.max_tokens}: too few for one {what} of "
-                f"{window} tokens (--seq-len {self.max_seq_len} + 1); use --max-tokens {needed} or more, or lower --seq-len"
-            )
-        return self
+def _enough_tokens(tokens: int, parts: tuple[float, ...], window: int) -> bool:
+    return tokens >= len(parts) * window and all(part * tokens >= window for part in parts)
 
 
 def _has_type(value: Any, hint: Any) -> bool:

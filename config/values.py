@@ -13,7 +13,8 @@ import argparse
 import math
 from typing import Any, Callable, TypeVar
 
-from experiment_config import INT64_LIMIT, ConfigError
+from common.errors import ConfigError
+from config.settings import INT64_LIMIT
 
 Plan = TypeVar("Plan")
 

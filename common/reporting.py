@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import torch
 
-from atomic_files import write_atomic
-from experiment_config import ConfigError
-from hardware import release_memory
+from common.atomic_files import write_atomic
+from common.errors import ConfigError
+from common.hardware import release_memory
 
 
 def json_safe(value: Any) -> Any:
@@ -69,6 +69,14 @@ def fmt(value: Any, spec: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return format(value, spec)
+
+
+def times_fewer(ratio: float, what: str) -> str:
+    """How a size compares with another, `ratio` = other / this: '4.0x fewer bytes than', '2.0x more bytes
+    than' or 'as many bytes as', so that no sentence assumes which way it goes."""
+    if ratio == 1:
+        return f"as many {what} as"
+    return f"{ratio:.1f}x fewer {what} than" if ratio > 1 else f"{1 / ratio:.1f}x more {what} than"
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> list[str]:

@@ -1,0 +1,70 @@
+"""What a completed run leaves besides its record: a short greedy sample for the JSON and its saved model.
+
+Both come after the run's record is saved, and a failure in either is recorded in the run (`sample_error`,
+`checkpoint_error`), never fatal: the run's results matter more than its sample or its weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.atomic_files import atomic_directory
+from common.hardware import resolve_precision
+from config.settings import ExperimentConfig
+from data.dataset import TokenData
+from data.tokenizer import TOKENIZER_FILE, save_tokenizer
+from inference.generate import cache_mode_for, generate_text
+from models.checkpoint import run_checkpoint_dir, save_checkpoint
+from models.transformer import MoELanguageModel
+
+SAVED_METRICS = ("val_loss", "val_accuracy", "val_perplexity", "tokens_seen", "precision")  # into config.json's extra
+
+
+def add_extras(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
+               config: ExperimentConfig, device: torch.device) -> None:
+    """The greedy sample and the saved model of a completed run, after its record is saved: a failure in
+    either is recorded in the run (`sample_error`, `checkpoint_error`) and never drops the run or stops
+    the experiment."""
+    if config.sample_tokens > 0:
+        try:
+            record["sample"] = greedy_sample(model, data, config, device)
+        except Exception as error:  # noqa: BLE001 - out of memory, a tokenizer problem, ...: the run stands
+            record["sample_error"] = f"{type(error).__name__}: {error}"
+    if config.save_checkpoints:
+        save_run_checkpoint(model, name, seed, record, data, config)
+
+
+def greedy_sample(model: MoELanguageModel, data: TokenData, config: ExperimentConfig,
+                  device: torch.device) -> dict[str, Any]:
+    """A short greedy continuation of config.sample_prompt with the model's own KV cache, for the JSON."""
+    if data.tokenizer is None:
+        return {"prompt": config.sample_prompt, "text": None, "note": "no tokenizer loaded on this machine"}
+    text, ids = generate_text(model, data.tokenizer, config.sample_prompt, config.sample_tokens,
+                              precision=resolve_precision(config.precision, device))
+    return {"prompt": config.sample_prompt, "text": text, "tokens": len(ids),
+            "decoding": f"greedy, {cache_mode_for(model, 'auto')} cache"}
+
+
+def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
+                        config: ExperimentConfig) -> None:
+    """Save a completed run's model, config and tokenizer to OUTPUT_DIR/checkpoints/<name>-seed<seed>/ and
+    note it in `record["checkpoint"]`. The folder appears whole or not at all (built beside it, then renamed).
+    A failure is recorded (`checkpoint_error`, with `checkpoint_directory`), never raised."""
+    directory = run_checkpoint_dir(Path(config.output_dir), name, seed)
+    try:
+        with atomic_directory(directory) as staging:  # a save cut short leaves no half folder
+            # a Hub tokenizer that is not in the local cache is saved as its name alone
+            tokenizer = save_tokenizer(data.tokenizer or config.tokenizer_name, staging)
+            extra = {"seed": seed, "tokenizer": tokenizer, "data": data.info.get("corpus_description"),
+                     **{key: record.get(key) for key in SAVED_METRICS}}
+            saved = save_checkpoint(model, name, staging, extra)
+            files = dict(saved["files"])
+            if "file" in tokenizer:
+                files[TOKENIZER_FILE] = (staging / TOKENIZER_FILE).stat().st_size
+    except Exception as error:  # noqa: BLE001 - disk full, permissions, ...: keep the results, say so, go on
+        record.update(checkpoint_error=f"{type(error).__name__}: {error}", checkpoint_directory=str(directory))
+        return
+    record["checkpoint"] = {"directory": str(directory), "bytes": sum(files.values()), "files": files}
