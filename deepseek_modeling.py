@@ -40,7 +40,7 @@ def device_type(x: torch.Tensor) -> str:
 class DeepseekV3Attention(CausalSelfAttention):
     """MLA with the plain-math (eager) causal attention; the reference the flash class must match."""
 
-    cache_modes = ("latent", "expanded")
+    cache_modes: tuple[str, ...] = ("latent", "expanded")
 
     def __init__(self, config: ExperimentConfig, layer_idx: int = 0) -> None:
         super().__init__()

@@ -33,7 +33,7 @@ class MultiHeadAttention(CausalSelfAttention):
     K/V head (mode "kv"), n_kv_heads of them.
     """
 
-    cache_modes = ("kv",)
+    cache_modes: tuple[str, ...] = ("kv",)
 
     def __init__(self, config: ExperimentConfig, layer_idx: int = 0, backend: str = "sdpa",
                  n_kv_heads: int | None = None) -> None:

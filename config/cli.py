@@ -30,7 +30,7 @@ import tomli_w
 
 from common.errors import ConfigError
 from common.safe_json import check_depth, read_json_file, read_text_file
-from config.settings import NONE_WORD, PRESETS, ExperimentConfig
+from config.settings import MLA_SIZES, NONE_WORD, PRESETS, ExperimentConfig, mla_sizes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -264,7 +264,21 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
         config = config.replace(eval_every=min(config.eval_every, config.max_steps))
     if config.data_path is not None:  # your own file is read whole unless you cap it
         config = config.replace(**{cap: 0 for cap in DATA_CAPS if cap not in given})
-    return config, notice
+    config, scaled = mla_follows_width(config, given)
+    return config, "\n".join(line for line in (notice, scaled) if line) or None
+
+
+def mla_follows_width(config: ExperimentConfig, given: set[str]) -> tuple[ExperimentConfig, str | None]:
+    """A width or head count set without any of MLA's sizes: MLA's sizes follow it by the presets' proportions
+    (mla_sizes), said in one line, so that widening the model does not leave MLA at the preset's ranks."""
+    sizes = mla_sizes(config.d_model, config.n_heads)
+    if not {"d_model", "n_heads"} & given or set(MLA_SIZES) & given or config.n_heads <= 0 or config.d_model <= 0:
+        return config, None
+    if all(getattr(config, name) == value for name, value in sizes.items()):
+        return config, None
+    words = ", ".join(f"{name} {value}" for name, value in sizes.items())
+    return config.replace(**sizes), (f"MLA's sizes follow d_model {config.d_model} and {config.n_heads} heads by the "
+                                     f"presets' proportions: {words} (set any of them to choose them yourself).")
 
 
 def config_toml(config: ExperimentConfig) -> str:

@@ -31,7 +31,7 @@ MAX_SEED = INT64_LIMIT - 1
 MIN_OFFLINE_VOCAB = 257  # the byte-level BPE's 256 byte symbols and its EOS token; merges come on top
 MAX_EXPERT_MODULES = 100_000  # n_layers x num_experts: a model is built module by module, in Python
 MAX_DIST_TIMEOUT_MINUTES = 30 * 24 * 60  # 30 days: longer than any run, and well inside what timedelta and gloo/NCCL hold
-PRESET_NAMES = ("full", "cpu")  # PRESETS below builds each
+PRESET_NAMES = ("full", "cpu", "tiny")  # PRESETS below builds each
 NONE_WORD = "none"  # a setting that may be None, written in TOML or on the command line (TOML has no null)
 # What a --resume may change: which runs there are (seeds, arms) and where and how often things are written
 # or logged. Every other setting changes what a run computes, so a resume that changes it is refused.
@@ -114,7 +114,7 @@ class ExperimentConfig:
     cache_dir: str = "data_cache"  # where tokenized data is cached
 
     # Run
-    preset: str = setting("full", choices=PRESET_NAMES, show_default=False)  # the base the other settings start from: full (the experiment as published; default on CUDA) or cpu (scaled down, minutes on 2 cores; default without CUDA)
+    preset: str = setting("full", choices=PRESET_NAMES, show_default=False)  # the base the other settings start from: full (the experiment as published; default on CUDA), cpu (scaled down, minutes on 2 cores; default without CUDA) or tiny (a smoke run of under a minute)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     attention_backend: str = setting("auto", choices=ATTENTION_BACKENDS)  # MLA kernel: auto (flash-attn if installed, else SDPA), flash-attn, sdpa, eager
     precision: str = setting("auto", choices=PRECISIONS)  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU rehearses the GPU's mixed precision
@@ -367,6 +367,18 @@ def _has_type(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+MLA_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def mla_sizes(d_model: int, n_heads: int) -> dict[str, int]:
+    """MLA's sizes for a width, by the presets' own proportions (every preset follows them): query and latent
+    ranks d_model / 2, nope and value head dims the MHA head dim, the rotary head dim half of it (even)."""
+    head_dim = d_model // max(n_heads, 1)
+    rank = max(1, d_model // 2)
+    return {"q_lora_rank": rank, "kv_lora_rank": rank, "qk_nope_head_dim": max(1, head_dim),
+            "qk_rope_head_dim": max(2, head_dim // 4 * 2), "v_head_dim": max(1, head_dim)}
+
+
 def cpu_preset(base: ExperimentConfig | None = None) -> ExperimentConfig:
     """A scaled-down run that finishes in minutes on 2 CPU cores; labelled as such in the JSON."""
     base = base or ExperimentConfig()
@@ -379,4 +391,21 @@ def cpu_preset(base: ExperimentConfig | None = None) -> ExperimentConfig:
     )
 
 
-PRESETS = {"full": lambda base: base.replace(preset="full"), "cpu": cpu_preset}
+def tiny_preset(base: ExperimentConfig | None = None) -> ExperimentConfig:
+    """A smoke run of under a minute on 2 CPU cores: every code path, no result worth reading."""
+    base = base or ExperimentConfig()
+    return base.replace(
+        preset="tiny",
+        d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4,
+        max_seq_len=64, batch_size=8, max_steps=30, eval_every=10,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        num_documents=200, max_tokens=40_000, offline_vocab_size=1024, sample_tokens=8,
+    )
+
+
+PRESETS = {"full": lambda base: base.replace(preset="full"), "cpu": cpu_preset, "tiny": tiny_preset}
+PRESET_NOTES = {
+    "full": "full experiment",
+    "cpu": "CPU preset: a scaled-down model and run so that it finishes in minutes on a CPU; not the full experiment",
+    "tiny": "tiny preset: a smoke run of under a minute that exercises every code path; its numbers mean nothing",
+}

@@ -59,9 +59,12 @@ def cache_mode_for(model: MoELanguageModel, requested: str) -> str:
     """The cache this model uses for `requested`: none, its own default (auto), or the nearest it has.
 
     MHA has one cache (per-head K/V), which is what kv, expanded and latent all come to for it;
-    for MLA, kv means the per-head (expanded) cache.
+    for MLA, kv means the per-head (expanded) cache. An attention with no cached decode path always
+    decodes with none (no_cache_line says so).
     """
     modes = model.cache_modes()
+    if not modes:
+        return "none"
     if requested in ("none", *modes):
         return requested
     if requested == "auto":
@@ -112,6 +115,13 @@ def generate_text(model: MoELanguageModel, tokenizer: TextTokenizer, prompt: str
     if on_text is not None and text.startswith(shown) and len(text) > len(shown):
         on_text(text[len(shown):])
     return text, new_ids
+
+
+def no_cache_line(arm: str, model: MoELanguageModel, requested: str) -> str | None:
+    """The one line that says an arm has no cached decode path when a cache was asked for; None otherwise."""
+    if model.cache_modes() or requested == "none":
+        return None
+    return f"{arm}: no cached decode path; every token recomputes the whole prefix (--cache {requested} ignored)"
 
 
 def find_checkpoints(path: Path, run_seed: int | None = None) -> list[Path]:
@@ -205,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     how = "greedy" if sampling.temperature <= 0 else f"temperature {sampling.temperature}, top-k {sampling.top_k}"
     for ckpt, tokenizer in zip(loaded, tokenizers, strict=True):
         mode = cache_mode_for(ckpt.model, args.cache)
+        if (note := no_cache_line(ckpt.arm, ckpt.model, args.cache)) is not None:
+            print(note)
         print(f"== {ckpt.arm} ({ckpt.directory}; {how}, cache {mode}, seed {args.seed}) ==")
         print(args.prompt, end="", flush=True)
         generate_text(ckpt.model, tokenizer, args.prompt, args.max_new_tokens, mode, sampling, args.seed,

@@ -75,7 +75,7 @@ class CausalSelfAttention(nn.Module):
     positions included), added to the cache, and attend to everything cached.
     """
 
-    cache_modes: tuple[str, ...] = ()  # what new_cache accepts; the first is the default
+    cache_modes: tuple[str, ...] = ()  # what new_cache accepts, the first the default; () for no cached decode path
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,6 +83,8 @@ class CausalSelfAttention(nn.Module):
         self.backend_used: str | None = None  # the kernel that ran in the last forward pass
 
     def new_cache(self, mode: str | None = None, capacity: int = 256) -> KVCache:
+        if not self.cache_modes:
+            raise ValueError(f"{type(self).__name__} has no cached decode path; decode with cache mode none")
         mode = mode or self.cache_modes[0]
         if mode not in self.cache_modes:
             raise ValueError(f"{type(self).__name__} has no {mode!r} cache; choose one of {', '.join(self.cache_modes)}")
@@ -94,12 +96,13 @@ class CausalSelfAttention(nn.Module):
         return None
 
     def kv_cache_values_per_token(self, mode: str | None = None) -> int:
-        """Values a decoder keeps per token in this layer's KV cache (the analytic count)."""
-        raise NotImplementedError
+        """Values a decoder keeps per token in this layer's KV cache (the analytic count); only asked of an
+        attention with cache_modes."""
+        raise NotImplementedError(f"{type(self).__name__} declares cache_modes but not kv_cache_values_per_token()")
 
     def score_dims(self) -> tuple[int, int, int]:
         """(heads, q/k head dim, v head dim) for the analytic FLOP count."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not declare score_dims()")
 
     def muon_blocks(self) -> dict[str, list[tuple[str, torch.Tensor]]]:
         """The logical matrices packed into fused weights, for the optimizer (training/optim.py).
@@ -114,3 +117,18 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+
+def interface_problem(attention: CausalSelfAttention) -> str | None:
+    """What an attention module fails to declare that the experiment needs (the FLOP count's score_dims, and each
+    cache mode's size), in words; None when it declares all of it. Works on a shape-only (meta) module."""
+    try:
+        dims = attention.score_dims()
+        sizes = [attention.kv_cache_values_per_token(mode) for mode in attention.cache_modes]
+    except NotImplementedError as error:
+        return str(error)
+    if len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims):
+        return f"{type(attention).__name__}.score_dims() gave {dims!r}, not (heads, q/k head dim, v head dim) > 0"
+    if not all(isinstance(size, int) and size > 0 for size in sizes):
+        return f"{type(attention).__name__}.kv_cache_values_per_token() gave {sizes!r} for {attention.cache_modes}"
+    return None

@@ -56,10 +56,6 @@ def cost_report(model: MoELanguageModel, seq_len: int | None = None) -> dict[str
     linear_macs = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) - inactive_expert_params
     score_macs = sum(attention_score_macs(m, seq_len) for m in attention)
     forward_flops = 2 * (linear_macs + score_macs)
-    kv_values = attention[0].kv_cache_values_per_token()
-    cache_modes = {mode: {"analytic": attention[0].kv_cache_values_per_token(mode) * KV_CACHE_BYTES_PER_VALUE,
-                          "measured": measured_cache_bytes_per_token(attention[0], mode, config.d_model)}
-                   for mode in attention[0].cache_modes}
     return {
         "parameters_total": total,
         "parameters_active_per_token": int(total - inactive_expert_params),
@@ -67,10 +63,25 @@ def cost_report(model: MoELanguageModel, seq_len: int | None = None) -> dict[str
         "parameters_attention_per_layer": parameter_count(attention[0]),
         "training_flops_per_token": int(3 * forward_flops),
         "attention_score_flops_per_token": int(3 * 2 * score_macs),
-        "kv_cache_bytes_per_token_per_layer_bf16": kv_values * KV_CACHE_BYTES_PER_VALUE,
-        "kv_cache_bytes_per_token_all_layers_bf16": kv_values * KV_CACHE_BYTES_PER_VALUE * config.n_layers,
-        "kv_cache_mode": attention[0].cache_modes[0],
-        "kv_cache_bytes_per_token_per_layer_bf16_measured": cache_modes[attention[0].cache_modes[0]]["measured"],
-        "kv_cache_bytes_per_token_per_layer_bf16_by_mode": cache_modes,
+        **kv_cache_costs(attention[0], config.d_model, config.n_layers),
         "flops_note": "matmuls only; forward+backward = 3x forward; experts at top_k/num_experts; causal mean context",
     }
+
+
+def kv_cache_costs(attention: CausalSelfAttention, d_model: int, n_layers: int) -> dict[str, Any]:
+    """The KV cache a bf16 decoder keeps per token, counted and measured, for the attention's own (first) cache
+    mode and every mode it has; None for an attention with no cached decode path (it recomputes the prefix)."""
+    if not attention.cache_modes:
+        return {"kv_cache_bytes_per_token_per_layer_bf16": None, "kv_cache_bytes_per_token_all_layers_bf16": None,
+                "kv_cache_mode": None, "kv_cache_bytes_per_token_per_layer_bf16_measured": None,
+                "kv_cache_bytes_per_token_per_layer_bf16_by_mode": {},
+                "kv_cache_note": "no cached decode path: generation recomputes the whole prefix at every token"}
+    by_mode = {mode: {"analytic": attention.kv_cache_values_per_token(mode) * KV_CACHE_BYTES_PER_VALUE,
+                      "measured": measured_cache_bytes_per_token(attention, mode, d_model)}
+               for mode in attention.cache_modes}
+    own = by_mode[attention.cache_modes[0]]
+    return {"kv_cache_bytes_per_token_per_layer_bf16": own["analytic"],
+            "kv_cache_bytes_per_token_all_layers_bf16": own["analytic"] * n_layers,
+            "kv_cache_mode": attention.cache_modes[0],
+            "kv_cache_bytes_per_token_per_layer_bf16_measured": own["measured"],
+            "kv_cache_bytes_per_token_per_layer_bf16_by_mode": by_mode}

@@ -106,8 +106,11 @@ def attention_training_bytes(attention: nn.Module, batch: int, seq_len: int, d_m
 
 def decode_cache_bytes(model: MoELanguageModel, mode: str | None, tokens: int, batch: int = 1,
                        bytes_per_value: int = FP32) -> int:
-    """The KV caches of every layer for `batch` sequences of `tokens` tokens."""
+    """The KV caches of every layer for `batch` sequences of `tokens` tokens (0: no cache, mode "none" or an
+    attention with no cached decode path)."""
     attention = model.attention_modules()[0]
+    if mode == "none" or not attention.cache_modes:
+        return 0
     return int(attention.kv_cache_values_per_token(mode) * bytes_per_value * tokens * batch * model.config.n_layers)
 
 

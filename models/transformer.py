@@ -82,10 +82,12 @@ class MoELanguageModel(nn.Module):
         return self.lm_head(self.norm(x)), aux_total
 
     def new_caches(self, mode: str | None = None, capacity: int = 256) -> list[KVCache]:
-        """One empty KV cache per layer; mode None takes the attention's default ("kv" for MHA, "latent" for MLA)."""
+        """One empty KV cache per layer; mode None takes the attention's default ("kv" for MHA, "latent" for MLA).
+        An attention with no cached decode path (cache_modes ()) has none: ValueError."""
         return [attention.new_cache(mode, capacity) for attention in self.attention_modules()]
 
     def cache_modes(self) -> tuple[str, ...]:
+        """The decode caches its attention offers, its own first; () when it has no cached decode path."""
         return self.attention_modules()[0].cache_modes
 
     def transformer_blocks(self) -> list[TransformerBlock]:

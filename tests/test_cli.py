@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError
-from config.settings import PRESETS, ExperimentConfig
+from config.settings import PRESETS, ExperimentConfig, mla_sizes
 from exp6_trainer import build_parser, config_from_args, main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -212,9 +212,10 @@ def test_a_partial_config_file_fills_the_rest_from_the_preset(tmp_path):
     path = tmp_path / "partial.toml"
     path.write_text('d_model = 64\nmuon_lr = 0.02\n')
     cpu, notice = config_from_args(build_parser().parse_args(["--config", str(path)]), cuda_available=False)
-    assert cpu == PRESETS["cpu"](ExperimentConfig()).replace(d_model=64, muon_lr=0.02)
+    cpu_preset = PRESETS["cpu"](ExperimentConfig())  # a width set alone: MLA's sizes follow it (mla_sizes)
+    assert cpu == cpu_preset.replace(d_model=64, muon_lr=0.02, **mla_sizes(64, cpu_preset.n_heads))
     assert notice is not None and "CPU preset" in notice
     full, _ = config_from_args(build_parser().parse_args(["--config", str(path), "--preset", "full"]), cuda_available=False)
-    assert full == ExperimentConfig(d_model=64, muon_lr=0.02)
+    assert full == ExperimentConfig(d_model=64, muon_lr=0.02, **mla_sizes(64, ExperimentConfig().n_heads))
     flagged, _ = config_from_args(build_parser().parse_args(["--config", str(path), "--d-model", "96"]), cuda_available=True)
     assert (flagged.d_model, flagged.muon_lr, flagged.batch_size) == (96, 0.02, 64)  # flags > file > preset

@@ -23,7 +23,7 @@ from config.cli import (
     flag_names,
     options_markdown,
 )
-from config.settings import PRESETS, ExperimentConfig
+from config.settings import MLA_SIZES, PRESETS, ExperimentConfig, mla_sizes
 from exp6_trainer import build_parser, main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,6 +69,9 @@ def test_every_setting_has_a_flag_that_sets_it(name):
         base = FULL_DEFAULTS if config.preset == "full" else CPU_DEFAULTS  # --preset full: the other base
         others = {f.name for f in dataclasses.fields(config)} - {name, "eval_every", "num_documents",
                                                                  "max_chars_per_doc", "max_tokens"}
+        if name in ("d_model", "n_heads"):  # MLA's sizes follow the width (tests/test_add_an_arm.py)
+            others -= set(MLA_SIZES)
+            assert {size: getattr(config, size) for size in MLA_SIZES} == mla_sizes(config.d_model, config.n_heads)
         assert all(getattr(config, other) == getattr(base, other) for other in others), spelling
     if field.metadata.get("cli", {}).get("show_default", True):
         full, cpu = getattr(FULL_DEFAULTS, name), getattr(CPU_DEFAULTS, name)
@@ -154,7 +157,8 @@ def test_a_toml_config_and_its_errors(tmp_path, capsys):
     good = tmp_path / "run.toml"
     good.write_text('preset = "cpu"\nd_model = 64\nseeds = [1, 2]\nvocab_size = "none"\n')
     config, _ = config_from_args(build_parser().parse_args(["--config", str(good)]), cuda_available=True)
-    assert config == PRESETS["cpu"](ExperimentConfig()).replace(d_model=64, seeds=(1, 2))  # the file's preset fills the rest
+    cpu = PRESETS["cpu"](ExperimentConfig())  # the file's preset fills the rest; MLA's sizes follow the width
+    assert config == cpu.replace(d_model=64, seeds=(1, 2), **mla_sizes(64, cpu.n_heads))
     bad = tmp_path / "bad.toml"
     bad.write_text("d_model = = 3\n")
     assert main(["--config", str(bad)]) == 2

@@ -130,3 +130,25 @@ def test_one_pair_headline_is_its_interval_verdict():
     main = result["pairs"]["deepseek - baseline"]
     assert main["p_holm"] == pytest.approx(main["p_value"])
     assert result["headline"] == {"pair": "deepseek - baseline", "basis": "ci95", "verdict": main["verdict"]}
+
+
+def test_holm_and_the_interval_agree_at_exactly_p_equal_alpha():
+    """p = 0.05 is not below alpha: Holm calls it not significant, as the 95% CI rule does (its interval then just
+    touches 0). With alpha computed as 1 - 0.95 (0.050000000000000044) Holm called it better."""
+    result = {"p_value": 0.05, "mean": -0.1, "n": 3, "excluded_seeds": [], "untested": None}
+    verdict = holm_verdicts({"deepseek - baseline": result}, {"deepseek - baseline": ("deepseek", "baseline")})
+    assert verdict["deepseek - baseline"]["verdict_holm"].startswith("no significant difference (Holm-adjusted p = 0.05 ")
+    below = holm_verdicts({"a - b": {**result, "p_value": 0.0499}}, {"a - b": ("a", "b")})
+    assert below["a - b"]["verdict_holm"].startswith("a is better")
+
+
+def test_accuracy_and_perplexity_verdicts_say_they_are_unadjusted():
+    runs = {"baseline": [_run(1, 5.0), _run(2, 5.01), _run(3, 5.02)],
+            "deepseek": [_run(1, 4.9), _run(2, 4.92), _run(3, 4.91)],
+            "gqa": [_run(1, 5.0), _run(2, 5.02), _run(3, 5.0)]}
+    for values in comparison(runs)["pairs"].values():
+        assert "adjustment" not in values["val_loss"]  # val_loss is Holm-adjusted (p_holm, verdict_holm)
+        assert values["val_accuracy"]["adjustment"] == values["val_perplexity"]["adjustment"] == (
+            "unadjusted: only val_loss is Holm-adjusted across the pairs")
+    table = format_table({**{name: summarise_model(r, None) for name, r in runs.items()}, "comparison": comparison(runs)})
+    assert "± is their standard deviation (seed SD), not a CI" in table

@@ -20,10 +20,11 @@ from config.settings import ExperimentConfig
 from data.dataset import TokenData
 from data.sources import check_local_path
 from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_import_error, flash_attn_unusable
-from models.memory import check_fits
+from models.attention import interface_problem
+from models.memory import check_fits, shape_only_model
 from models.transformer import ModelBuilder
 from training.distributed import DATA, SINGLE, Distributed
-from training.memory_plan import ADVICE, experiment_memory
+from training.memory_plan import ADVICE, experiment_memory, planned_vocab_size
 from training.metrics_log import check_loggers
 from training.trainer import check_cuda_graph
 
@@ -53,6 +54,7 @@ def preflight(config: ExperimentConfig, builders: Mapping[str, ModelBuilder] | N
     if config.data_path:
         check_local_path(config.data_path)
     check_loggers(config)
+    check_attention_interfaces(config, builders)
     check_memory(config, builders, device, dist)
     for path, what, flag in ((config.output_dir, "results", "--output-dir"), (config.cache_dir, "the token cache", "--cache-dir")):
         try:
@@ -60,6 +62,17 @@ def preflight(config: ExperimentConfig, builders: Mapping[str, ModelBuilder] | N
         except OSError as error:
             raise ConfigError(f"cannot write {what} to {path!r} ({error.strerror or error}); choose another {flag}") from error
     return device
+
+
+def check_attention_interfaces(config: ExperimentConfig, builders: Mapping[str, ModelBuilder]) -> None:
+    """ConfigError naming the arm whose attention does not declare what the costs need (score_dims, and the size
+    of each cache mode it offers), found on a shape-only model before anything trains."""
+    plan_config = config.replace(vocab_size=planned_vocab_size(config))
+    for name in config.arms:
+        problem = interface_problem(shape_only_model(builders[name], plan_config).attention_modules()[0])
+        if problem is not None:
+            raise ConfigError(f"arm {name}: {problem}; an attention module declares it for the cost accounting "
+                              "(README: Add your own attention)")
 
 
 def check_memory(config: ExperimentConfig, builders: Mapping[str, ModelBuilder], device: torch.device,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from common.hardware import device_name, precision_label, resolve_precision
-from config.settings import ExperimentConfig
+from config.settings import PRESET_NOTES, ExperimentConfig
 from data.dataset import TokenData, exposure_report, validation_windows
 from training.distributed import Distributed
 from training.trainer import step_mode_label
@@ -58,8 +58,7 @@ def experiment_header(config: ExperimentConfig, data: TokenData, device: torch.d
     return {
         "question": QUESTION,
         "config": config.to_dict(),
-        "preset_note": ("CPU preset: a scaled-down model and run so that it finishes in minutes on a CPU; "
-                        "not the full experiment") if config.preset == "cpu" else "full experiment",
+        "preset_note": PRESET_NOTES[config.preset],
         "seeds": list(config.run_seeds),
         "data": {**data.info, **exposure_report(len(data.train), config)},  # exact, recounted from every seed's windows
         "validation": validation_line(config, data, n_val_windows),

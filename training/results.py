@@ -162,18 +162,25 @@ def _cost_sentence(baseline: dict[str, Any], other: dict[str, Any], names: tuple
                    ) -> str:
     """One line on what an arm (the headline arm, MLA by default) buys at decode time against the baseline (cache
     memory, measured) and what it costs in training."""
-    measured_key, analytic_key = MEASURED_KV, "kv_cache_bytes_per_token_per_layer_bf16"
     base_name, other_name = (short_name(name) for name in names)
-    kv = baseline[measured_key] / other[measured_key]
-    agree = all(c[measured_key] == c[analytic_key] for c in (baseline, other))
     flops = other["training_flops_per_token"] / baseline["training_flops_per_token"] - 1
     attn = other["parameters_attention"] / baseline["parameters_attention"] - 1
+    training = (f"in training it costs {flops:+.2%} FLOPs per token ({other['training_flops_per_token']:,} vs "
+                f"{baseline['training_flops_per_token']:,}) with {attn:+.1%} attention parameters.")
+    return f"{_cache_clause(baseline, other, base_name, other_name)}; {training}"
+
+
+def _cache_clause(baseline: dict[str, Any], other: dict[str, Any], base_name: str, other_name: str) -> str:
+    """What `other`'s KV cache holds against the baseline's, measured (and checked against the analytic count)."""
+    measured_key, analytic_key = MEASURED_KV, "kv_cache_bytes_per_token_per_layer_bf16"
+    if other.get(measured_key) is None:
+        return f"At decode time {other_name} has no cached decode path (it recomputes the prefix at every token)"
+    kv = baseline[measured_key] / other[measured_key]
+    agree = all(c[measured_key] == c[analytic_key] for c in (baseline, other))
     check = "measured equals analytic" if agree else "MEASURED DIFFERS FROM ANALYTIC"
     return (f"At decode time {other_name}'s {other.get('kv_cache_mode', '')} cache holds "
             f"{times_fewer(kv, 'bytes per token')} {base_name}'s {baseline.get('kv_cache_mode', '')} cache "
-            f"({other[measured_key]:.0f} vs {baseline[measured_key]:.0f} B/token/layer in bf16, {check}); "
-            f"in training it costs {flops:+.2%} FLOPs per token ({other['training_flops_per_token']:,} vs "
-            f"{baseline['training_flops_per_token']:,}) with {attn:+.1%} attention parameters.")
+            f"({other[measured_key]:.0f} vs {baseline[measured_key]:.0f} B/token/layer in bf16, {check})")
 
 
 def _matched_budget_line(results: dict[str, Any], names: list[str]) -> str | None:
@@ -209,7 +216,7 @@ def format_table(results: dict[str, Any]) -> str:
         ("Training FLOPs / token", [fmt(c.get("training_flops_per_token"), ",") for c in costs]),
         ("KV cache B/token/layer (bf16)", [fmt(c.get("kv_cache_bytes_per_token_per_layer_bf16"), ",") for c in costs]),
         ("  measured from the cache", [fmt(c.get("kv_cache_bytes_per_token_per_layer_bf16_measured"), ",.0f")
-                                       + f" ({c.get('kv_cache_mode', '-')})" for c in costs]),
+                                       + f" ({c.get('kv_cache_mode') or 'no cache'})" for c in costs]),
         ("Attention backend", [", ".join(m.get("attention_backend") or ["-"]) for m in models]),
         ("LR Muon / AdamW", [f"{fmt(m.get('muon_lr'), '.3g')} / {fmt(m.get('adamw_lr'), '.3g')}" for m in models]),
         ("Seeds completed", [str(len(m.get("seeds_completed", []))) for m in models]),

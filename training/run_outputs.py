@@ -45,7 +45,7 @@ def greedy_sample(model: MoELanguageModel, data: TokenData, config: ExperimentCo
     text, ids = generate_text(model, data.tokenizer, config.sample_prompt, config.sample_tokens,
                               precision=resolve_precision(config.precision, device))
     return {"prompt": config.sample_prompt, "text": text, "tokens": len(ids),
-            "decoding": f"greedy, {cache_mode_for(model, 'auto')} cache"}
+            "decoding": decoding_words(cache_mode_for(model, 'auto'))}
 
 
 def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
@@ -68,3 +68,8 @@ def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: d
         record.update(checkpoint_error=f"{type(error).__name__}: {error}", checkpoint_directory=str(directory))
         return
     record["checkpoint"] = {"directory": str(directory), "bytes": sum(files.values()), "files": files}
+
+
+def decoding_words(mode: str) -> str:
+    """How the sample was decoded, for the JSON."""
+    return f"greedy, {mode} cache" if mode != "none" else "greedy, no cache (the arm has no cached decode path)"

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import scipy.stats
 
-CONFIDENCE = 0.95
-ALPHA = 1 - CONFIDENCE
+ALPHA = 0.05  # exactly: 1 - 0.95 is 0.050000000000000044 in floating point, which would call p = 0.05 significant
+CONFIDENCE = 1 - ALPHA  # the interval's level; "CI excludes 0" and "p < ALPHA" agree
 SAME_DIFFERENCE = 1e-12  # relative spread below which the seeds' differences are equal up to float rounding
 
 
