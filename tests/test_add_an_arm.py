@@ -5,6 +5,13 @@ need is refused before training; varying an existing arm is config only, and MLA
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +28,27 @@ from models.checkpoint import load_checkpoint, run_checkpoint_dir
 from models.costs import cost_report
 from training.experiment import run_experiment
 from training.results import RESULTS_FILE, format_table
+
+
+REPO = Path(__file__).resolve().parent.parent
+NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache",
+                                    "exp6_results", "data_cache", "benchmark_results")
+
+
+def readme_section() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("\n## Add your own attention\n") + 1:]
+    return section[:section.index("\n## ", 1)]
+
+
+def readme_example() -> tuple[str, str, str]:
+    """(the file it belongs in, the arm it registers, its code): the section's one python block, whose first two
+    lines are `# file: PATH` and `# arm: NAME`."""
+    blocks = re.findall(r"```python\n(.*?)```", readme_section(), re.S)
+    assert len(blocks) == 1, "the section holds one complete python example"
+    file_line, arm_line = blocks[0].splitlines()[:2]
+    assert file_line.startswith("# file: ") and arm_line.startswith("# arm: ")
+    return file_line.removeprefix("# file: ").strip(), arm_line.removeprefix("# arm: ").strip(), blocks[0]
 
 
 class NoCacheAttention(MultiHeadAttention):
@@ -118,3 +146,42 @@ def test_a_latent_rank_is_varied_through_the_config_alone(config):
     small, large = (cost_report(registry.ARMS["deepseek"].build(cfg.replace(kv_lora_rank=rank))) for rank in (8, 32))
     measured = "kv_cache_bytes_per_token_per_layer_bf16_measured"
     assert (small[measured], large[measured]) == ((8 + cfg.qk_rope_head_dim) * 2, (32 + cfg.qk_rope_head_dim) * 2)
+
+
+# --- the README's example, copied verbatim -----------------------------------------------------------
+
+def test_the_readme_example_is_one_new_file_that_trains_against_the_baseline(tmp_path):
+    """The block is copied as it stands into a fresh copy of the project, as its one new file, and the new arm
+    trains against the baseline through the command line, with its own line in the JSON, the headline and a
+    saved model."""
+    path, arm, code = readme_example()
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO, checkout, ignore=NOT_COPIED)
+    assert path.startswith("arms/") and not (checkout / path).exists()  # a new file, not an edit
+    (checkout / path).write_text(code)
+    out = tmp_path / "out"
+    command = [sys.executable, "exp6_trainer.py", "--preset", "tiny", "--arms", "baseline", arm, "--steps", "4",
+               "--eval-every", "2", "--offline", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads((out / RESULTS_FILE).read_text())
+    assert written["experiment"]["status"] == "completed" and written["experiment"]["config"]["arms"] == ["baseline", arm]
+    assert [run["status"] for run in written[arm]["runs"]] == ["completed"] and math.isfinite(written[arm]["val_loss"])
+    assert written["comparison"]["headline"]["pair"] == f"{arm} - baseline"
+    assert written[arm]["costs"]["parameters_total"] > written["baseline"]["costs"]["parameters_total"]  # its norms
+    assert (out / "checkpoints" / f"{arm}-seed42" / "config.json").is_file()
+    assert f"{arm} (seed 42): val loss " in done.stdout
+
+
+def test_the_readme_varies_mla_through_settings_alone():
+    """The section's second example is a command line that changes MLA's latent rank and nothing else."""
+    commands = [line for line in re.findall(r"```bash\n(.*?)```", readme_section(), re.S)[0].splitlines()
+                if line.startswith("python exp6_trainer.py")]
+    assert len(commands) == 1
+    words = shlex.split(commands[0])[2:]
+    config, notice = config_from_args(build_parser().parse_args(words), cuda_available=True)
+    default, _ = config_from_args(build_parser().parse_args([]), cuda_available=True)
+    changed = {name for name, value in config.to_dict().items() if value != default.to_dict()[name]}
+    assert changed == {"kv_lora_rank", "output_dir"} and config.kv_lora_rank != default.kv_lora_rank
+    assert config.arms == ("baseline", "deepseek") and notice is None

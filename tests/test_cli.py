@@ -216,6 +216,6 @@ def test_a_partial_config_file_fills_the_rest_from_the_preset(tmp_path):
     assert cpu == cpu_preset.replace(d_model=64, muon_lr=0.02, **mla_sizes(64, cpu_preset.n_heads))
     assert notice is not None and "CPU preset" in notice
     full, _ = config_from_args(build_parser().parse_args(["--config", str(path), "--preset", "full"]), cuda_available=False)
-    assert full == ExperimentConfig(d_model=64, muon_lr=0.02, **mla_sizes(64, ExperimentConfig().n_heads))
+    assert full == ExperimentConfig().replace(d_model=64, muon_lr=0.02, **mla_sizes(64, ExperimentConfig().n_heads))
     flagged, _ = config_from_args(build_parser().parse_args(["--config", str(path), "--d-model", "96"]), cuda_available=True)
     assert (flagged.d_model, flagged.muon_lr, flagged.batch_size) == (96, 0.02, 64)  # flags > file > preset
