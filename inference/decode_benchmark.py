@@ -8,10 +8,11 @@ implementations cache MLA; MLA "latent", DeepSeek's absorbed decoding from a cac
 the rotary key; and MLA "transformers", transformers' own DeepseekV3Attention with its own DynamicCache, loaded
 strictly with the same weights (inference/transformers_mla.py): with the pinned transformers 5.24 it caches the
 same latent and rotary key as "latent" but re-expands per-head K and V for every cached token at every step,
-without absorption. For each context length and each batch size, it builds the model at the default shapes with
-seeded random weights (or loads `--checkpoint`), prefills the context in one forward pass (timed), then
-decodes `--new-tokens` tokens one at a time, greedily feeding each argmax back (every step timed
-between device syncs). Everything runs under the experiment's autocast and `torch.inference_mode`.
+without absorption. An arm whose attention has no cached decode path (cache_modes ()) gets no rows: the JSON's
+list of models records it and one line of the summary says so. For each context length and each batch size, it
+builds the model at the default shapes with seeded random weights (or loads `--checkpoint`), prefills the context
+in one forward pass (timed), then decodes `--new-tokens` tokens one at a time, greedily feeding each argmax back
+(every step timed between device syncs). Everything runs under the experiment's autocast and `torch.inference_mode`.
 
 Per row it reports the prefill time, the median per-token decode latency, decode tokens/s, the
 cache bytes per token per layer measured from the cache tensors next to the analytic count, the
@@ -82,6 +83,7 @@ MAX_BUDGET_GB = 1e6  # a petabyte: far above any machine, far below where GiB ->
 WARMUP_CONTEXT, WARMUP_TOKENS = 8, 2  # the untimed warm-up decode before each row
 # MHA; MLA with per-head K/V, with DeepSeek's absorbed latent cache, and through transformers' own module
 MODE_ORDER = ("kv", "expanded", "latent", TRANSFORMERS_MODE)
+NO_CACHE = "no cached decode path; not benchmarked"  # an arm whose attention declares no cache_modes
 BUDGET_NOTE = ("largest batch whose KV cache alone fits the budget at this context: "
                "floor(budget bytes / (measured bytes per token per layer * layers * context)); "
                "weights, activations and the allocator's overhead are excluded")
@@ -115,10 +117,11 @@ class DecodeRun:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m inference.decode_benchmark",
-        description="Prefill a context, then time greedy decoding with each KV cache (MHA kv, MLA expanded, MLA "
-                    "latent, MLA transformers (transformers' own DeepseekV3Attention and cache, same weights), GQA kv, "
-                    "MQA kv); report measured cache bytes, decode speed and the largest batch a memory budget holds. "
-                    "Prints a table, writes JSON and a PNG beside it.",
+        description="Prefill a context, then time greedy decoding with each KV cache of every arm in arms/ (MHA kv, "
+                    "MLA expanded, MLA latent, MLA transformers (transformers' own DeepseekV3Attention and cache, same "
+                    "weights), GQA kv, MQA kv; an arm with no cached decode path is listed, not timed); report "
+                    "measured cache bytes, decode speed and the largest batch a memory budget holds. Prints a table, "
+                    "writes JSON and a PNG beside it.",
     )
     parser.add_argument("--small", action="store_true",
                         help=f"small shapes: the CPU preset model, vocab {SMALL_VOCAB_SIZE} (always used on CPU)")
@@ -316,16 +319,18 @@ def _ok_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
-    """What MLA's latent cache buys per token, and whether the measured sizes are the analytic ones."""
+    """Each arm's cache per token against MHA's, in whichever direction it goes (one line for an arm with no
+    cached decode path), what absorption saves over transformers' MLA, and whether the measured sizes are the
+    analytic ones."""
     sizes: dict[str, float] = {}
     for r in _ok_rows(results):
         sizes.setdefault(r["attention"], r["cache_bytes_per_token_per_layer"])
-    lines = []
+    lines = [f"{arm}: {NO_CACHE}" for arm in arms_without_cache(results)]
     mha, latent, expanded = sizes.get("MHA kv"), sizes.get("MLA latent"), sizes.get("MLA expanded")
     hf = sizes.get(attention_label("deepseek", TRANSFORMERS_MODE))
     if mha and latent:
-        lines.append(f"MLA's latent cache holds {latent:g} B per token per layer against MHA's {mha:g} B: "
-                     f"{mha / latent:.1f}x more sequences or context in the same memory.")
+        lines.append(f"MLA's latent cache holds {latent:g} B per token per layer, {times_fewer(mha / latent, 'bytes')} "
+                     f"MHA's {mha:g} B: {mha / latent:.1f}x the sequences or context in the same memory.")
     if mha and expanded:
         lines.append(f"MLA cached as per-head K and V (expanded: earlier transformers versions and naive "
                      f"implementations) holds {expanded:g} B: {expanded / mha:.2f}x MHA's.")
@@ -347,6 +352,11 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         lines.append("Measured cache bytes equal the analytic counts in every row and layer." if agree else
                      "Measured cache bytes DIFFER from the analytic counts (or between layers) in some rows: see the JSON.")
     return lines
+
+
+def arms_without_cache(results: dict[str, Any]) -> list[str]:
+    """The arms in the JSON's list of models whose attention has no cached decode path (no rows), each once."""
+    return list(dict.fromkeys(m["arm"] for m in results.get("models", []) if not m["cache_modes"]))
 
 
 def arm_cache_modes(results: dict[str, Any], arm: str) -> list[str]:
@@ -487,6 +497,16 @@ class DecodePlan:
     output: Path
     checkpoints: list[BenchModel]  # the --checkpoint models, loaded; empty: random weights at `config`
 
+    @property
+    def budget_bytes(self) -> float:
+        """--memory-budget-gb in bytes (GiB: 2**30)."""
+        return float(self.args.memory_budget_gb * 2**30)
+
+    @property
+    def plot_path(self) -> Path:
+        """The PNG, beside the JSON."""
+        return self.output.with_suffix(".png")
+
 
 def decode_memory(models: list[MoELanguageModel], contexts: list[int], batch_sizes: list[int],
                   new_tokens: int) -> MemoryNeed:
@@ -496,9 +516,9 @@ def decode_memory(models: list[MoELanguageModel], contexts: list[int], batch_siz
     context, batch = max(contexts), max(batch_sizes)
     weights = sum(parameter_count(model) * next(model.parameters()).element_size()
                   * (2 if "latent" in model.cache_modes() else 1) for model in models)
-    row = max(batch * context * 8 + inference_activation_bytes(model, batch, context) + 2 * batch * new_tokens * 8
-              + decode_cache_bytes(model, mode, context + new_tokens, batch)
-              for model in models for mode in model.cache_modes())
+    row = max((batch * context * 8 + inference_activation_bytes(model, batch, context) + 2 * batch * new_tokens * 8
+               + decode_cache_bytes(model, mode, context + new_tokens, batch)
+               for model in models for mode in model.cache_modes()), default=0)  # 0: no model has a cache
     rows = sum(len(model.cache_modes()) for model in models) * len(contexts) * len(batch_sizes)
     return MemoryNeed(device={"weights": weights, "largest row (prompt, prefill, KV cache)": row},
                       host={"step timings": rows * new_tokens * 64})
@@ -542,42 +562,60 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
 
 def measure(plan: DecodePlan) -> dict[str, Any]:
     """Every row of the plan: build or take the models, decode, and report."""
-    args, device, small, config, precision = plan.args, plan.device, plan.small, plan.config, plan.precision
-    contexts, batch_sizes, new_tokens, output = plan.contexts, plan.batch_sizes, plan.new_tokens, plan.output
-    if plan.checkpoints:
-        models = plan.checkpoints
-        shapes = "checkpoint (as saved)"
-    else:
-        models = random_models(config, args.seed)
-        shapes = (f"small (CPU preset, vocab {SMALL_VOCAB_SIZE})" if small
-                  else f"full (default config, vocab {FULL_VOCAB_SIZE})")
-    compute_dtype = torch.bfloat16 if precision == BF16 else torch.float32
+    models, shapes = prepared_models(plan)
+    results = results_header(plan, models, shapes)
+    print(f"Decode benchmark on {results['device_name']}; shapes: {shapes}; {precision_label(plan.precision)}; "
+          f"results: {plan.output}", flush=True)
     for bench in models:
-        bench.model.to(device).eval()
-        bench.model.plan_moe_dispatch(device, compute_dtype)
-    models = with_transformers_twins(models, precision)
+        run_rows(plan, bench, results)
+    return finish(results, plan)
 
-    budget_bytes = args.memory_budget_gb * 2**30
-    plot_path = output.with_suffix(".png")
-    results: dict[str, Any] = {
+
+def prepared_models(plan: DecodePlan) -> tuple[list[BenchModel], str]:
+    """(the models, on the device and in eval mode, MLA's followed by its transformers twin; their shapes in
+    words): the --checkpoint models, else every arm's with seeded random weights."""
+    if plan.checkpoints:
+        models, shapes = plan.checkpoints, "checkpoint (as saved)"
+    else:
+        models = random_models(plan.config, plan.args.seed)
+        shapes = (f"small (CPU preset, vocab {SMALL_VOCAB_SIZE})" if plan.small
+                  else f"full (default config, vocab {FULL_VOCAB_SIZE})")
+    compute_dtype = torch.bfloat16 if plan.precision == BF16 else torch.float32
+    for bench in models:
+        bench.model.to(plan.device).eval()
+        bench.model.plan_moe_dispatch(plan.device, compute_dtype)
+    return with_transformers_twins(models, plan.precision), shapes
+
+
+def model_entry(bench: BenchModel) -> dict[str, Any]:
+    """One model in the JSON's list: its arm, weights and caches; one with no cached decode path gets no rows,
+    and its entry says so."""
+    entry = {"arm": bench.arm, "source": bench.source, "cache_modes": ordered_modes(bench.model),
+             "config": bench.model.config.to_dict(), "parameters": parameter_count(bench.model)}
+    if not entry["cache_modes"]:
+        entry["note"] = NO_CACHE
+    return entry
+
+
+def results_header(plan: DecodePlan, models: list[BenchModel], shapes: str) -> dict[str, Any]:
+    """The JSON before the first row: the machine, the settings, the models, what each number means."""
+    return {
         "benchmark": "KV-cached greedy decoding per attention and cache (python -m inference.decode_benchmark)",
         "status": "running",
-        "device": str(device),
-        "device_name": device_name(device),
+        "device": str(plan.device),
+        "device_name": device_name(plan.device),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "shapes": shapes,
-        "config": models[0].model.config.to_dict() if models else config.to_dict(),
-        "models": [{"arm": b.arm, "source": b.source, "cache_modes": ordered_modes(b.model),
-                    "config": b.model.config.to_dict(),
-                    "parameters": parameter_count(b.model)} for b in models],
-        "precision": precision_label(precision),
-        "contexts": contexts,
-        "batch_sizes": batch_sizes,
-        "new_tokens": new_tokens,
-        "memory_budget": {"gb": args.memory_budget_gb, "bytes": budget_bytes, "unit": "GiB (2**30 bytes)",
+        "config": models[0].model.config.to_dict() if models else plan.config.to_dict(),
+        "models": [model_entry(bench) for bench in models],
+        "precision": precision_label(plan.precision),
+        "contexts": plan.contexts,
+        "batch_sizes": plan.batch_sizes,
+        "new_tokens": plan.new_tokens,
+        "memory_budget": {"gb": plan.args.memory_budget_gb, "bytes": plan.budget_bytes, "unit": "GiB (2**30 bytes)",
                           "note": BUDGET_NOTE},
         "method": "per row: an untimed warm-up decode, then the context prefilled in one forward pass (logits of "
                   "the last position only) and new tokens decoded one at a time, greedy argmax fed back; "
@@ -588,44 +626,58 @@ def measure(plan: DecodePlan) -> dict[str, Any]:
                             "kv_cache_values_per_token(mode) x bytes per value (2 under bf16 autocast, else the "
                             "weights' element size)",
         "peak_memory_note": "CUDA only: peak allocated during prefill, and during decoding after a reset at its start",
-        "plot": str(plot_path),
+        "plot": str(plan.plot_path),
         "rows": [],
         "failures": [],
     }
-    print(f"Decode benchmark on {results['device_name']}; shapes: {shapes}; {precision_label(precision)}; "
-          f"results: {output}", flush=True)
 
-    for bench in models:
-        for mode in ordered_modes(bench.model):
-            label = bench.label(mode)
-            for context in contexts:
-                for batch in batch_sizes:
-                    name = f"{label} ctx {context} batch {batch}"
-                    print(f"  {name} ...", flush=True)
-                    stub = {"name": name, "attention": label, "arm": bench.arm, "cache_mode": mode,
-                            "source": bench.source, "context": context, "batch_size": batch}
-                    row = guarded(lambda: benchmark_row(bench, mode, context, batch, new_tokens, device, precision,
-                                                         budget_bytes, args.seed), stub)
-                    results["rows"].append(row)
-                    if "error" in row:
-                        results["failures"].append(name)
-                    release(device)  # after the row's caches are gone, failed or not
-                    results["max_batch_in_budget"] = budget_table(results)
-                    write_json_atomic(output, results)
 
-    results["max_batch_in_budget"] = budget_table(results)
-    results["summary"] = summary_lines(results)
+def run_rows(plan: DecodePlan, bench: BenchModel, results: dict[str, Any]) -> None:
+    """Every (cache, context, batch) row of one model, in order (none for a model with no cached decode path);
+    the JSON is rewritten after each, so a run cut short keeps what it measured."""
+    for mode in ordered_modes(bench.model):
+        for context in plan.contexts:
+            for batch in plan.batch_sizes:
+                row = run_row(plan, bench, mode, context, batch)
+                results["rows"].append(row)
+                if "error" in row:
+                    results["failures"].append(row["name"])
+                release(plan.device)  # after the row's caches are gone, failed or not
+                results["max_batch_in_budget"] = budget_table(results)
+                write_json_atomic(plan.output, results)
+
+
+def run_row(plan: DecodePlan, bench: BenchModel, mode: str, context: int, batch: int) -> dict[str, Any]:
+    """One row, announced as it starts; a failure (e.g. out of memory) becomes an error row and the others run."""
+    label = bench.label(mode)
+    name = f"{label} ctx {context} batch {batch}"
+    print(f"  {name} ...", flush=True)
+    stub = {"name": name, "attention": label, "arm": bench.arm, "cache_mode": mode, "source": bench.source,
+            "context": context, "batch_size": batch}
+    return guarded(lambda: benchmark_row(bench, mode, context, batch, plan.new_tokens, plan.device, plan.precision,
+                                         plan.budget_bytes, plan.args.seed), stub)
+
+
+def draw_plot(results: dict[str, Any], path: Path) -> None:
+    """The PNG beside the JSON; a plot that fails is reported and counted, and the measurements stand."""
     try:
-        plot_results(results, plot_path)
+        plot_results(results, path)
     except Exception as error:  # noqa: BLE001 - the measurements stand; the failure is reported and counted
         traceback.print_exc(file=sys.stderr)
         results["plot"] = None
         results["failures"].append(f"plot: {type(error).__name__}: {error}")
+
+
+def finish(results: dict[str, Any], plan: DecodePlan) -> dict[str, Any]:
+    """The budget table, the summary, the plot and the final status, written a last time; the tables printed."""
+    results["max_batch_in_budget"] = budget_table(results)
+    results["summary"] = summary_lines(results)
+    draw_plot(results, plan.plot_path)
     results["status"] = "completed with failures" if results["failures"] else "completed"
-    write_json_atomic(output, results)
+    write_json_atomic(plan.output, results)
     print()
     print(format_tables(results))
-    print(f"\nResults: {output}\nPlot: {plot_path if results['plot'] else 'not drawn (see failures)'}")
+    print(f"\nResults: {plan.output}\nPlot: {plan.plot_path if results['plot'] else 'not drawn (see failures)'}")
     return results
 
 

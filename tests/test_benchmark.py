@@ -10,10 +10,16 @@ from typing import Callable
 import pytest
 import torch
 
+from arms import registry
+from arms.arm import Arm
+from config.settings import DEFAULT_ARMS, ExperimentConfig, cpu_preset
+from exp6_baseline_attention_model import MultiHeadAttention
+from models.attention import CausalSelfAttention
 from training import benchmark
 
-MODEL_ROWS = ("baseline (ours)", "baseline (public style)", "deepseek (ours)", "deepseek (public style)")
-BEFORE_ROWS = ("baseline (before batching)", "deepseek (before batching)")
+# the default --models arms' rows: ours, then the public style; --before adds one more each
+MODEL_ROWS = tuple(f"{arm} ({variant})" for arm in DEFAULT_ARMS for variant in ("ours", "public style"))
+BEFORE_ROWS = tuple(f"{arm} (before batching)" for arm in DEFAULT_ARMS)
 SEQ_LENS = (32, 64)
 
 
@@ -64,7 +70,7 @@ def test_json_has_every_model_row_with_timings(cpu_run):
 
 def test_public_style_rows_really_run_the_reference_paths(cpu_run):
     rows = {row["name"]: row for row in cpu_run[0]["rows"]}
-    for model in ("baseline", "deepseek"):
+    for model in DEFAULT_ARMS:
         public, ours = rows[f"{model} (public style)"], rows[f"{model} (ours)"]
         assert public["moe_dispatch"] == ["boolean-mask loop"]
         assert public["attention_backend"] == ["eager"]
@@ -77,7 +83,7 @@ def test_public_style_rows_really_run_the_reference_paths(cpu_run):
 def test_speedups_present(cpu_run):
     results, output = cpu_run
     saved = json.loads(output.read_text())
-    assert set(saved["speedups"]) == {"baseline", "deepseek"}
+    assert set(saved["speedups"]) == set(DEFAULT_ARMS)
     rows = {row["name"]: row for row in saved["rows"]}
     for model, speedup in saved["speedups"].items():
         assert _positive_finite(speedup)
@@ -90,7 +96,7 @@ def test_rows_count_the_operators_of_a_step_and_before_batching_dispatches_more(
     per block) dispatch many times more than BlockMuon, with the same forward and backward."""
     saved = json.loads(cpu_run[1].read_text())
     rows = {row["name"]: row for row in saved["rows"]}
-    for model in ("baseline", "deepseek"):
+    for model in DEFAULT_ARMS:
         ours, before = rows[f"{model} (ours)"]["step_operators"], rows[f"{model} (before batching)"]["step_operators"]
         assert ours["total"] == ours["forward"] + ours["backward_and_clip"] + ours["optimizer"]
         assert 0 < ours["optimizer"] <= 300 < 5 * ours["optimizer"] < before["optimizer"]
@@ -111,24 +117,56 @@ def test_step_modes_give_one_row_each_and_a_mode_the_device_cannot_run_is_skippe
     assert "skipped: --cuda-graph needs a CUDA GPU" in capsys.readouterr().out
 
 
-def test_attention_rows(cpu_run):
+def _small_config() -> ExperimentConfig:
+    return cpu_preset(ExperimentConfig(vocab_size=benchmark.SMALL_VOCAB_SIZE))
+
+
+def _attention_of(arm: str) -> CausalSelfAttention:
+    """The arm's attention module of layer 0 at the --small shapes, built here from the registry."""
+    return registry.ARMS[arm].attention(_small_config(), 0)
+
+
+def test_attention_rows_time_every_arm_of_the_registry(cpu_run):
+    """One row per arm and sequence length, named by the arm, each timing that arm's own module (its class and
+    FLOP count), whatever --models says."""
     saved = json.loads(cpu_run[1].read_text())
-    rows = saved["attention_rows"]
-    assert {(r["module"], r["seq_len"]) for r in rows} == {
-        (module, seq) for module in ("MultiHeadAttention", "DeepseekV3FlashAttention2") for seq in SEQ_LENS}
-    for row in rows:
+    rows = {(r["arm"], r["seq_len"]): r for r in saved["attention_rows"]}
+    assert set(rows) == {(arm, seq) for arm in registry.ARMS for seq in SEQ_LENS}
+    assert len(saved["attention_rows"]) == len(rows)
+    for (arm, seq), row in rows.items():
         assert "error" not in row, row.get("error")
+        module = _attention_of(arm)
+        assert row["name"] == f"{arm} @ {seq}" and row["module"] == type(module).__name__
+        assert row["flops_per_token"] == benchmark.attention_flops_per_token(module, seq)
         assert _positive_finite(row["median_fwd_bwd_s"]) and _positive_finite(row["tokens_per_s"])
         assert row["backend_used"]
         assert row["batch_size"] * row["seq_len"] == 1024  # ~1024 tokens per measurement on CPU
+    assert len({row["flops_per_token"] for row in rows.values()}) > 1  # not one module timed under every name
+
+
+class MadeUpAttention(MultiHeadAttention):
+    """A made-up arm's attention: the baseline's under a name of its own, to be told apart in the rows."""
+
+
+def test_an_arm_added_to_the_registry_gets_attention_rows_with_no_edit(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setitem(registry.ARMS, "madeup", Arm("madeup", "made up", MadeUpAttention))
+    results = benchmark.run_benchmark(["--device", "cpu", "--small", "--steps", "1", "--warmup", "0", "--seq-lens", "16",
+                                       "--models", "baseline", "--skip-public-style",
+                                       "--output", str(tmp_path / "b.json")])
+    rows = {r["arm"]: r for r in results["attention_rows"]}
+    assert set(rows) == set(registry.ARMS) and "madeup" in rows
+    assert rows["madeup"]["name"] == "madeup @ 16" and rows["madeup"]["module"] == "MadeUpAttention"
+    assert "error" not in rows["madeup"] and _positive_finite(rows["madeup"]["median_fwd_bwd_s"])
 
 
 def test_table_printed(tmp_path, capsys, one_thread):
     benchmark.run_benchmark(["--device", "cpu", "--small", "--steps", "1", "--warmup", "0", "--seq-lens", "16",
                              "--output", str(tmp_path / "b.json")])
     out = capsys.readouterr().out
-    for name in MODEL_ROWS + ("MultiHeadAttention", "DeepseekV3FlashAttention2", "Speedup, baseline",
-                              "Speedup, deepseek", "Step ms", "Ops fwd/bwd/opt", "Tokens/s", "TFLOP/s", "MFU %"):
+    attention_labels = tuple(f"{arm} ({type(_attention_of(arm)).__name__})" for arm in registry.ARMS)
+    speedups = tuple(f"Speedup, {arm}: public style / ours" for arm in DEFAULT_ARMS)
+    columns = ("Step ms", "Ops fwd/bwd/opt", "Tokens/s", "TFLOP/s", "MFU %")
+    for name in MODEL_ROWS + attention_labels + speedups + columns:
         assert name in out, name
 
 
@@ -137,11 +175,14 @@ def test_format_tables_marks_failed_rows():
         "device_name": "CPU", "torch_version": torch.__version__, "shapes": "small", "batch_size": 4, "seq_len": 8,
         "config": {"vocab_size": 16}, "steps": 1, "warmup": 0, "peak_tflops": {"value": None, "source": "none"},
         "rows": [{"name": "baseline (ours)", "model": "baseline", "variant": "ours", "error": "OutOfMemoryError: boom"}],
-        "speedups": {"baseline": None}, "attention_rows": [],
+        "speedups": {"baseline": None},
+        "attention_rows": [{"name": "deepseek @ 16", "arm": "deepseek", "seq_len": 16, "error": "ValueError: bad"}],
     }
     table = benchmark.format_tables(results)
     assert "FAILED: OutOfMemoryError: boom" in table
     assert "Speedup, baseline: public style / ours median step time = -x" in table
+    failed_attention = next(line for line in table.splitlines() if "FAILED: ValueError: bad" in line)
+    assert failed_attention.split()[:2] == ["deepseek", "16"]  # the arm whose module failed to build, and the length
 
 
 @pytest.mark.parametrize("name, expected", [

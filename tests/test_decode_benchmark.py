@@ -15,18 +15,18 @@ import matplotlib.image  # noqa: E402 - after choosing the Agg backend
 import pytest
 import torch
 
-from arms.registry import arm_builders
-from config.settings import ExperimentConfig, cpu_preset
-from exp6_baseline_attention_model import BaselineAttentionModel, GroupedQueryAttentionModel, MultiQueryAttentionModel
+from arms import registry
+from arms.arm import Arm
+from config.settings import BASELINE, ExperimentConfig, cpu_preset
+from exp6_baseline_attention_model import MultiHeadAttention
 from exp6_flash_attention_model import FlashAttentionModel
 from inference import decode_benchmark
+from inference.transformers_mla import TRANSFORMERS_MODE
 from models import checkpoint
 from models.attention import KVCache
 from models.transformer import MoELanguageModel
 from tests.fake_cuda import FAKE_PEAK_MEMORY_BYTES, CudaOnCpu, install_fake_cuda
 
-# every arm of arms.ARMS, every cache, and MLA through transformers' own DeepseekV3Attention and cache
-LABELS = ("MHA kv", "MLA expanded", "MLA latent", "MLA transformers", "GQA kv", "MQA kv")
 CONTEXTS = (8, 24)  # 24 is past the tiny runs' warm-up context; both below the CPU preset's max_seq_len
 BATCHES = (1, 2)
 NEW_TOKENS = 3
@@ -72,8 +72,26 @@ def _small_config() -> ExperimentConfig:
     return cpu_preset(ExperimentConfig(vocab_size=decode_benchmark.SMALL_VOCAB_SIZE))
 
 
+def _cache_modes(arm: str) -> tuple[str, ...]:
+    """The caches the arm's attention module declares, its own first."""
+    return registry.ARMS[arm].attention(_small_config(), 0).cache_modes
+
+
+def _labels_of(arm: str) -> list[str]:
+    """The rows' attention labels of one arm: its short name (or its name) and each cache its module declares, and
+    transformers' own module for an attention with a latent cache (MLA)."""
+    modes = _cache_modes(arm)
+    modes += (TRANSFORMERS_MODE,) if "latent" in modes else ()
+    return [f"{registry.ARMS[arm].short or arm} {mode}" for mode in modes]
+
+
+# every arm of arms.ARMS, every cache, and MLA through transformers' own DeepseekV3Attention and cache
+LABELS = tuple(label for arm in registry.ARMS for label in _labels_of(arm))
+
+
 def _analytic_values(config: ExperimentConfig) -> dict[str, int]:
-    """Values per token per layer from the shapes, written out independently of the modules."""
+    """Values per token per layer of the built-in attentions from the shapes, written out independently of the
+    modules (an arm added later is held to its own declaration, row by row)."""
     return {
         "MHA kv": 2 * config.d_model,
         "MLA expanded": config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim),
@@ -140,7 +158,7 @@ def test_cli_prints_the_table_and_exits_0(tmp_path: Path, capsys: pytest.Capture
     assert code == 0
     for text in (*LABELS, "Prefill ms", "Decode ms/tok", "Tokens/s", "B/tok/layer", "Analytic B", "Cache MB",
                  "Max batch 24 GiB", "Largest batch whose KV cache fits 24 GiB",
-                 "MLA's latent cache holds 320 B per token per layer against MHA's 1024 B",
+                 "MLA's latent cache holds 320 B per token per layer, 3.2x fewer bytes than MHA's 1024 B",
                  "transformers' DeepseekV3Attention caches the same latent and rotary key (320 B)",
                  "context 6, batch 1: ",
                  "Measured cache bytes equal the analytic counts"):
@@ -166,8 +184,10 @@ def test_measured_bytes_order_and_equal_the_analytic_ones(fp32_run: tuple[dict[s
     measured = _bytes_by_label(saved["rows"])
     assert measured["MLA latent"] < measured["MHA kv"] < measured["MLA expanded"]
     assert measured["MQA kv"] < measured["GQA kv"] < measured["MHA kv"]
-    expected = {label: values * bytes_per_value for label, values in _analytic_values(_small_config()).items()}
-    assert measured == expected
+    assert set(measured) == set(LABELS)
+    expected = {label: values * bytes_per_value for label, values in _analytic_values(_small_config()).items()
+                if label in measured}
+    assert {label: measured[label] for label in expected} == expected
     for row in saved["rows"]:
         assert row["cache_layers_agree"] and len(set(row["cache_bytes_per_token_by_layer"])) == 1
         assert row["analytic_bytes_per_token_per_layer"] == row["cache_bytes_per_token_per_layer"]
@@ -208,9 +228,9 @@ def test_budget_column_is_the_formula_on_the_measured_bytes(fp32_run: tuple[dict
 
 # ------------------------------------------------------------------------------- decoding is real
 
-def _sharp_model(config: ExperimentConfig, model_cls: Callable[..., MoELanguageModel]) -> MoELanguageModel:
+def _sharp_model(config: ExperimentConfig, build: Callable[..., MoELanguageModel]) -> MoELanguageModel:
     """O(1) activations, so greedy picks are decided by clear margins, not by rounding noise."""
-    model = model_cls(config.replace(vocab_size=61, dropout=0.0, router_noise_std=0.0), seed=5)
+    model = build(config.replace(vocab_size=61, dropout=0.0, router_noise_std=0.0), seed=5)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:
@@ -218,12 +238,10 @@ def _sharp_model(config: ExperimentConfig, model_cls: Callable[..., MoELanguageM
     return model.eval()
 
 
-@pytest.mark.parametrize("model_cls, mode", [(BaselineAttentionModel, "kv"), (FlashAttentionModel, "expanded"),
-                                             (FlashAttentionModel, "latent"), (GroupedQueryAttentionModel, "kv"),
-                                             (MultiQueryAttentionModel, "kv")])
-def test_cached_greedy_decode_equals_recomputing_the_full_prefix(config: ExperimentConfig, model_cls: Any,
+@pytest.mark.parametrize("arm, mode", [(arm, mode) for arm in registry.ARMS for mode in _cache_modes(arm)])
+def test_cached_greedy_decode_equals_recomputing_the_full_prefix(config: ExperimentConfig, arm: str,
                                                                  mode: str) -> None:
-    model = _sharp_model(config, model_cls)
+    model = _sharp_model(config, registry.ARMS[arm].build)
     context, new_tokens = 12, 8  # 20 tokens in all: past the tiny config's max_seq_len of 16 (RoPE extends)
     prompt = torch.randint(0, 61, (2, context), generator=torch.Generator().manual_seed(1))
     cpu = torch.device("cpu")
@@ -293,6 +311,51 @@ def test_a_failing_row_becomes_an_error_row_and_the_rest_still_run(tmp_path: Pat
     assert "FAILED: OutOfMemoryError" in capsys.readouterr().out
 
 
+class NoCacheAttention(MultiHeadAttention):
+    """A made-up arm's attention with no cached decode path: the baseline's, declaring no cache."""
+
+    cache_modes = ()
+
+
+def test_an_arm_without_a_cached_decode_path_is_one_line_and_no_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      one_thread: None) -> None:
+    """It does not stop the run: no rows of its own, one line saying so, and its entry in the JSON's models."""
+    arms = {BASELINE: registry.ARMS[BASELINE], "nocache": Arm("nocache", "MHA, no cache", NoCacheAttention)}
+    monkeypatch.setattr(registry, "ARMS", arms)  # the baseline beside it keeps the run short
+    monkeypatch.setattr(decode_benchmark, "ARMS", arms)
+    output = tmp_path / "d.json"
+    code = decode_benchmark.main(["--device", "cpu", "--small", "--contexts", "6", "--batch-sizes", "1",
+                                  "--new-tokens", "1", "--output", str(output)])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "no cached decode path" in line]
+    saved = json.loads(output.read_text())
+    assert code == 0 and saved["status"] == "completed" and saved["failures"] == []
+    assert notes == ["nocache: no cached decode path; not benchmarked"]
+    assert notes[0] in saved["summary"]
+    assert {r["arm"] for r in saved["rows"]} == {BASELINE} and all("error" not in r for r in saved["rows"])
+    entries = {m["arm"]: m for m in saved["models"]}
+    assert entries["nocache"]["cache_modes"] == [] and "no cached decode path" in entries["nocache"]["note"]
+    assert entries[BASELINE]["cache_modes"] == list(_cache_modes(BASELINE)) and "note" not in entries[BASELINE]
+
+
+def test_the_memory_plan_of_models_without_a_cache_has_no_row_to_hold(config: ExperimentConfig) -> None:
+    """--checkpoint with only such models: their weights are planned for, and no row (not a crash on no rows)."""
+    model = Arm("nocache", "MHA, no cache", NoCacheAttention).build(config.replace(vocab_size=64))
+    need = decode_benchmark.decode_memory([model], [8], [1], 2)
+    assert need.device["largest row (prompt, prefill, KV cache)"] == 0 and need.device["weights"] > 0
+    assert need.host["step timings"] == 0
+
+
+def test_the_summary_says_which_way_a_cache_compares_with_mhas() -> None:
+    """An MLA latent cache larger than MHA's is reported as more bytes, not as fewer."""
+    rows = [{"attention": label, "arm": arm, "cache_mode": mode, "cache_bytes_per_token_per_layer": size,
+             "measured_equals_analytic": True, "cache_layers_agree": True}
+            for label, arm, mode, size in (("MHA kv", BASELINE, "kv", 512), ("MLA latent", "deepseek", "latent", 1024))]
+    lines = decode_benchmark.summary_lines({"rows": rows, "models": []})
+    assert lines[0] == ("MLA's latent cache holds 1024 B per token per layer, 2.0x more bytes than MHA's 512 B: "
+                        "0.5x the sequences or context in the same memory.")
+
+
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     for args in (["--contexts", "0"], ["--new-tokens", "0"], ["--memory-budget-gb", "0"], ["--device", "tpu"]):
         with pytest.raises(SystemExit) as exit_info:
@@ -306,27 +369,26 @@ def test_checkpoint_models_are_benchmarked(tmp_path: Path, one_thread: None) -> 
     """A results folder's saved models (one per arm) run with every cache; the saved shapes are used."""
     config = _small_config().replace(n_layers=1)
     results_dir = tmp_path / "results"
-    for arm, cls in arm_builders().items():
-        checkpoint.save_checkpoint(cls(config, seed=9), arm, checkpoint.run_checkpoint_dir(results_dir, arm, 9), {})
+    for arm, build in registry.arm_builders().items():
+        checkpoint.save_checkpoint(build(config, seed=9), arm, checkpoint.run_checkpoint_dir(results_dir, arm, 9), {})
     output = tmp_path / "d.json"
     code = decode_benchmark.main(["--device", "cpu", "--checkpoint", str(results_dir), "--contexts", "6",
                                   "--batch-sizes", "1", "--new-tokens", "2", "--output", str(output)])
     assert code == 0
     saved = json.loads(output.read_text())
     assert {r["attention"] for r in saved["rows"]} == set(LABELS)
-    assert {m["arm"] for m in saved["models"]} == {"baseline", "deepseek", "gqa", "mqa"}
+    assert {m["arm"] for m in saved["models"]} == set(registry.ARMS)
     assert all(r["source"].startswith("checkpoint ") and r["n_layers"] == 1 for r in saved["rows"])
     assert saved["shapes"].startswith("checkpoint") and saved["config"]["n_layers"] == 1
 
     # a second seed of one arm: the rows of the two baseline models are told apart by their folders
-    checkpoint.save_checkpoint(BaselineAttentionModel(config, seed=10), "baseline",
-                               checkpoint.run_checkpoint_dir(results_dir, "baseline", 10), {})
+    checkpoint.save_checkpoint(registry.ARMS[BASELINE].build(config, seed=10), BASELINE,
+                               checkpoint.run_checkpoint_dir(results_dir, BASELINE, 10), {})
     assert decode_benchmark.main(["--device", "cpu", "--checkpoint", str(results_dir), "--contexts", "6",
                                   "--batch-sizes", "1", "--new-tokens", "1", "--output", str(output)]) == 0
     labels = {r["attention"] for r in json.loads(output.read_text())["rows"]}
-    assert labels == {"MHA kv [baseline-seed9]", "MHA kv [baseline-seed10]", "MLA expanded [deepseek-seed9]",
-                      "MLA latent [deepseek-seed9]", "MLA transformers [deepseek-seed9]", "GQA kv [gqa-seed9]",
-                      "MQA kv [mqa-seed9]"}
+    assert labels == ({f"{label} [{arm}-seed9]" for arm in registry.ARMS for label in _labels_of(arm)}
+                      | {f"{label} [{BASELINE}-seed10]" for label in _labels_of(BASELINE)})
 
 
 def test_a_missing_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

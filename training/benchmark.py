@@ -1,17 +1,17 @@
 """Training-step and attention benchmark that anyone can rerun: `python -m training.benchmark`.
 
-For each model (baseline MHA, DeepSeek MLA) at the default config it times the real training step
-of training/step.py (forward under autocast, loss + load-balancing term, zero_grad, backward,
-gradient clipping, optimizer and scheduler steps) on random token ids, and reports the median step
-time after warm-up, the aten operators one step dispatches (forward, backward with clipping,
-optimizer: what costs host time at these sizes), tokens/s, achieved TFLOP/s from the analytic FLOP
-count (models/costs.py), MFU against a stated peak and peak memory. The same models in the public
+For each arm named by --models (default: the baseline and DeepSeek MLA) at the default config it
+times the real training step of training/step.py (forward under autocast, loss + load-balancing
+term, zero_grad, backward, gradient clipping, optimizer and scheduler steps) on random token ids,
+and reports the median step time after warm-up, the aten operators one step dispatches (forward,
+backward with clipping, optimizer: what costs host time at these sizes), tokens/s, achieved TFLOP/s
+from the analytic FLOP count (models/costs.py), MFU against a stated peak and peak memory. The same models in the public
 version's style (float32, the per-expert boolean-mask MoE loop, eager attention) are timed in the
 same run, so the speedup of ours over the public style comes from one process on one machine;
 `--before` adds each model with the optimizers as they were before batching (torch.optim.Muon block
 by block), and `--step-modes` times ours in several step modes (eager, compiled blocks, compiled
-blocks and optimizer, the whole step in a CUDA graph). Then each attention module alone, forward
-plus backward, over a range of sequence lengths.
+blocks and optimizer, the whole step in a CUDA graph). Then the attention module of every arm in the
+registry (arms/, layer 0's module), alone, forward plus backward, over a range of sequence lengths.
 
 On CPU it runs small shapes (the CPU preset, batch 4, vocab 2048) so that it can be tested.
 The table is printed and the JSON is written atomically (after every row, so a run cut short
@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from arms.registry import arm_builders
+from arms.registry import ARMS, arm_builders
 from common.errors import ConfigError
 from common.hardware import (
     FP32,
@@ -51,8 +51,6 @@ from common.hardware import (
 from common.reporting import check_output_file, fmt, guarded, release, render_table, write_json_atomic
 from config.settings import DEFAULT_ARMS, MOE_DISPATCHES, PRECISIONS, ExperimentConfig, cpu_preset
 from config.values import check_parsed_values, parse_and_plan
-from deepseek_modeling import DeepseekV3FlashAttention2
-from exp6_baseline_attention_model import MultiHeadAttention
 from models.attention import CausalSelfAttention
 from models.costs import attention_score_macs, cost_report, parameter_count
 from models.memory import (
@@ -97,11 +95,7 @@ DATASHEET_PEAK_TFLOPS: tuple[tuple[str, float, str], ...] = (
     ("RTX 4090", 165.2, "RTX 4090, dense bf16 with fp32 accumulate"),
 )
 
-MODELS: dict[str, Callable[..., MoELanguageModel]] = arm_builders()  # every arm of the registry (arms.py)
-ATTENTION_MODULES: dict[str, Callable[[ExperimentConfig], CausalSelfAttention]] = {
-    "MultiHeadAttention": lambda config: MultiHeadAttention(config, 0, backend="sdpa"),
-    "DeepseekV3FlashAttention2": lambda config: DeepseekV3FlashAttention2(config.replace(attention_backend="auto"), 0),
-}
+MODELS: dict[str, Callable[..., MoELanguageModel]] = arm_builders()  # every arm of the registry (arms/)
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -109,8 +103,8 @@ ATTENTION_MODULES: dict[str, Callable[[ExperimentConfig], CausalSelfAttention]] 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.benchmark",
-        description="Time the training step of both models (ours and in the public version's style) and each "
-                    "attention module alone; print a table and write JSON.",
+        description="Time the training step of each --models arm (ours and in the public version's style) and "
+                    "the attention module of every arm alone; print a table and write JSON.",
     )
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--steps", type=int, help="timed steps per model (default 20 on CUDA, 3 on CPU)")
@@ -316,31 +310,46 @@ def attention_flops_per_token(module: CausalSelfAttention, seq_len: int) -> floa
     return 3 * 2 * (linear_macs + attention_score_macs(module, seq_len))
 
 
-def benchmark_attention(module_name: str, config: ExperimentConfig, seq_len: int, device: torch.device,
+def attention_module(arm: str, config: ExperimentConfig) -> CausalSelfAttention:
+    """Layer 0's attention module of an arm of the registry, so that a new arm is timed with no edit here; on the
+    "auto" attention backend, as training runs it (MLA: flash-attn when installed, else SDPA; MHA's is SDPA)."""
+    return ARMS[arm].attention(config.replace(attention_backend="auto"), 0)
+
+
+def attention_row_label(row: dict[str, Any]) -> str:
+    """'baseline (MultiHeadAttention)': the arm and the module it timed; the arm alone when the row failed before
+    its module was built."""
+    return f"{row['arm']} ({row['module']})" if "module" in row else row["arm"]
+
+
+def forward_backward(module: CausalSelfAttention, x: torch.Tensor, device: torch.device, precision: str,
+                     _: int) -> None:
+    """One timed forward + backward of an attention module alone, its gradients cleared first as a step does."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    with autocast(device, precision):
+        out = module(x)
+    out.float().sum().backward()
+
+
+def benchmark_attention(arm: str, config: ExperimentConfig, seq_len: int, device: torch.device,
                         steps: int, warmup: int, peak_tflops: float | None) -> dict[str, Any]:
-    """Median forward + backward time of one attention module on a (batch, seq, d_model) input."""
+    """Median forward + backward time of one arm's attention module on a (batch, seq, d_model) input."""
     torch.manual_seed(config.seed)
-    module = ATTENTION_MODULES[module_name](config).to(device).train()
+    module = attention_module(arm, config).to(device).train()
     batch = max(1, ATTENTION_TOKENS["cuda" if device.type == "cuda" else "cpu"] // seq_len)
     x = torch.randn(batch, seq_len, config.d_model, device=device, requires_grad=True)
     precision = resolve_precision(config.precision, device)
     reset_peak_memory(device)
-
-    def forward_backward(_: int) -> None:
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        with autocast(device, precision):
-            out = module(x)
-        out.float().sum().backward()
-
-    times = timed_runs(forward_backward, steps, warmup, device)
+    times = timed_runs(partial(forward_backward, module, x, device, precision), steps, warmup, device)
     median = statistics.median(times)
     tokens = batch * seq_len
     flops = attention_flops_per_token(module, seq_len)
     achieved = flops * tokens / median / 1e12
     row = {
-        "name": f"{module_name} @ {seq_len}",
-        "module": module_name,
+        "name": f"{arm} @ {seq_len}",
+        "arm": arm,
+        "module": type(module).__name__,
         "seq_len": seq_len,
         "batch_size": batch,
         "tokens": tokens,
@@ -394,10 +403,11 @@ def format_tables(results: dict[str, Any]) -> str:
     attention_rows = []
     for r in results["attention_rows"]:
         if "error" in r:
-            attention_rows.append([r["module"], str(r["seq_len"]), "FAILED: " + r["error"].splitlines()[0][:60]] + [""] * 5)
+            attention_rows.append([attention_row_label(r), str(r["seq_len"]),
+                                   "FAILED: " + r["error"].splitlines()[0][:60]] + [""] * 5)
             continue
         attention_rows.append([
-            r["module"], str(r["seq_len"]), str(r["batch_size"]), str(r["backend_used"]),
+            attention_row_label(r), str(r["seq_len"]), str(r["batch_size"]), str(r["backend_used"]),
             fmt(r["median_fwd_bwd_s"] * 1e3, ".2f"), fmt(r["tokens_per_s"], ",.0f"), fmt(r["achieved_tflops"], ".3f"),
             fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f"),
         ])
@@ -437,7 +447,7 @@ def benchmark_memory(args: argparse.Namespace, config: ExperimentConfig, seq_len
                                 + training_activation_bytes(model, row_config.batch_size, row_config.max_seq_len))
     tokens = ATTENTION_TOKENS["cuda" if device.type == "cuda" else "cpu"]
     attention_config = config.replace(max_seq_len=max(seq_lens))
-    modules = [shape_only(partial(build, attention_config)) for build in ATTENTION_MODULES.values()]
+    modules = [shape_only(partial(attention_module, arm, attention_config)) for arm in ARMS]
     attention = max(attention_training_bytes(module, max(1, tokens // seq), seq, config.d_model)
                     for module in modules for seq in seq_lens)
     return MemoryNeed(device={"largest measurement": max(max(steps_needed), attention)},
@@ -485,41 +495,56 @@ def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
 
 def measure(plan: BenchmarkPlan) -> dict[str, Any]:
     """Every measurement of the plan, in order; the JSON is rewritten after each."""
-    args, device, steps, warmup, seq_lens = plan.args, plan.device, plan.steps, plan.warmup, plan.seq_lens
-    small, config, precision, output = plan.small, plan.config, plan.precision, plan.output
-    on_cuda = device.type == "cuda"
-    attention_config = config.replace(max_seq_len=max(seq_lens))
+    card = device_name(plan.device)
+    peak, peak_source, measured = card_peak(plan.args, plan.device, card)
+    results = results_header(plan, card, peak, peak_source, measured)
+    print(f"Benchmark on {card}; shapes: {results['shapes']}; results: {plan.output}", flush=True)
+    time_model_rows(plan, results, peak)
+    record_speedups(results, plan.args)
+    time_attention_rows(plan, results, peak)
+    return finish(results, plan.output)
 
-    card = device_name(device)
-    measured: list[float | None] = []  # filled only if the card is not in the datasheet table
+
+def card_peak(args: argparse.Namespace, device: torch.device, card: str) -> tuple[float | None, str, float | None]:
+    """(peak, its source, the bf16 matmul measured for it): the matmul runs, and is reported, only for a card the
+    datasheet table does not know."""
+    measured: list[float | None] = []
 
     def measure_peak() -> float | None:
         measured.append(measure_matmul_tflops(device))
         return measured[-1]
 
-    peak, peak_source = resolve_peak(args, device, card, measure_peak)
-    results: dict[str, Any] = {
+    peak, source = resolve_peak(args, device, card, measure_peak)
+    return peak, source, measured[0] if measured else None
+
+
+def results_header(plan: BenchmarkPlan, card: str, peak: float | None, peak_source: str,
+                   measured: float | None) -> dict[str, Any]:
+    """The JSON before the first measurement: the machine, the settings, what each number means, empty rows."""
+    config = plan.config
+    shapes = (f"small (CPU preset, batch {config.batch_size}, vocab {config.vocab_size})" if plan.small
+              else f"full (default config, batch {config.batch_size}, vocab {config.vocab_size})")
+    return {
         "benchmark": "training step and attention fwd+bwd timings (python -m training.benchmark)",
         "status": "running",
-        "device": str(device),
+        "device": str(plan.device),
         "device_name": card,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "shapes": (f"small (CPU preset, batch {config.batch_size}, vocab {config.vocab_size})" if small
-                   else f"full (default config, batch {config.batch_size}, vocab {config.vocab_size})"),
+        "shapes": shapes,
         "config": config.to_dict(),
         "batch_size": config.batch_size,
         "seq_len": config.max_seq_len,
-        "steps": steps,
-        "warmup": warmup,
-        "compile": bool(args.compile),
-        "precision": precision_label(precision),
+        "steps": plan.steps,
+        "warmup": plan.warmup,
+        "compile": bool(plan.args.compile),
+        "precision": precision_label(plan.precision),
         "moe_dispatch_requested": config.moe_dispatch,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "peak_tflops": {"value": peak, "source": peak_source},
-        "measured_bf16_matmul_tflops": measured[0] if measured else None,
+        "measured_bf16_matmul_tflops": measured,
         "flops_note": "analytic matmul FLOPs of models/costs.py (forward + backward = 3x forward); MFU = achieved / peak",
         "public_style": "same model classes in float32 (no autocast), MoE dispatch 'loop' (per-expert boolean mask), "
                         "eager attention; speedup = public-style median step time / ours",
@@ -530,47 +555,80 @@ def measure(plan: BenchmarkPlan) -> dict[str, Any]:
         "rows": [],
         "speedups": {},
         "attention_rows": [],
-        "attention_batch_note": f"batch = max(1, {ATTENTION_TOKENS['cuda' if on_cuda else 'cpu']} // seq); "
-                                "input (batch, seq, d_model); loss = sum of outputs",
+        "attention_rows_note": "one per arm of the registry (arms/) and sequence length: the arm's attention module "
+                               "of layer 0, attention backend auto",
+        "attention_batch_note": f"batch = max(1, {ATTENTION_TOKENS['cuda' if plan.device.type == 'cuda' else 'cpu']} "
+                                "// seq); input (batch, seq, d_model); loss = sum of outputs",
     }
-    print(f"Benchmark on {card}; shapes: {results['shapes']}; results: {output}", flush=True)
 
-    for model_name in args.models:
-        for name, variant, row_config in rows_of_model(model_name, config, args):
-            if row_config.cuda_graph:
-                try:
-                    check_cuda_graph(row_config, device)
-                except ConfigError as error:  # a mode this card cannot run: said, not timed, not a failure
-                    print(f"  skipping {name}: {error}", flush=True)
-                    results["rows"].append({"name": name, "model": model_name, "variant": variant, "skipped": str(error)})
-                    continue
+
+def cuda_graph_refusal(config: ExperimentConfig, device: torch.device) -> str | None:
+    """Why this card cannot replay the row's step from a CUDA graph; None when it can or the row does not graph.
+    Such a row is said and skipped, not timed and not a failure."""
+    if not config.cuda_graph:
+        return None
+    try:
+        check_cuda_graph(config, device)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def time_model_rows(plan: BenchmarkPlan, results: dict[str, Any], peak: float | None) -> None:
+    """Every row of every --models arm (rows_of_model), in order, each one in results["rows"]."""
+    for model_name in plan.args.models:
+        for name, variant, row_config in rows_of_model(model_name, plan.config, plan.args):
+            stub = {"name": name, "model": model_name, "variant": variant}
+            refusal = cuda_graph_refusal(row_config, plan.device)
+            if refusal is not None:
+                print(f"  skipping {name}: {refusal}", flush=True)
+                results["rows"].append({**stub, "skipped": refusal})
+                continue
             print(f"  timing {name} ...", flush=True)
             results["rows"].append(guarded(
-                lambda: benchmark_model(name, model_name, variant, row_config, device, steps, warmup, peak),
-                {"name": name, "model": model_name, "variant": variant}))
-            release(device)  # after the measurement's locals are gone, failed or not
-            write_json_atomic(output, results)
+                lambda: benchmark_model(name, model_name, variant, row_config, plan.device, plan.steps, plan.warmup,
+                                        peak), stub))
+            release(plan.device)  # after the measurement's locals are gone, failed or not
+            write_json_atomic(plan.output, results)
+
+
+def slower_over_ours(slower: float | None, ours: float | None) -> float | None:
+    """A speedup of ours: the other variant's median step time over ours; None when either is missing."""
+    return slower / ours if ours and slower else None
+
+
+def record_speedups(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Each model's speedup over the public style (unless skipped) and over before batching (with --before), from
+    the medians of its rows; the first "ours" row of a model is its reference (the first --step-modes mode)."""
     medians: dict[tuple[str, str], float | None] = {}
-    for row in results["rows"]:  # the first "ours" row of a model is its reference (the first --step-modes mode)
+    for row in results["rows"]:
         if "skipped" not in row:
             medians.setdefault((row["model"], row["variant"]), row.get("median_step_s"))
     for model_name in args.models:
-        ours, public = medians.get((model_name, OURS)), medians.get((model_name, PUBLIC))
+        ours = medians.get((model_name, OURS))
         if not args.skip_public_style:
-            results["speedups"][model_name] = public / ours if ours and public else None
-        before = medians.get((model_name, BEFORE))
+            results["speedups"][model_name] = slower_over_ours(medians.get((model_name, PUBLIC)), ours)
         if args.before:
-            results.setdefault("speedups_over_before", {})[model_name] = before / ours if ours and before else None
+            results.setdefault("speedups_over_before", {})[model_name] = slower_over_ours(
+                medians.get((model_name, BEFORE)), ours)
 
-    for module_name in ATTENTION_MODULES:
-        for seq_len in seq_lens:
-            print(f"  timing {module_name} at seq {seq_len} ...", flush=True)
+
+def time_attention_rows(plan: BenchmarkPlan, results: dict[str, Any], peak: float | None) -> None:
+    """Every arm's attention module alone at every --seq-lens length, each one in results["attention_rows"]."""
+    config = plan.config.replace(max_seq_len=max(plan.seq_lens))
+    for arm in ARMS:
+        for seq_len in plan.seq_lens:
+            print(f"  timing {arm}'s attention at seq {seq_len} ...", flush=True)
             results["attention_rows"].append(guarded(
-                lambda: benchmark_attention(module_name, attention_config, seq_len, device, steps, warmup, peak),
-                {"name": f"{module_name} @ {seq_len}", "module": module_name, "seq_len": seq_len}))
-            release(device)  # after the measurement's locals are gone, failed or not
-            write_json_atomic(output, results)
+                lambda: benchmark_attention(arm, config, seq_len, plan.device, plan.steps, plan.warmup, peak),
+                {"name": f"{arm} @ {seq_len}", "arm": arm, "seq_len": seq_len}))
+            release(plan.device)  # after the measurement's locals are gone, failed or not
+            write_json_atomic(plan.output, results)
 
+
+def finish(results: dict[str, Any], output: Path) -> dict[str, Any]:
+    """The final status and failed rows, written a last time; the tables printed. A run with a failed row is
+    'completed with failures' (and exits 1)."""
     failed = [r["name"] for r in results["rows"] + results["attention_rows"] if "error" in r]
     results["status"] = "completed with failures" if failed else "completed"
     results["failed"] = failed
