@@ -17,9 +17,12 @@ from models.transformer import AttentionFactory, MoELanguageModel
 class ArmTests:
     """What the generic tests need to know of an arm beyond its attention module's own declarations.
 
+    The tests run every arm of the registry; what they expect of one comes from its attention module (cache_modes,
+    kv_cache_values_per_token(), muon_blocks(), ...) and from these fields, whose defaults suit a new arm.
     `step_operators`: upper bounds on the aten operators one training step dispatches at the full model size,
     per step part (forward, backward_and_clip, optimizer); None holds the arm to the optimizer target alone.
-    `fp32_atol`: how closely its fp32 forward must match itself across code paths (cache, compile, checkpoint).
+    `fp32_atol`: how closely its fp32 forward must match itself across code paths (eager reference and fused
+    kernel, cache, compile).
     """
 
     step_operators: Mapping[str, int] | None = None

@@ -1,4 +1,4 @@
-"""The arms registry and the GQA/MQA arms: one place names every arm, --arms chooses them, a run with all four
+"""The arms registry and the GQA/MQA arms: one place names every arm, --arms chooses them, a run with every arm
 writes every arm's results, the paired comparisons, the matched-KV-budget line and both plots, and SDPA gets its
 grouped-query flag on the pinned FlashAttention path."""
 
@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 
 import exp6_baseline_attention_model
-from arms.registry import ARM_NAMES, ARMS, arm_builders, arm_label, check_arm_names
+from arms.registry import ARM_NAMES, ARMS, BUILT_IN, arm_builders, arm_label, check_arm_names
 from common.errors import ConfigError
+from config.cli import config_from_args
 from config.settings import ExperimentConfig
 from exp6_baseline_attention_model import GroupedQueryAttentionModel, MultiHeadAttention, MultiQueryAttentionModel
-from exp6_trainer import build_parser, config_from_args, main
+from exp6_trainer import build_parser, main
 from models import attention_ops
 from models.checkpoint import load_checkpoint, run_checkpoint_dir
 from models.transformer import ModelBuilder, MoELanguageModel
@@ -32,15 +33,16 @@ from training.plots import LOSS_STEP_PLOT, VAL_TIME_PLOT
 from training.results import RESULTS_FILE, comparison_pairs, format_table
 from training.stats import paired_difference
 
-ALL_ARMS = ("baseline", "deepseek", "gqa", "mqa")
-PAIRS = ("deepseek - baseline", "gqa - baseline", "mqa - baseline", "deepseek - gqa", "deepseek - mqa")
+PAIRS = ("deepseek - baseline", "gqa - baseline", "mqa - baseline", "deepseek - gqa", "deepseek - mqa")  # BUILT_IN's
 
 
 # ------------------------------------------------------------------------------------------- registry
 
 def test_one_registry_names_every_arm_and_everyone_reads_it():
-    assert ARM_NAMES == ALL_ARMS
-    assert [ARMS[a].label_for() for a in ALL_ARMS] == ["Baseline (MHA)", "DeepSeek-V3 MLA", "GQA (2 KV heads)",
+    assert BUILT_IN == ("baseline", "deepseek", "gqa", "mqa")
+    assert ARM_NAMES[:len(BUILT_IN)] == BUILT_IN  # the built-in arms first, in their order; any others by name
+    assert list(ARM_NAMES[len(BUILT_IN):]) == sorted(set(ARM_NAMES) - set(BUILT_IN))
+    assert [ARMS[a].label_for() for a in BUILT_IN] == ["Baseline (MHA)", "DeepSeek-V3 MLA", "GQA (2 KV heads)",
                                                  "MQA (1 KV head)"]
     assert len({arm.color for arm in ARMS.values()}) == len(ARMS)  # one colour per arm
     assert plots.COLORS == {name: arm.color for name, arm in ARMS.items()}
@@ -51,7 +53,7 @@ def test_one_registry_names_every_arm_and_everyone_reads_it():
 
 
 def test_the_pairs_are_every_arm_against_the_baseline_then_mla_against_gqa_and_mqa():
-    assert [f"{a} - {b}" for a, b in comparison_pairs(ALL_ARMS)] == list(PAIRS)
+    assert [f"{a} - {b}" for a, b in comparison_pairs(BUILT_IN)] == list(PAIRS)
     assert comparison_pairs(("baseline", "mqa")) == [("mqa", "baseline")]
     assert comparison_pairs(("baseline",)) == []
 
@@ -110,7 +112,7 @@ def test_cached_grouped_attention_folds_queries_and_equals_repeated_kv():
 def test_arms_and_kv_heads_reach_the_config():
     args = build_parser().parse_args(["--arms", "baseline", "deepseek", "gqa", "mqa", "--gqa-kv-heads", "1"])
     c, _ = config_from_args(args, cuda_available=False)
-    assert c.arms == ALL_ARMS and c.gqa_kv_heads == 1
+    assert c.arms == BUILT_IN and c.gqa_kv_heads == 1
     c.validate()
     default, _ = config_from_args(build_parser().parse_args([]), cuda_available=False)
     assert default.arms == ("baseline", "deepseek") and default.gqa_kv_heads == 2
@@ -144,15 +146,15 @@ def test_bad_arms_on_the_command_line_exit_2_with_one_line(args, flag, tmp_path,
 
 
 def test_saved_configs_round_trip_the_arms():
-    config = ExperimentConfig(arms=ALL_ARMS, gqa_kv_heads=1)
+    config = ExperimentConfig(arms=ARM_NAMES, gqa_kv_heads=1)
     again = ExperimentConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert again.arms == ALL_ARMS and again.gqa_kv_heads == 1
+    assert again.arms == ARM_NAMES and again.gqa_kv_heads == 1
     old = config.to_dict()
     del old["arms"], old["gqa_kv_heads"]  # a config.json written before the arms existed
     assert ExperimentConfig.from_dict(old).arms == ("baseline", "deepseek")
 
 
-# ------------------------------------------------------------------------------------ a run with all four
+# ------------------------------------------------------------------------------------ a run with every arm
 
 TRAINED: dict[str, MoELanguageModel] = {}
 
@@ -166,17 +168,17 @@ def _kept(name: str) -> ModelBuilder:
     return build
 
 
-def test_a_tiny_run_with_all_four_arms_writes_every_arm_pairs_budget_and_plots(config):
-    cfg = config.replace(arms=ALL_ARMS, n_heads=4)  # 4 query heads: GQA 2 K/V heads, MQA 1
+def test_a_tiny_run_with_every_arm_writes_every_arm_pairs_budget_and_plots(config):
+    cfg = config.replace(arms=ARM_NAMES, n_heads=4)  # 4 query heads: GQA 2 K/V heads, MQA 1
     lines: list[str] = []
     TRAINED.clear()
-    results = run_experiment(cfg, builders={name: _kept(name) for name in ALL_ARMS}, log=lines.append)
+    results = run_experiment(cfg, builders={name: _kept(name) for name in ARM_NAMES}, log=lines.append)
     path = Path(cfg.output_dir) / RESULTS_FILE
     written = json.loads(path.read_text())
     assert "NaN" not in path.read_text() and written["experiment"]["status"] == "completed"
-    assert written["experiment"]["config"]["arms"] == list(ALL_ARMS)
-    assert [key for key in written if key in ARMS] == list(ALL_ARMS)
-    for name in ALL_ARMS:
+    assert written["experiment"]["config"]["arms"] == list(ARM_NAMES)
+    assert [key for key in written if key in ARMS] == list(ARM_NAMES)
+    for name in ARM_NAMES:
         summary = written[name]
         for key in ("val_loss", "val_accuracy", "val_perplexity", "model_name", "training_time_minutes",
                     "parameter_count", "parameters_millions"):
@@ -184,12 +186,19 @@ def test_a_tiny_run_with_all_four_arms_writes_every_arm_pairs_budget_and_plots(c
         assert summary["model_name"] == name and summary["seeds_completed"] == [cfg.seed]
         assert summary["costs"]["parameters_total"] == summary["parameter_count"]
     head_dim = cfg.d_model // 4
-    measured = {name: written[name]["costs"]["kv_cache_bytes_per_token_per_layer_bf16_measured"] for name in ALL_ARMS}
-    assert measured == {"baseline": 2 * 4 * head_dim * 2, "deepseek": (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2,
-                        "gqa": 2 * 2 * head_dim * 2, "mqa": 2 * 1 * head_dim * 2}
+    measured = {name: written[name]["costs"]["kv_cache_bytes_per_token_per_layer_bf16_measured"] for name in ARM_NAMES}
+    assert {name: measured[name] for name in BUILT_IN} == {
+        "baseline": 2 * 4 * head_dim * 2, "deepseek": (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2,
+        "gqa": 2 * 2 * head_dim * 2, "mqa": 2 * 1 * head_dim * 2}
+    for name in ARM_NAMES:  # every arm's measured cache is what its attention declares (bf16: 2 bytes a value)
+        attention = TRAINED[name].attention_modules()[0]
+        declared = attention.kv_cache_values_per_token(attention.cache_modes[0]) * 2 if attention.cache_modes else None
+        assert measured[name] == declared, name
 
     comparison = written["comparison"]
-    assert list(comparison["pairs"]) == list(PAIRS)
+    pairs = [f"{first} - {second}" for first, second in comparison_pairs(ARM_NAMES)]
+    assert list(comparison["pairs"]) == pairs
+    assert [pair for pair in pairs if set(pair.split(" - ")) <= set(BUILT_IN)] == list(PAIRS)
     for pair, values in comparison["pairs"].items():
         assert set(values) == {"val_loss", "val_accuracy", "val_perplexity", "verdict", "n", "excluded_seeds",
                                "p_value", "p_holm", "verdict_holm"}, pair
@@ -203,25 +212,27 @@ def test_a_tiny_run_with_all_four_arms_writes_every_arm_pairs_budget_and_plots(c
     assert comparison["verdict"] == comparison["pairs"]["deepseek - baseline"]["verdict"]
     budget = comparison["matched_kv_budget"]
     assert budget["budget_bytes_per_token_per_layer_bf16"] == measured["deepseek"]
-    assert budget["within_budget"] == [name for name in ALL_ARMS if measured[name] <= measured["deepseek"]]
+    assert budget["within_budget"] == [name for name in ARM_NAMES  # an arm with no cache has no place in it
+                                       if measured[name] is not None and measured[name] <= measured["deepseek"]]
     assert budget["arms"]["mqa"]["val_loss"] == written["mqa"]["val_loss"]
 
     table = format_table(results)
     assert table in "\n".join(lines)
     header = table.splitlines()[0]
+    assert all(arm_label(name, written["experiment"]["config"]) in header for name in ARM_NAMES)
     assert all(label in header for label in ("Baseline (MHA)", "DeepSeek-V3 MLA", "GQA (2 KV heads)", "MQA (1 KV head)"))
     matched = next(line for line in table.splitlines() if line.startswith("Matched KV budget"))
     assert f"<= MLA's {measured['deepseek']:,.0f} B/token/layer" in matched
     for name in budget["within_budget"]:
         assert f"{arm_label(name, written['experiment']['config'])} {measured[name]:,.0f} B, val loss " \
                f"{written[name]['val_loss']:.4f}" in matched
-    assert all(f"Val loss, {pair}: " in table for pair in PAIRS)
+    assert all(f"Val loss, {pair}: " in table for pair in pairs)
 
     for plot in (VAL_TIME_PLOT, LOSS_STEP_PLOT):
         image = matplotlib.image.imread(Path(cfg.output_dir) / plot)
         assert image.shape[0] > 100 and image.shape[1] > 100
 
-    for name in ("gqa", "mqa"):  # the saved models of the new arms load back with the trained logits
+    for name in ARM_NAMES:  # every arm's saved model loads back with the trained logits
         loaded = load_checkpoint(run_checkpoint_dir(Path(cfg.output_dir), name, cfg.seed), arm_builders())
         assert loaded.arm == name and type(loaded.model.attention_modules()[0]) is type(TRAINED[name].attention_modules()[0])
         assert loaded.config.gqa_kv_heads == 2 and loaded.config.n_heads == 4
@@ -244,9 +255,9 @@ def test_plots_draw_one_line_colour_per_arm(tmp_path, monkeypatch):
            "curve": {"step": [0, 3], "training_seconds": [0.0, 1.0], "tokens_seen": [0, 10],
                      "train_loss": [None, 2.5], "val_loss": [3.0, 2.0], "val_accuracy": [0.1, 0.5]}}
     results: dict[str, Any] = {"experiment": {"config": {"preset": "cpu", "gqa_kv_heads": 2}, "data": {}}}
-    for name in ALL_ARMS:
+    for name in ARM_NAMES:
         results[name] = results_module.summarise_model([{**run, "model_name": name}], None)
     plots.plot_results(results, tmp_path)
     colors = {color for color, _ in drawn}
-    assert colors == {ARMS[name].color for name in ALL_ARMS}
+    assert colors == {ARMS[name].color for name in ARM_NAMES}
     assert any(label.startswith("MQA (1 KV head): final val loss") for _, label in drawn)

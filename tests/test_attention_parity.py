@@ -6,7 +6,7 @@
 3. The baseline MultiHeadAttention against a plain-math float64 reference written here.
 4. DeepseekV3FlashAttention2 (sdpa / eager / auto backends) against DeepseekV3Attention,
    outputs and input gradients, and the recorded backend_used.
-5. Causality of every attention module.
+5. Causality of every attention module: these, and every arm's of the registry.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import deepseek_modeling
+from arms.registry import ARM_NAMES, ARMS
 from config.settings import ExperimentConfig
 from deepseek_modeling import DeepseekV3Attention, DeepseekV3FlashAttention2
 from exp6_baseline_attention_model import MultiHeadAttention
@@ -335,6 +336,8 @@ def _causal_modules():
         yield f"mla-flash2-{backend}", DeepseekV3FlashAttention2(mla_config.replace(attention_backend=backend))
     yield "mha-sdpa", MultiHeadAttention(mha_config, backend="sdpa")
     yield "mha-eager", MultiHeadAttention(mha_config, backend="eager")
+    for arm in ARM_NAMES:  # every arm's own attention, as its model builds it
+        yield f"arm-{arm}", ARMS[arm].attention(mla_config, 0)
 
 
 @pytest.mark.parametrize("name", [name for name, _ in _causal_modules()])

@@ -13,13 +13,19 @@ import torch
 
 from arms.registry import ARM_NAMES, arm_builders
 from common.errors import ConfigError
+from config.cli import config_from_args
 from config.settings import ExperimentConfig
 from data.dataset import prepare_data
 from data.offline_corpus import stdlib_documents
 from data.tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer, save_tokenizer, train_offline_tokenizer
-from exp6_baseline_attention_model import BaselineAttentionModel, MultiHeadAttention
+from exp6_baseline_attention_model import (
+    BaselineAttentionModel,
+    GroupedQueryAttention,
+    MultiHeadAttention,
+    MultiQueryAttention,
+)
 from exp6_flash_attention_model import FlashAttentionModel
-from exp6_trainer import build_parser, config_from_args
+from exp6_trainer import build_parser
 from models.checkpoint import (
     CONFIG_FILE,
     NAME_TABLE,
@@ -86,9 +92,10 @@ def test_save_then_load_gives_identical_weights_and_logits(config, tmp_path, arm
             "model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight",
             "model.layers.1.self_attn.o_proj.weight"} <= keys
     attention = {key.split("self_attn.")[1] for key in keys if key.startswith("model.layers.0.self_attn.")}
-    if arm in ("baseline", "gqa", "mqa"):
+    assert attention == {name for name, _ in model.attention_modules()[0].named_parameters()}  # under its own names
+    if type(model.attention_modules()[0]) in (MultiHeadAttention, GroupedQueryAttention, MultiQueryAttention):
         assert attention == {"qkv_proj.weight", "o_proj.weight"}
-    else:  # DeepSeek-V3's own names
+    if arm == "deepseek":  # DeepSeek-V3's own names
         query = {"q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"} if q_lora_rank else {"q_proj.weight"}
         assert attention == query | {"kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight",
                                      "o_proj.weight"}

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 import deepseek_modeling
 import exp6_baseline_attention_model
+from arms.registry import ARM_NAMES, ARMS
 from common.hardware import cuda_capability
 from config.settings import ExperimentConfig
 from deepseek_modeling import DeepseekV3Attention, DeepseekV3FlashAttention2
-from exp6_baseline_attention_model import BaselineAttentionModel
-from exp6_flash_attention_model import FlashAttentionModel
+from exp6_baseline_attention_model import MultiHeadAttention
 from models.attention_ops import (
     FLASH_ATTN_INSTALL,
     eager_causal_attention,
@@ -271,23 +271,26 @@ def _train_step(model: torch.nn.Module, config: ExperimentConfig, device: str) -
 
 
 @pytest.mark.parametrize(
-    "model_name,attention_backend",
-    [("baseline", "auto"), ("mla", "auto"), ("mla", "sdpa"), ("mla", "eager"), ("mla", "flash-attn")],
+    "arm,attention_backend",
+    [(arm, "auto") for arm in ARM_NAMES] + [("deepseek", "sdpa"), ("deepseek", "eager"), ("deepseek", "flash-attn")],
 )
-def test_full_model_bf16_autocast_forward_backward(device, model_name, attention_backend, request):
+def test_full_model_bf16_autocast_forward_backward(device, arm, attention_backend, request):
     if attention_backend == "flash-attn":
         request.getfixturevalue("flash_attn")
     config = _model_config(attention_backend=attention_backend)
-    cls = BaselineAttentionModel if model_name == "baseline" else FlashAttentionModel
-    model = cls(config).to(device)
+    model = ARMS[arm].build(config).to(device)
     loss = _train_step(model, config, device)
     assert torch.isfinite(loss).item(), f"loss {loss.item()}"
     assert math.log(VOCAB_SIZE) * 0.5 < loss.item() < math.log(VOCAB_SIZE) * 2
     for name, p in model.named_parameters():
         assert p.grad is not None, f"no grad for {name}"
         assert torch.isfinite(p.grad).all().item(), f"non-finite grad for {name}"
-    if model_name == "baseline":
+    attention = model.attention_modules()[0]
+    if isinstance(attention, MultiHeadAttention):
         expected = ["sdpa[FLASH_ATTENTION]"]  # pinned to the same kernel family as MLA
+    elif not isinstance(attention, DeepseekV3FlashAttention2):  # another arm's kernel: one, recorded by every layer
+        expected = [attention.backend_used or "not run yet"]
+        assert expected != ["not run yet"]
     elif attention_backend == "eager":
         expected = ["eager"]
     elif attention_backend == "flash-attn" or (attention_backend == "auto" and _flash_attn_importable()):
@@ -403,7 +406,8 @@ def _graph_device(device: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[list
         yield graphs
 
 
-def test_cuda_graph_step_equals_the_eager_step(device, monkeypatch):
+@pytest.mark.parametrize("arm", ARM_NAMES)
+def test_cuda_graph_step_equals_the_eager_step(device, monkeypatch, arm):
     """LRs live in device tensors the schedulers update between replays, so nothing is frozen at its
     capture-time value; the CPU twin is bit-exact, CUDA's within bf16 tolerance (its backward kernels use
     atomics, so two eager runs differ in the last bits too)."""
@@ -414,7 +418,7 @@ def test_cuda_graph_step_equals_the_eager_step(device, monkeypatch):
     losses, weights = {}, {}
     with _graph_device(device, monkeypatch) as graphs:
         for mode in ("eager", "graph"):
-            model = FlashAttentionModel(config, seed=3).to(cuda).train()
+            model = ARMS[arm].build(config, seed=3).to(cuda).train()
             model.plan_moe_dispatch(cuda, torch.bfloat16)
             optimizers = build_optimizers(model, config, cuda)
             schedulers = build_schedulers(optimizers, config)

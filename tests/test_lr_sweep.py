@@ -17,8 +17,9 @@ import training.runs
 import training.trainer
 from arms.registry import ARMS
 from common.errors import ConfigError
+from config.cli import config_from_args
 from config.settings import ExperimentConfig
-from exp6_trainer import build_parser, config_from_args, main
+from exp6_trainer import build_parser, main
 from models.attention import CausalSelfAttention
 from training.experiment import run_experiment
 from training.lr_sweep import EDGE_NOTE, UNTUNED_NOTE, at_grid_edge, best_multiplier, sweep_config, sweep_steps

@@ -8,7 +8,7 @@ import copy
 import math
 import re
 from collections import defaultdict
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import pytest
 import torch
@@ -18,23 +18,43 @@ from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 import training.optim as training_optim
 from arms.registry import arm_builders
 from common.errors import ConfigError
+from config.cli import config_from_args
 from config.settings import MUON_ADJUST_LR_FNS, ExperimentConfig
 from deepseek_modeling import DeepseekV3Attention
-from exp6_trainer import build_parser, config_from_args
+from exp6_baseline_attention_model import MultiHeadAttention
+from exp6_trainer import build_parser
+from models.attention import CausalSelfAttention
+from models.transformer import MoELanguageModel
 from training.optim import BlockMuon, PerBlockMuon, build_optimizers, build_schedulers, collapsed_lr_scales
 from training.step import forward_loss, training_step
 
 CPU = torch.device("cpu")
 ARMS = list(arm_builders())
-EXPECTED_BLOCKS = {  # fused parameter (within an attention module) -> its logical blocks
-    "baseline": {"qkv_proj.weight": ["q", "k", "v"]},
-    "gqa": {"qkv_proj.weight": ["q", "k", "v"]},
-    "mqa": {"qkv_proj.weight": ["q", "k", "v"]},
-    "deepseek": {"kv_a_proj_with_mqa.weight": ["latent", "k_rope"], "kv_b_proj.weight": ["k_nope", "v"]},
-}
+MLA_BLOCKS = {"kv_a_proj_with_mqa.weight": ["latent", "k_rope"], "kv_b_proj.weight": ["k_nope", "v"]}
+MHA_BLOCKS = {"qkv_proj.weight": ["q", "k", "v"]}  # MHA and its variants (GQA, MQA, ...): one fused QKV
 
 
-def _model(config: ExperimentConfig, arm: str, **changes: object) -> tuple[nn.Module, ExperimentConfig]:
+Attention = TypeVar("Attention", bound=CausalSelfAttention)
+
+
+def blocks_of(attention: CausalSelfAttention, cls: type[Attention]) -> TypeGuard[Attention]:
+    """True when `attention` is a `cls` (MHA or one of its variants, MLA) with the blocks `cls` declares."""
+    return isinstance(attention, cls) and type(attention).muon_blocks is cls.muon_blocks
+
+
+def declared_blocks(model: MoELanguageModel) -> dict[str, list[str]]:
+    """fused parameter (within an attention module) -> its logical blocks, as the arm's attention declares them
+    (muon_blocks()); for MHA and its variants and for MLA, the blocks they must declare."""
+    attention = model.attention_modules()[0]
+    declared = {attr: [name for name, _ in blocks] for attr, blocks in attention.muon_blocks().items()}
+    if blocks_of(attention, MultiHeadAttention):
+        assert declared == MHA_BLOCKS
+    if blocks_of(attention, DeepseekV3Attention):
+        assert declared == MLA_BLOCKS
+    return declared
+
+
+def _model(config: ExperimentConfig, arm: str, **changes: object) -> tuple[MoELanguageModel, ExperimentConfig]:
     cfg = config.replace(vocab_size=50, n_heads=4, **changes)  # 4 heads: GQA's 2 K/V heads divide them
     return arm_builders()[arm](cfg), cfg
 
@@ -49,8 +69,9 @@ def _muon(optimizers: list[torch.optim.Optimizer]) -> BlockMuon:
 def test_each_logical_block_gets_its_own_orthogonalised_update(config, arm):
     """After one step from fresh state, every block moved by -lr * sqrt(max(1, rows/cols)) * NS(its own grad
     rows) (Muon's first Nesterov step is along the grad; NS removes its scale), computed here with torch's
-    own Muon helpers, and not by what orthogonalising the whole fused matrix would give."""
-    model, cfg = _model(config, arm, weight_decay=0.0)
+    own Muon helpers, and not by what orthogonalising the whole fused matrix would give. (A bf16 run's chain:
+    bf16, as torch's; the loss itself is computed in fp32 here.)"""
+    model, cfg = _model(config, arm, weight_decay=0.0, precision="bf16")
     optimizers = build_optimizers(model, cfg, CPU)
     muon = _muon(optimizers)
     group = muon.param_groups[0]
@@ -87,7 +108,7 @@ def test_each_logical_block_gets_its_own_orthogonalised_update(config, arm):
         delta, whole = fused.detach() - before[id(fused)], ns_update(grads[id(fused)])
         assert (delta - whole).abs().max() > 0.2 * delta.abs().max(), "a fused matrix was updated as one matrix"
     n_layers = cfg.n_layers
-    assert {attr: names[:len(names) // n_layers] for attr, names in fused_seen.items()} == EXPECTED_BLOCKS[arm]
+    assert {attr: names[:len(names) // n_layers] for attr, names in fused_seen.items()} == declared_blocks(model)
 
 
 @pytest.mark.parametrize("arm", ARMS)
@@ -106,21 +127,25 @@ def test_block_rows_partition_each_fused_matrix_with_the_declared_shapes(config,
             assert block.rows.dtype == torch.int64 and block.rows.device == block.source.device
             rows_of[id(block.source)].append(block.rows)
     sources = {id(p): p for p in model.parameters()}
-    assert rows_of, "no fused matrix was split"
+    assert bool(rows_of) == bool(declared_blocks(model)), "a declared fused matrix was not split, or one was split"
     for key, parts in rows_of.items():
         assert torch.equal(torch.cat(parts).sort().values, torch.arange(sources[key].shape[0]))
     head_dim = cfg.head_dim
     shapes = {block.name.split(".attention.")[1]: block.shape[0] for block in muon.blocks
               if block.name.startswith("blocks.0.attention.")}
-    if arm == "deepseek":
+    attention = model.attention_modules()[0]
+    fused = attention.muon_blocks()  # each block has the rows its attention declares; other matrices are one block
+    assert shapes == {**{f"{attr}[{name}]": len(rows) for attr, blocks in fused.items() for name, rows in blocks},
+                      **{attr: p.shape[0] for attr, p in attention.named_parameters() if p.ndim == 2 and attr not in fused}}
+    if blocks_of(attention, DeepseekV3Attention):
         assert shapes["kv_a_proj_with_mqa.weight[latent]"] == cfg.kv_lora_rank
         assert shapes["kv_a_proj_with_mqa.weight[k_rope]"] == cfg.qk_rope_head_dim
         assert shapes["kv_b_proj.weight[k_nope]"] == cfg.n_heads * cfg.qk_nope_head_dim
         assert shapes["kv_b_proj.weight[v]"] == cfg.n_heads * cfg.v_head_dim
-    else:
-        kv_heads = {"baseline": cfg.n_heads, "gqa": cfg.gqa_kv_heads, "mqa": 1}[arm]
-        assert shapes == {"qkv_proj.weight[q]": cfg.n_heads * head_dim, "qkv_proj.weight[k]": kv_heads * head_dim,
-                          "qkv_proj.weight[v]": kv_heads * head_dim, "o_proj.weight": cfg.d_model}
+    if blocks_of(attention, MultiHeadAttention):  # its K/V heads: n_heads (MHA), gqa_kv_heads (GQA), 1 (MQA)
+        kv_heads = attention.n_kv_heads
+        assert {"qkv_proj.weight[q]": cfg.n_heads * head_dim, "qkv_proj.weight[k]": kv_heads * head_dim,
+                "qkv_proj.weight[v]": kv_heads * head_dim, "o_proj.weight": cfg.d_model}.items() <= shapes.items()
 
 
 def test_mla_blocks_are_the_rows_that_make_each_part_of_k_and_v(config):
@@ -208,8 +233,8 @@ def test_batched_muon_equals_per_block_torch_muon_over_steps(config, arm, adjust
     """BlockMuon (momentum and decay by foreach, one batched Newton-Schulz chain per shape) gives every block
     the update torch.optim.Muon gives it on its own (PerBlockMuon), step after step: the same gradients fed to
     both, with the LR schedule, weight decay and both LR rules, and parameters skipped when they have no
-    gradient. The two differ only in bf16 rounding inside Newton-Schulz."""
-    model, cfg = _model(config, arm, max_steps=6, muon_adjust_lr_fn=adjust_lr_fn)
+    gradient. The two differ only in bf16 rounding inside Newton-Schulz (a bf16 run's chain, as torch's)."""
+    model, cfg = _model(config, arm, max_steps=6, muon_adjust_lr_fn=adjust_lr_fn, precision="bf16")
     reference = copy.deepcopy(model)
     batched, per_block = build_optimizers(model, cfg, CPU), build_optimizers(reference, cfg, CPU, reference=True)
     assert isinstance(batched[0], BlockMuon) and isinstance(per_block[0], PerBlockMuon)
@@ -297,11 +322,12 @@ def test_each_blocks_lr_factor_is_muons_rule_of_its_own_shape(rule):
             assert muon.lr_scales()[block.name] == pytest.approx(expected), block.name
         if rule == "original":
             attention = {name.split("attention.")[1]: scale for name, scale in scales.items() if ".attention." in name}
-            if arm == "deepseek":
+            module = model.attention_modules()[0]
+            if blocks_of(module, DeepseekV3Attention):
                 assert attention["q_b_proj.weight"] == pytest.approx(3 ** 0.5)
                 assert attention["kv_b_proj.weight[k_nope]"] == attention["kv_b_proj.weight[v]"] == pytest.approx(2 ** 0.5)
                 assert sum(scale != 1 for scale in attention.values()) == 3
-            else:
+            if blocks_of(module, MultiHeadAttention):
                 assert set(attention.values()) == {1.0}
             assert scales["blocks.*.moe.experts.*.up.weight"] == 2.0
 
@@ -317,3 +343,17 @@ def test_optimizer_flag_and_validation():
     assert config_from_args(build_parser().parse_args([]), cuda_available=False)[0].muon_adjust_lr_fn == "original"
     with pytest.raises(ConfigError, match="--muon-adjust-lr-fn"):
         ExperimentConfig(muon_adjust_lr_fn="sqrt").validate()
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32), ("auto", torch.float32)])
+def test_newton_schulz_runs_in_the_runs_precision(config, precision, dtype):
+    """A bf16 run orthogonalises in bf16, as torch.optim.Muon does; an fp32 run (the CPU preset's) in fp32, where
+    it is also closer to the exact orthogonalisation (float64) than bf16 is."""
+    model, cfg = _model(config, "baseline", precision=precision)
+    muon = _muon(build_optimizers(model, cfg, CPU))
+    assert muon.ns_dtype == dtype and all(group.stacked.dtype == dtype for group in muon._full_plan.groups)
+    update = torch.randn(3, 16, 48, generator=torch.Generator().manual_seed(0))
+    exact = training_optim._orthogonalise(update.double().clone(), (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    errors = {kind: (training_optim._orthogonalise(update.to(kind).clone(), (3.4445, -4.7750, 2.0315), 5, 1e-7).double()
+                     - exact).abs().max().item() for kind in (torch.float32, torch.bfloat16)}
+    assert errors[torch.float32] < errors[torch.bfloat16] / 10

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from arms.registry import ARM_NAMES, ARMS
 from common.errors import ConfigError
-from exp6_baseline_attention_model import BaselineAttentionModel
-from exp6_flash_attention_model import FlashAttentionModel
 from models.moe import GROUPED_CPU
 from models.transformer import TransformerBlock
 from training import benchmark
@@ -23,19 +22,18 @@ from training.results import RESULTS_FILE
 from training.trainer import prepare_model, training_step
 
 CPU = torch.device("cpu")
-MODELS = [BaselineAttentionModel, FlashAttentionModel]
 # nn.RMSNorm warns when autocast hands it bf16 input with an fp32 gain (it then runs unfused): an error here.
 pytestmark = pytest.mark.filterwarnings("error:Mismatch dtype between input and weight:UserWarning")
 
 
-@pytest.mark.parametrize("model_cls", MODELS)
-def test_bf16_steps_on_cpu_are_finite_and_close_to_fp32(config, model_cls):
+@pytest.mark.parametrize("arm", ARM_NAMES)
+def test_bf16_steps_on_cpu_are_finite_and_close_to_fp32(config, arm):
     cfg = config.replace(vocab_size=64, dropout=0.0, router_noise_std=0.0)
     x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     y = torch.roll(x, -1, dims=1)
     losses = {}
     for precision in ("fp32", "bf16"):
-        model = model_cls(cfg, seed=3)
+        model = ARMS[arm].build(cfg, seed=3)
         prepare_model(model, cfg, CPU, precision)
         optimizers = build_optimizers(model, cfg, CPU)
         schedulers = build_schedulers(optimizers, cfg)
@@ -48,11 +46,11 @@ def test_bf16_steps_on_cpu_are_finite_and_close_to_fp32(config, model_cls):
     assert losses["bf16"][-1] < losses["bf16"][0]  # and it learns
 
 
-@pytest.mark.parametrize("model_cls", MODELS)
-def test_compiled_block_equals_eager_in_bf16_with_no_graph_break(config, model_cls):
+@pytest.mark.parametrize("arm", ARM_NAMES)
+def test_compiled_block_equals_eager_in_bf16_with_no_graph_break(config, arm):
     """fullgraph=True makes any graph break an error; forward and backward match eager in bf16."""
     cfg = config.replace(vocab_size=64, dropout=0.0, router_noise_std=0.0)
-    model = model_cls(cfg, seed=4)
+    model = ARMS[arm].build(cfg, seed=4)
     model.plan_moe_dispatch(CPU, torch.bfloat16)
     eager = model.transformer_blocks()[0]
     compiled_copy = copy.deepcopy(eager)

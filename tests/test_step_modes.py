@@ -17,9 +17,10 @@ import training.distributed
 import training.experiment
 from arms.registry import arm_builders
 from common.errors import ConfigError
+from config.cli import config_from_args
 from config.settings import ExperimentConfig
 from data.dataset import TokenData
-from exp6_trainer import build_parser, config_from_args
+from exp6_trainer import build_parser
 from models.moe import GROUPED_CPU, MASK_LOOP, SORTED_SPLIT
 from tests.fake_cuda import CudaOnCpu, install_fake_cuda, install_fake_cuda_graphs
 from tests.host_sync import HostSyncError

@@ -14,16 +14,10 @@ import matplotlib.image
 import pytest
 import torch
 
-from arms.registry import arm_builders
+from arms.registry import ARM_NAMES, ARMS, arm_builders
 from config.settings import ExperimentConfig
 from data.dataset import prepare_data
-from deepseek_modeling import DeepseekV3FlashAttention2
-from exp6_baseline_attention_model import (
-    BaselineAttentionModel,
-    GroupedQueryAttentionModel,
-    MultiHeadAttention,
-    MultiQueryAttentionModel,
-)
+from exp6_baseline_attention_model import BaselineAttentionModel
 from exp6_flash_attention_model import FlashAttentionModel
 from models.attention import KVCache
 from models.transformer import AttentionFactory, ModelBuilder, MoELanguageModel
@@ -69,9 +63,9 @@ def test_each_optimizer_step_uses_the_scheduled_lr_of_that_step(config):
     assert applied[-1][1] == pytest.approx(cfg.adamw_lr * cfg.min_lr_ratio)  # the last step runs at the floor
 
 
-@pytest.mark.parametrize("model_cls", [BaselineAttentionModel, FlashAttentionModel])
-def test_muon_gets_exactly_the_block_matrices_and_adamw_the_rest(config, model_cls):
-    model = model_cls(config.replace(vocab_size=50))
+@pytest.mark.parametrize("arm", ARM_NAMES)
+def test_muon_gets_exactly_the_block_matrices_and_adamw_the_rest(config, arm):
+    model = ARMS[arm].build(config.replace(vocab_size=50))
     muon, adamw = split_parameters(model)
     names = {id(p): n for n, p in model.named_parameters()}
     muon_names = {names[id(p)] for p in muon}
@@ -274,13 +268,12 @@ def test_paired_interval_and_verdict():
     assert better["ci95"][1] - better["mean"] == pytest.approx(4.302653 * sd / math.sqrt(3))
 
 
-@pytest.mark.parametrize("model_cls", [BaselineAttentionModel, FlashAttentionModel, GroupedQueryAttentionModel,
-                                       MultiQueryAttentionModel])
+@pytest.mark.parametrize("arm", ARM_NAMES)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_training_steps_need_no_host_sync(config, model_cls, precision):
+def test_training_steps_need_no_host_sync(config, arm, precision):
     """Outside logging steps the loop makes no host sync: no value read back, no data-dependent shape."""
     cfg = config.replace(vocab_size=50, n_heads=4)
-    model = model_cls(cfg)
+    model = ARMS[arm].build(cfg)
     model.plan_moe_dispatch(CPU, torch.bfloat16 if precision == "bf16" else torch.float32)
     # the optimizers as built for CUDA (fused AdamW keeps its step count on the device; the CPU
     # default reads it back with .item(), which is host memory there, not a sync)
@@ -312,8 +305,8 @@ def test_host_sync_detector_catches_bincount(config, monkeypatch):
         model(torch.randint(0, 50, (2, 8)))
 
 
-def test_both_models_see_the_same_batches_in_the_same_order(config):
-    seen: dict[str, list[torch.Tensor]] = {"baseline": [], "deepseek": []}
+def test_every_arm_sees_the_same_batches_in_the_same_order(config):
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in ARM_NAMES}
 
     def recording(name: str, attention: AttentionFactory) -> ModelBuilder:
         class Recording(MoELanguageModel):
@@ -328,10 +321,10 @@ def test_both_models_see_the_same_batches_in_the_same_order(config):
                 return super().forward(input_ids, caches, last_only)
         return Recording
 
-    builders = {"baseline": recording("baseline", MultiHeadAttention),
-                "deepseek": recording("deepseek", DeepseekV3FlashAttention2)}
-    run_experiment(config, builders=builders, log=lambda _: None)
-    assert len(seen["baseline"]) == len(seen["deepseek"]) == config.max_steps + 1  # + the untimed warm-up pass
-    for a, b in zip(seen["baseline"], seen["deepseek"], strict=True):
-        assert torch.equal(a, b)
+    builders = {name: recording(name, arm.attention) for name, arm in ARMS.items()}
+    run_experiment(config.replace(arms=ARM_NAMES, sample_tokens=0), builders=builders, log=lambda _: None)
+    for name in ARM_NAMES:
+        assert len(seen[name]) == config.max_steps + 1, name  # + the untimed warm-up pass
+        for a, b in zip(seen["baseline"], seen[name], strict=True):
+            assert torch.equal(a, b), name
     assert not torch.equal(seen["baseline"][1], seen["baseline"][2])  # and the batches do change

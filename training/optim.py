@@ -14,7 +14,7 @@ torch.optim.Muon has no foreach path: it runs one Newton-Schulz chain of about 2
 the 63-72 blocks of a model cost about 2,000 operator launches per step, more host time than the GPU work of a
 step at these sizes. `BlockMuon` computes the same update in 93-180 (tests/test_step_ops.py): momentum and
 weight decay with foreach operators over the model's matrices, and one batched Newton-Schulz chain
-(bmm/baddbmm in bf16) per group of blocks that share a shape (a tall block is transposed first, as Muon does,
+(bmm/baddbmm, in bf16 as Muon in a bf16 run, in fp32 in an fp32 run) per group of blocks that share a shape (a tall block is transposed first, as Muon does,
 so the experts' up and down matrices form one group), gathered and written back through views and buffers
 made once. `PerBlockMuon`, torch.optim.Muon run block by block, is kept as the reference it is tested
 against (tests/test_optim.py) and the benchmark's "before batching" rows.
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.optim._muon import _adjust_lr
 
+from common.hardware import FP32, resolve_precision
 from config.settings import ExperimentConfig
 from models.attention import CausalSelfAttention
 
@@ -156,7 +157,7 @@ class _SubBatch:
 
     updates: list[torch.Tensor]  # each block's view of its source's update buffer (read)
     params: list[torch.Tensor]  # each block's view of its source parameter (written)
-    into: torch.Tensor  # where torch.stack(updates) lands: this sub-batch's rows of the group's bf16 buffer
+    into: torch.Tensor  # where torch.stack(updates) lands: this sub-batch's rows of the group's chain buffer
     start: int  # its first row in the group
     lr_scales: torch.Tensor  # (blocks, 1, 1) float32: each block's LR factor
     deltas_oriented: torch.Tensor  # the blocks' scaled updates as the group orients them (written by one mul)
@@ -168,7 +169,7 @@ class _Group:
     """Blocks whose matrix, transposed when tall, has one shape: one batched Newton-Schulz chain."""
 
     sub_batches: list[_SubBatch]
-    stacked: torch.Tensor  # (blocks, rows, cols) bf16, rows <= cols: the chain's input
+    stacked: torch.Tensor  # (blocks, rows, cols) in the chain's dtype, rows <= cols: the chain's input
 
 
 @dataclass
@@ -183,7 +184,7 @@ class _Plan:
 
 def _orthogonalise(x: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
                    eps: float) -> torch.Tensor:
-    """torch.optim.Muon's Newton-Schulz iteration on a batch of wide (rows <= cols) bf16 matrices at once: each
+    """torch.optim.Muon's Newton-Schulz iteration on a batch of wide (rows <= cols) matrices at once: each
     matrix normalised by its own Frobenius norm (in place), then the same quintic steps through bmm/baddbmm."""
     a, b, c = ns_coefficients
     x = x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_(min=eps))
@@ -209,7 +210,7 @@ def _muon_step(plan: _Plan, grads: list[torch.Tensor], buffers: list[torch.Tenso
         torch._foreach_mul_(plan.weights, 1 - lr * weight_decay)
     neg_lr = -lr
     for group in plan.groups:
-        for sub in group.sub_batches:  # cast to bf16 on the way in, as Muon does
+        for sub in group.sub_batches:  # cast to the chain's dtype on the way in (bf16, as Muon does, in a bf16 run)
             torch.stack(sub.updates, out=sub.into)
         orthogonal = _orthogonalise(group.stacked, ns_coefficients, ns_steps, eps)
         for sub in group.sub_batches:
@@ -232,8 +233,10 @@ class BlockMuon(torch.optim.Muon):
     without a gradient is skipped, as Muon skips it. `compiled=True` compiles the update with torch.compile.
     """
 
-    def __init__(self, blocks: Sequence[MatrixBlock], compiled: bool = False, **muon_kwargs: Any) -> None:
+    def __init__(self, blocks: Sequence[MatrixBlock], compiled: bool = False, ns_dtype: torch.dtype = torch.bfloat16,
+                 **muon_kwargs: Any) -> None:
         self.blocks = list(blocks)
+        self.ns_dtype = ns_dtype  # the Newton-Schulz chain's dtype: bf16 as torch.optim.Muon, or fp32 (an fp32 run)
         sources = list({id(b.source): b.source for b in self.blocks}.values())
         super().__init__(sources, **muon_kwargs)
         if len(self.param_groups) != 1:
@@ -269,7 +272,7 @@ class BlockMuon(torch.optim.Muon):
         groups = []
         for oriented, subs in by_shape.items():
             device = sources[0].device
-            stacked = torch.empty((sum(len(m) for m in subs.values()), *oriented), dtype=torch.bfloat16, device=device)
+            stacked = torch.empty((sum(len(m) for m in subs.values()), *oriented), dtype=self.ns_dtype, device=device)
             sub_batches, start = [], 0
             for (tall, layout_shape), members in subs.items():
                 rows_of_group = stacked[start:start + len(members)]
@@ -418,8 +421,15 @@ def build_optimizers(model: nn.Module, config: ExperimentConfig, device: torch.d
         "momentum": 0.95, "nesterov": True, "adjust_lr_fn": config.muon_adjust_lr_fn}
     blocks = matrix_blocks(model)
     muon = (PerBlockMuon(blocks, **muon_options) if reference
-            else BlockMuon(blocks, compiled=config.compile_optimizer, **muon_options))
+            else BlockMuon(blocks, compiled=config.compile_optimizer, ns_dtype=newton_schulz_dtype(config, device),
+                           **muon_options))
     return [muon, torch.optim.AdamW(others, lr=adamw_lr, weight_decay=0.0, **adamw_options)]
+
+
+def newton_schulz_dtype(config: ExperimentConfig, device: torch.device) -> torch.dtype:
+    """The dtype of Muon's Newton-Schulz chain: bf16 in a bf16 run, as torch.optim.Muon computes it, and fp32 in an
+    fp32 run (the CPU preset: bf16 bmm runs about 15x slower than fp32 on a CPU and would dominate its step)."""
+    return torch.float32 if resolve_precision(config.precision, device) == FP32 else torch.bfloat16
 
 
 def lr_factor(step: int, config: ExperimentConfig) -> float:

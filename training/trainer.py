@@ -134,6 +134,7 @@ def new_run_record(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
         "step_operators": None,  # aten operators one eager step dispatches: forward, backward_and_clip, optimizer, total
         "compilation": None,  # dynamo's counts: frames compiled and graphs made before the clock started, and after
         "muon_lr_scales": None,  # each Muon block's LR factor (layers and experts with equal factors collapsed to *)
+        "muon_newton_schulz_dtype": None,  # bfloat16 in a bf16 run (as torch.optim.Muon), float32 in an fp32 run
         "checkpoint": None,  # {"directory", "bytes", "files"} once a completed run's model is saved
         "curve": {key: [] for key in CURVE_KEYS},
     }
@@ -225,6 +226,7 @@ class Trainer:
         self.schedulers = build_schedulers(self.optimizers, config)
         if isinstance(self.optimizers[0], BlockMuon):
             record["muon_lr_scales"] = collapsed_lr_scales(self.optimizers[0].lr_scales())
+            record["muon_newton_schulz_dtype"] = str(self.optimizers[0].ns_dtype).removeprefix("torch.")
         self.train_tokens = data.train.to(device)
         starts = batch_starts(len(data.train), config, seed)  # the global batches, (max_steps, batch_size)
         self.batches = starts_digest(starts)
