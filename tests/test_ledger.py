@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from training.distributed import DATA, NONE, SEEDS, Distributed, Job
+from training.distributed import DATA, NONE, SEEDS, Distributed, Job, run_jobs
 from training.ledger import Ledger
 from training.runs import comparison_jobs, previous_sweep
 
@@ -69,3 +69,20 @@ def test_a_stop_gives_the_runs_in_progress_their_status_and_saves(config, monkey
     ledger.record_stop(KeyboardInterrupt())
     assert (running["status"], done["status"], saved) == ("interrupted", "completed", ["interrupted"])
     assert ledger.unfinished_arms() == ["baseline"]
+
+
+def test_a_stop_while_records_are_absorbed_lists_the_other_ranks_next_runs(monkeypatch):
+    """Under seed-parallel the other ranks start their next runs as soon as the records are shared; a Ctrl-C or
+    SIGTERM on rank 0 while it writes those records must still name those runs (they were left out, and a rank lost
+    then was reported without what it was training)."""
+    jobs = [Job(index=i, name="baseline", seed=40 + i, owner=i % 2, label=f"baseline (seed {40 + i})") for i in range(4)]
+    monkeypatch.setattr(Distributed, "gather", lambda self, obj: [obj, (1, {"seed": 41}, None)])
+    unreported: list[list[Job]] = []
+
+    def absorb(job: Job, record: dict[str, Any]) -> None:
+        raise KeyboardInterrupt  # arrives during the save of the first record
+
+    dist = Distributed(rank=0, world_size=2, mode=SEEDS)
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(dist, jobs, lambda job: ({"seed": job.seed}, None), absorb, lambda job, message: None, unreported.append)
+    assert unreported == [[jobs[3]]]  # rank 1's run of the next turn, not the one whose record just arrived

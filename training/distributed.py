@@ -585,31 +585,47 @@ def run_jobs(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained]
                 raise cause or RankFailed(standing)
             absorb(job, record)
         return
-    mine = [job for job in jobs if job.owner == dist.rank]
-    turns = max(sum(1 for job in jobs if job.owner == rank) for rank in range(dist.world_size))
+    _run_seed_parallel(dist, jobs, train, absorb, fail, unreported or _ignore)
+
+
+def _ignore(jobs: list[Job]) -> None:
+    """No record of other ranks' runs in progress is kept."""
+
+
+def _run_seed_parallel(dist: Distributed, jobs: list[Job], train: Callable[[Job], Trained],
+                       absorb: Callable[[Job, dict[str, Any]], None], fail: Callable[[Job, str], None],
+                       unreported: Callable[[list[Job]], None]) -> None:
+    """run_jobs under seed-parallel: a turn at a time, this rank's job of the turn, then every rank's records.
+    A stop on this rank hands `unreported` the other ranks' jobs then in progress: those of this turn while it
+    trains or waits for them, those of the next turn once their records arrived (they went on at once)."""
     owned = [[job for job in jobs if job.owner == rank] for rank in range(dist.world_size)]
-    for turn in range(turns):
-        current = mine[turn] if turn < len(mine) else None
-        others = {rank: their[turn] for rank, their in enumerate(owned) if rank != dist.rank and turn < len(their)}
+
+    def others(turn: int) -> list[Job]:
+        return [their[turn] for rank, their in enumerate(owned) if rank != dist.rank and turn < len(their)]
+
+    for turn in range(max(len(their) for their in owned)):
+        current = owned[dist.rank][turn] if turn < len(owned[dist.rank]) else None
         try:
             record, error = _train_noting_stops(dist, train, current) if current is not None else ({}, None)
         except KeyboardInterrupt:
-            if unreported is not None:
-                unreported(list(others.values()))
+            unreported(others(turn))
             raise
         message = None if current is None or error is None else _failure_message(dist, current, error)
         try:
             shared = dist.gather((current.index if current is not None else None, record, message))
         except Exception as lost:  # noqa: BLE001 - a peer died or was stopped: say which, if it left word
-            if unreported is not None:
-                unreported(list(others.values()))
-            cause = dist.failure_cause({rank: job.label for rank, job in others.items()})
+            unreported(others(turn))
+            cause = dist.failure_cause({job.owner: job.label for job in others(turn)})
             raise cause or RankFailed(f"rank {dist.rank} lost contact with the other ranks after turn {turn + 1} "
                                       f"({type(lost).__name__}: {str(lost)[:200]})") from lost
-        for index, their_record, _ in shared:
-            if index is not None:
-                absorb(jobs[index], their_record)
         failures = [(index, failure) for index, _, failure in shared if failure and index is not None]
+        try:
+            for index, their_record, _ in shared:
+                if index is not None:
+                    absorb(jobs[index], their_record)
+        except KeyboardInterrupt:  # unless one failed, the others started their next runs as the records went out
+            unreported([] if failures else others(turn + 1))
+            raise
         if failures:
             failed_index, first = failures[0]
             fail(jobs[failed_index], first)
