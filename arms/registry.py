@@ -55,13 +55,13 @@ def arm_builders() -> dict[str, ModelBuilder]:
     return {name: arm.build for name, arm in ARMS.items()}
 
 
-def check_arm_names(names: Iterable[str], known: Iterable[str] = ARM_NAMES) -> None:
+def check_arm_names(names: Iterable[str], known: Iterable[str] | None = None, flag: str = "--arms") -> None:
     """ConfigError naming the first name in `names` that is not an arm of the registry (or of `known`)."""
-    known = tuple(known)
+    known = tuple(ARM_NAMES if known is None else known)
     listed = tuple(names)
     for name in listed:
         if name not in known:
-            raise ConfigError(f"--arms {' '.join(listed)}: unknown arm {name!r}; choose from {', '.join(known)}")
+            raise ConfigError(f"{flag} {' '.join(listed)}: unknown arm {name!r}; choose from {', '.join(known)}")
 
 
 def arm_label(name: str, config: ExperimentConfig | Mapping[str, Any] | None = None) -> str:

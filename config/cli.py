@@ -22,7 +22,7 @@ import sys
 import tokenize
 import types
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -238,9 +238,11 @@ def read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
-def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[ExperimentConfig, str | None]:
-    """The config the arguments ask for (flags over --config file over preset), and a one-line notice
-    when the CPU preset was chosen for the user."""
+def config_from_args(args: argparse.Namespace, cuda_available: bool,
+                     defaults: Mapping[str, Any] | None = None) -> tuple[ExperimentConfig, str | None]:
+    """The config the arguments ask for (flags over --config file over a command's `defaults` over the preset), and
+    a one-line notice for what the user should know (the CPU preset chosen for them, MLA's sizes following the
+    width)."""
     flags = flag_values(args)
     config_path = getattr(args, "config", None)
     in_file = read_config_file(config_path) if config_path else {}
@@ -255,7 +257,7 @@ def config_from_args(args: argparse.Namespace, cuda_available: bool) -> tuple[Ex
                                          "running the CPU preset (a scaled-down model, a few minutes)")
                       + "; the full experiment needs a GPU (force it with --preset full --device cpu).")
     try:
-        config = ExperimentConfig.from_dict(in_file, base=PRESETS[preset](ExperimentConfig()))
+        config = ExperimentConfig.from_dict(in_file, base=PRESETS[preset](ExperimentConfig()).replace(**(defaults or {})))
     except (ConfigError, TypeError) as error:
         raise ConfigError(f"--config {config_path}: {error}") from None
     config = config.replace(**flags)

@@ -32,6 +32,7 @@ MIN_OFFLINE_VOCAB = 257  # the byte-level BPE's 256 byte symbols and its EOS tok
 MAX_EXPERT_MODULES = 100_000  # n_layers x num_experts: a model is built module by module, in Python
 MAX_DIST_TIMEOUT_MINUTES = 30 * 24 * 60  # 30 days: longer than any run, and well inside what timedelta and gloo/NCCL hold
 PRESET_NAMES = ("full", "cpu", "tiny")  # PRESETS below builds each
+STUDIES = ("frontier", "ladder")  # python -m training.study: the equal-cache frontier and the size ladder
 NONE_WORD = "none"  # a setting that may be None, written in TOML or on the command line (TOML has no null)
 # What a --resume may change: which runs there are (seeds, arms) and where and how often things are written
 # or logged. Every other setting changes what a run computes, so a resume that changes it is refused.
@@ -133,6 +134,14 @@ class ExperimentConfig:
     save_every: int = 0  # steps between training-state saves, for --resume; 0: at each evaluation
     keep_training_state: bool = False  # keep each run's training state, saved once more at its last step (deleted by default)
 
+    # Studies (python -m training.study; training/study_points.py states each rule)
+    studies: tuple[str, ...] = setting((), choices=STUDIES, metavar="STUDY")  # which studies run: frontier (every attention at one size against its measured KV cache) and ladder (arms at growing sizes); empty: the plain comparison of --arms
+    frontier_kv_ranks: tuple[int, ...] = setting((), metavar="RANK")  # MLA latent ranks on the frontier (q_lora_rank and head dims held); empty: d_model/16, /8, /4, /2 and d_model
+    ladder_arms: tuple[str, ...] = setting(DEFAULT_ARMS, metavar="ARM")  # the arms the ladder trains at every size; baseline always
+    ladder_sizes: int = 4  # model sizes on the ladder (size k: 2k heads of ladder_head_dim, k layers); a law is fitted from 4
+    ladder_head_dim: int = 64  # the head dim every ladder size shares (width = heads x this)
+    tokens_per_parameter: float = 20.0  # each ladder size trains on this many tokens per non-embedding parameter of its MHA model
+
     # Several processes started by torchrun (training/distributed.py); a single process ignores these
     parallel: str = setting("auto", choices=PARALLEL_MODES)  # auto: seeds when there are at least as many seeds as ranks, else data
     dist_timeout_minutes: float = setting(30.0, flag="--dist-timeout", metavar="MIN")  # longest a rank waits for the others in one collective before the job stops
@@ -218,14 +227,17 @@ class ExperimentConfig:
                 if isinstance(item, float) and not math.isfinite(item):
                     raise ConfigError(f"{field.name}={item}: must be a finite number")
             choices = field.metadata.get("cli", {}).get("choices")
-            if choices is not None and value not in choices:
+            values = value if isinstance(value, tuple) else (value,)
+            wrong = [item for item in values if choices is not None and item not in choices]
+            if wrong:
                 flag = field.metadata["cli"].get("flag", "--" + field.name.replace("_", "-"))
-                raise ConfigError(f"{flag} {value}: must be one of {', '.join(choices)}")
+                raise ConfigError(f"{flag} {wrong[0]}: must be one of {', '.join(choices)}")
 
     def validate(self) -> "ExperimentConfig":
         """Raise ConfigError on the first impossible setting; return self when all is well."""
         self._validate_kinds()
-        for ok, message in self._model_checks() + self._training_checks() + self._data_checks() + self._run_checks():
+        checks = self._model_checks() + self._training_checks() + self._data_checks() + self._study_checks()
+        for ok, message in checks + self._run_checks():
             if not ok:
                 raise ConfigError(message)
         self._validate_arms()
@@ -309,6 +321,22 @@ class ExperimentConfig:
             (self.offline_vocab_size >= MIN_OFFLINE_VOCAB,
              f"offline_vocab_size={self.offline_vocab_size}: must be at least {MIN_OFFLINE_VOCAB} (the offline tokenizer's "
              "256 byte symbols and its end-of-text token); 8192 is the default"),
+        ]
+
+    def _study_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (len(set(self.studies)) == len(self.studies), f"--studies {' '.join(self.studies)}: a study is repeated"),
+            (all(rank > 0 for rank in self.frontier_kv_ranks) and len(set(self.frontier_kv_ranks)) == len(self.frontier_kv_ranks),
+             f"--frontier-kv-ranks {' '.join(map(str, self.frontier_kv_ranks))}: each rank positive and given once"),
+            (BASELINE in self.ladder_arms and len(set(self.ladder_arms)) == len(self.ladder_arms),
+             f"--ladder-arms {' '.join(self.ladder_arms)}: must include {BASELINE} (each size's gap is paired with it), "
+             "each arm once"),
+            (1 <= self.ladder_sizes <= 64, f"--ladder-sizes {self.ladder_sizes}: must be between 1 and 64 (4 or more for a law)"),
+            (self.ladder_head_dim > 0 and self.ladder_head_dim % 2 == 0,
+             f"--ladder-head-dim {self.ladder_head_dim}: must be a positive even number (RoPE rotates pairs)"),
+            (self.tokens_per_parameter > 0, f"--tokens-per-parameter {self.tokens_per_parameter}: must be positive"),
+            (not (self.studies and self.lr_sweep), "--lr-sweep tunes the arms of the plain comparison; a study trains "
+                                                   "every point at the configured LRs: drop --lr-sweep or --studies"),
         ]
 
     def _run_checks(self) -> list[tuple[bool, str]]:

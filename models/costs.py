@@ -27,6 +27,11 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def non_embedding_parameters(model: MoELanguageModel) -> int:
+    """Parameters outside the token embedding (which is also the tied output head): the N of a scaling law."""
+    return parameter_count(model) - model.embed.weight.numel()
+
+
 def attention_score_macs(attention: CausalSelfAttention, seq_len: int) -> float:
     """Multiply-adds per token of q k^T and the value mix, at the mean causal context (T + 1) / 2."""
     heads, d_qk, d_v = attention.score_dims()
@@ -58,6 +63,7 @@ def cost_report(model: MoELanguageModel, seq_len: int | None = None) -> dict[str
     forward_flops = 2 * (linear_macs + score_macs)
     return {
         "parameters_total": total,
+        "parameters_non_embedding": non_embedding_parameters(model),
         "parameters_active_per_token": int(total - inactive_expert_params),
         "parameters_attention": sum(parameter_count(m) for m in attention),
         "parameters_attention_per_layer": parameter_count(attention[0]),

@@ -21,14 +21,14 @@ import inference.generate as generate
 from arms import registry
 from arms.arm import Arm
 from common.errors import ConfigError
+from config.cli import config_from_args
 from config.settings import MLA_SIZES, PRESETS, ExperimentConfig, mla_sizes
 from exp6_baseline_attention_model import MultiHeadAttention
-from exp6_trainer import build_parser, config_from_args
+from exp6_trainer import build_parser
 from models.checkpoint import load_checkpoint, run_checkpoint_dir
 from models.costs import cost_report
 from training.experiment import run_experiment
 from training.results import RESULTS_FILE, format_table
-
 
 REPO = Path(__file__).resolve().parent.parent
 NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache",

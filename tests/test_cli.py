@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError
+from config.cli import config_from_args
 from config.settings import PRESETS, ExperimentConfig, mla_sizes
-from exp6_trainer import build_parser, config_from_args, main
+from exp6_trainer import build_parser, main
 
 REPO = Path(__file__).resolve().parent.parent
 

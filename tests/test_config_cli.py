@@ -37,6 +37,8 @@ def _other_value(name: str, value: Any) -> tuple[list[str], Any]:
     hint = HINTS[name]
     field = next(f for f in dataclasses.fields(ExperimentConfig) if f.name == name)
     choices = field.metadata.get("cli", {}).get("choices")
+    if choices and typing.get_origin(hint) is tuple:  # several of the choices: one of them alone
+        return [choices[0]], (choices[0],)
     if choices:
         other = next(choice for choice in choices if choice != value)
         return [other], other
@@ -209,4 +211,5 @@ def test_print_config_needs_nothing_but_the_config(tmp_path):
                          ids=lambda f: f.name)
 def test_every_setting_with_choices_refuses_a_value_outside_them(field):
     with pytest.raises(ConfigError, match=rf"^--{field.name.replace('_', '-')} nonsense: must be one of "):
-        ExperimentConfig().replace(**{field.name: "nonsense"}).validate()
+        several = typing.get_origin(HINTS[field.name]) is tuple
+        ExperimentConfig().replace(**{field.name: ("nonsense",) if several else "nonsense"}).validate()

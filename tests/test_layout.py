@@ -105,7 +105,7 @@ def test_the_walk_sees_a_circle_and_a_lazy_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = import_graph()
     assert "arms.registry" in graph["training.experiment"]
-    assert "training.experiment" in graph["exp6_trainer"]  # imported inside main(), after argparse
+    assert "training.experiment" in graph["training.command"]  # imported inside run(), after argparse
 
 
 def test_no_layer_imports_a_layer_above_it():

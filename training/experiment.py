@@ -28,6 +28,7 @@ from data.dataset import TokenData, exposure_line, prepare_data
 from models.transformer import ModelBuilder
 from training.distributed import Distributed, joined, on_device, run_jobs
 from training.ledger import Ledger, stops_recorded
+from training.lineup import lineup_of
 from training.lr_sweep import untuned
 from training.memory_plan import planned_vocab_size
 from training.plots import plot_results
@@ -37,6 +38,7 @@ from training.results import format_table
 from training.resume import output_folder, resume_config
 from training.run_guard import ExperimentFailed
 from training.runs import Runs
+from training.study_report import report_study
 
 
 def run_experiment(config: ExperimentConfig, builders: Mapping[str, ModelBuilder] | None = None,
@@ -58,7 +60,9 @@ def run_experiment(config: ExperimentConfig, builders: Mapping[str, ModelBuilder
             if previous is not None:
                 config = dist.agree(lambda: resume_config(planned, previous))
             data, config, fingerprint = load_data(config, planned, builders, device, dist, log)
-            ledger = Ledger(config, experiment_header(config, data, device, dist, fingerprint), dist, log)
+            lineup = lineup_of(config)  # the arms, or a study's points
+            header = experiment_header(config, data, device, dist, fingerprint, lineup.run_order)
+            ledger = Ledger(config, header, dist, log, lineup)
             if previous is not None:
                 dist.agree(lambda: ledger.continue_from(previous))
             announce(config, data, ledger, log)
@@ -130,7 +134,11 @@ def announce(config: ExperimentConfig, data: TokenData, ledger: Ledger, log: Cal
 
 
 def report(ledger: Ledger, config: ExperimentConfig, log: Callable[[str], None]) -> None:
-    """Rank 0's last word: the plots, the table, the LRs each arm trained at, and where everything is."""
+    """Rank 0's last word: the plots, the table, the LRs each arm trained at, and where everything is (a study's
+    own analysis, plots and verdicts: training/study_report.py)."""
+    if config.studies:
+        report_study(ledger, log)
+        return
     results = ledger.results
     try:
         plots = plot_results(results, ledger.path.parent)

@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-from arms.registry import ordered_arms
 from common.errors import ConfigError
 from common.reporting import json_safe, write_json_atomic
 from config.settings import ExperimentConfig
 from models.costs import cost_report
 from models.transformer import MoELanguageModel
 from training.distributed import Distributed, Job, RankFailed
+from training.lineup import Lineup, arms_lineup
 from training.lr_sweep import untuned
 from training.provenance import now
 from training.results import RESULTS_FILE, STOPPED_STATUSES, comparison, summarise_model
@@ -37,13 +37,14 @@ class Ledger:
     """The runs of one experiment as this rank knows them, and the results JSON that rank 0 writes from them."""
 
     def __init__(self, config: ExperimentConfig, header: dict[str, Any], dist: Distributed,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], lineup: Lineup | None = None) -> None:
         self.config = config
         self.dist = dist
         self.log = log
         self.path = Path(config.output_dir) / RESULTS_FILE
         self.header = header
-        self.arms = ordered_arms(config.arms)  # the JSON lists them in registry order
+        self.lineup = lineup or arms_lineup(config)
+        self.arms = self.lineup.names  # the entries (the arms, in registry order, in the experiment), as the JSON lists them
         self.records: dict[RunKey, dict[str, Any]] = {}  # every run so far, listed in seed order by runs_of
         self.kept: set[RunKey] = set()  # --resume: the runs that finished before
         self.costs: dict[str, dict[str, Any]] = {}  # arm -> its cost report, measured once per arm
@@ -60,14 +61,14 @@ class Ledger:
             raise ConfigError(f"--resume: the data differs from the results in {self.config.output_dir} (they trained "
                               f"on {was}; this run loaded {self.header['data'].get('corpus_description', '?')}); give the "
                               "same data (--data, --offline, the same cache) or start a fresh --output-dir")
-        kept = finished_runs(previous)
+        kept = finished_runs(previous, self.arms)
         self.records.update(kept)
         self.kept = set(kept)
         self.costs.update({name: previous[name]["costs"] for name in self.arms if (previous.get(name) or {}).get("costs")})
         self.header["started_at"] = previous["experiment"].get("started_at")
         self.header["resumed_at"] = previous["experiment"].get("resumed_at", []) + [now()]
         self.log(f"Resume: {len(kept)} finished run(s) kept from {self.path}; "
-                 f"{len(self.config.run_seeds) * len(self.config.arms) - len(kept)} to train.")
+                 f"{len(self.config.run_seeds) * len(self.arms) - len(kept)} to train.")
 
     # --- the runs ---------------------------------------------------------------------------------------
     def runs_of(self, name: str) -> list[dict[str, Any]]:
@@ -102,7 +103,8 @@ class Ledger:
         runs = {name: self.runs_of(name) for name in self.arms}
         for name in self.arms:
             self.results[name] = summarise_model(runs[name], self.costs.get(name))
-        self.results["comparison"] = comparison(runs, {name: self.results[name] for name in self.arms})
+        self.results["comparison"] = comparison(runs, {name: self.results[name] for name in self.arms},
+                                                self.lineup.pairs, self.lineup.headline)
         self.header["status"] = status
         self.header["finished_at"] = now() if status != "running" else None
         try:

@@ -24,6 +24,7 @@ from models.memory import (
     training_activation_bytes,
 )
 from models.transformer import ModelBuilder
+from training.lineup import lineup_of
 from training.lr_sweep import sweep_steps
 
 HUB_VOCAB_ESTIMATE = 49_152  # the SmolLM-135M tokenizer's; a larger real one is checked again once it is loaded
@@ -65,18 +66,20 @@ def max_corpus_tokens(config: ExperimentConfig) -> int:
 
 
 def experiment_memory(config: ExperimentConfig, builders: Mapping[str, ModelBuilder], batch_shards: int = 1) -> MemoryNeed:
-    """The estimate for one process: the largest arm's training step (its share of each batch under
-    data-parallel: `batch_shards` ranks), the data, and the greedy sample's cache."""
-    plan_config = config.replace(vocab_size=planned_vocab_size(config))
-    models = [shape_only_model(builders[arm], plan_config) for arm in config.arms]
+    """The estimate for one process: the largest entry's training step (its share of each batch under
+    data-parallel: `batch_shards` ranks), the data, and the greedy sample's cache. The entries are the arms, or a
+    study's points (training/lineup.py), each at its own config."""
+    entries = lineup_of(config).entries
+    models = [shape_only_model(builders[entry.arm], entry.config.replace(vocab_size=planned_vocab_size(config)))
+              for entry in entries]
     batch = max(1, config.batch_size // batch_shards)
     weights = max(parameter_count(model) for model in models) * TRAINING_BYTES_PER_PARAMETER
     activations = max(training_activation_bytes(model, batch, config.max_seq_len) for model in models)
     sample_tokens = len(config.sample_prompt.encode("utf-8")) + 1 + config.sample_tokens if config.sample_tokens else 0
     sample_cache = max(decode_cache_bytes(model, None, sample_tokens) for model in models)
     tokens = max_corpus_tokens(config)
-    steps = max(config.max_steps, sweep_steps(config) if config.lr_sweep else 0)  # one run's offsets at a time
-    offsets = steps * config.batch_size * BYTES_PER_BATCH_OFFSET
+    steps = max(max(entry.config.max_steps for entry in entries), sweep_steps(config) if config.lr_sweep else 0)
+    offsets = steps * config.batch_size * BYTES_PER_BATCH_OFFSET  # one run's offsets at a time
     return MemoryNeed(
         device={"parameters and optimizer state": weights, "activations": activations,
                 "greedy sample's KV cache": sample_cache,

@@ -19,11 +19,12 @@ from common.reporting import check_writable
 from config.settings import ExperimentConfig
 from data.dataset import TokenData
 from data.sources import check_local_path
-from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_import_error, flash_attn_unusable
 from models.attention import interface_problem
+from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_import_error, flash_attn_unusable
 from models.memory import check_fits, shape_only_model
 from models.transformer import ModelBuilder
 from training.distributed import DATA, SINGLE, Distributed
+from training.lineup import LADDER, lineup_of
 from training.memory_plan import ADVICE, experiment_memory, planned_vocab_size
 from training.metrics_log import check_loggers
 from training.trainer import check_cuda_graph
@@ -35,6 +36,9 @@ def check_parallel(config: ExperimentConfig, builders: Mapping[str, ModelBuilder
         raise ConfigError("--cuda-graph captures one process's step; with --parallel data the gradient all-reduce "
                           "would be inside it: use --parallel seeds, or drop --cuda-graph")
     check_arm_names(config.arms, builders)
+    if LADDER in config.studies:
+        check_arm_names(config.ladder_arms, builders, "--ladder-arms")
+    check_arm_names(sorted({entry.arm for entry in lineup_of(config).entries}), builders, "the study's arms")
 
 
 def preflight(config: ExperimentConfig, builders: Mapping[str, ModelBuilder] | None = None,
@@ -67,11 +71,12 @@ def preflight(config: ExperimentConfig, builders: Mapping[str, ModelBuilder] | N
 def check_attention_interfaces(config: ExperimentConfig, builders: Mapping[str, ModelBuilder]) -> None:
     """ConfigError naming the arm whose attention does not declare what the costs need (score_dims, and the size
     of each cache mode it offers), found on a shape-only model before anything trains."""
-    plan_config = config.replace(vocab_size=planned_vocab_size(config))
-    for name in config.arms:
-        problem = interface_problem(shape_only_model(builders[name], plan_config).attention_modules()[0])
+    vocab_size = planned_vocab_size(config)
+    for entry in lineup_of(config).entries:
+        model = shape_only_model(builders[entry.arm], entry.config.replace(vocab_size=vocab_size))
+        problem = interface_problem(model.attention_modules()[0])
         if problem is not None:
-            raise ConfigError(f"arm {name}: {problem}; an attention module declares it for the cost accounting "
+            raise ConfigError(f"arm {entry.arm}: {problem}; an attention module declares it for the cost accounting "
                               "(README: Add your own attention)")
 
 

@@ -52,8 +52,9 @@ def git_commit() -> str | None:
 
 
 def experiment_header(config: ExperimentConfig, data: TokenData, device: torch.device, dist: Distributed,
-                      fingerprint: str) -> dict[str, Any]:
-    """The results' `experiment` entry of a run starting now; `fingerprint`: the data's SHA-256."""
+                      fingerprint: str, run_order: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The results' `experiment` entry of a run starting now; `fingerprint`: the data's SHA-256; `run_order`: the
+    order the runs start in on the first seed (config.arms unless a study says otherwise)."""
     n_val_windows = len(validation_windows(data.val, config.max_seq_len)[0])
     return {
         "question": QUESTION,
@@ -75,7 +76,8 @@ def experiment_header(config: ExperimentConfig, data: TokenData, device: torch.d
         "finished_at": None,
         "status": "running",
         "data_sha256": fingerprint,
-        "arm_order": {str(seed): seed_arm_order(config.arms, index) for index, seed in enumerate(config.run_seeds)},
+        "arm_order": {str(seed): seed_arm_order(run_order or config.arms, index)
+                      for index, seed in enumerate(config.run_seeds)},
     }
 
 

@@ -3,7 +3,7 @@ printed table. Which arms a results dict holds is read from it (its top-level ke
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from arms.registry import ARMS, arm_label, comparison_pairs, headline_arm, ordered_arms
 from common.reporting import fmt, times_fewer
@@ -98,44 +98,46 @@ HEADLINE_BASIS = ("the headline is the headline arm (the first arm after the bas
 UNADJUSTED = "unadjusted: only val_loss is Holm-adjusted across the pairs"
 
 
-def comparison(runs: Mapping[str, list[dict[str, Any]]],
-               summaries: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Every pair of comparison_pairs under `pairs` ("deepseek - baseline", "gqa - baseline", ...,
-    "deepseek - gqa", ...), each with its per-metric paired CI and unadjusted verdict, its n and excluded
-    seeds, and its val-loss p-value Holm-adjusted across all the pairs (`p_holm`, `verdict_holm`). The top
-    level keeps the published shape: the headline pair (deepseek - baseline in the default run) per metric and
-    its `verdict` (None when only the baseline ran); `headline` is the verdict the printed headline uses
-    (HEADLINE_BASIS). With the arms' summaries (costs and mean losses), `matched_kv_budget` says which arms
-    cache no more than the headline arm."""
-    arm_pairs = comparison_pairs(runs)
-    pairs = {f"{a} - {b}": paired_metrics(runs[a], runs[b], (a, b)) for a, b in arm_pairs}
-    holm = holm_verdicts({pair: values["val_loss"] for pair, values in pairs.items()},
-                         {f"{a} - {b}": (a, b) for a, b in arm_pairs})
-    for pair, values in pairs.items():
+def comparison(runs: Mapping[str, list[dict[str, Any]]], summaries: Mapping[str, dict[str, Any]] | None = None,
+               pairs: Sequence[tuple[str, str]] | None = None, headline: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Every pair (first, second) under `pairs` ("deepseek - baseline", "gqa - baseline", ..., "deepseek - gqa",
+    ...; by default the registry's pairs of the arms in `runs`), each with its per-metric paired CI and unadjusted
+    verdict, its n and excluded seeds, and its val-loss p-value Holm-adjusted across all the pairs (`p_holm`,
+    `verdict_holm`). The top level keeps the published shape: the `headline` pair (by default the headline arm -
+    baseline: deepseek - baseline in the default run) per metric and its `verdict` (None when there is none);
+    `headline` is the verdict the printed headline uses (HEADLINE_BASIS). With the arms' summaries (costs and mean
+    losses), `matched_kv_budget` says which arms cache no more than the headline arm."""
+    if pairs is None:
+        pairs = comparison_pairs(runs)
+        main_arm = headline_arm(runs)
+        headline = (main_arm, BASELINE) if main_arm else None
+    table = {f"{a} - {b}": paired_metrics(runs[a], runs[b], (a, b)) for a, b in pairs}
+    holm = holm_verdicts({pair: values["val_loss"] for pair, values in table.items()},
+                         {f"{a} - {b}": (a, b) for a, b in pairs})
+    for pair, values in table.items():
         values.update(holm[pair])
         for key in METRICS[1:]:
             values[key]["adjustment"] = UNADJUSTED
-    main_pair = f"{headline_arm(runs)} - {BASELINE}"
-    main = pairs.get(main_pair)
+    main_pair = f"{headline[0]} - {headline[1]}" if headline else None
+    main = table.get(main_pair) if main_pair else None
     out: dict[str, Any] = dict(main) if main is not None else {"verdict": None}
-    out["pairs"] = pairs
+    out["pairs"] = table
     out["multiple_comparisons"] = {
         "method": "Holm step-down over the val-loss p-values of every pair reported; a pair without a p-value "
                   "(one seed, none, or identical differences) counts as p = 1; accuracy and perplexity are "
                   "not adjusted",
-        "pairs": len(pairs), "alpha": ALPHA, "headline_basis": HEADLINE_BASIS}
+        "pairs": len(table), "alpha": ALPHA, "headline_basis": HEADLINE_BASIS}
     out["headline"] = None if main is None else {
-        "pair": main_pair, "basis": "holm" if len(pairs) > 1 else "ci95",
-        "verdict": main["verdict_holm"] if len(pairs) > 1 else main["verdict"]}
+        "pair": main_pair, "basis": "holm" if len(table) > 1 else "ci95",
+        "verdict": main["verdict_holm"] if len(table) > 1 else main["verdict"]}
     if summaries is not None:
-        out["matched_kv_budget"] = matched_kv_budget(summaries)
+        out["matched_kv_budget"] = matched_kv_budget(summaries, headline[0]) if headline else None
     return out
 
 
-def matched_kv_budget(summaries: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """Which arms hold at most the headline arm's KV cache per token (measured, bf16, per layer), with their val
-    losses; None until that arm's costs are known."""
-    budget_arm = headline_arm(summaries)
+def matched_kv_budget(summaries: Mapping[str, dict[str, Any]], budget_arm: str | None) -> dict[str, Any] | None:
+    """Which arms hold at most `budget_arm`'s (the headline arm's) KV cache per token (measured, bf16, per layer),
+    with their val losses; None until that arm's costs are known."""
     budget = ((summaries.get(budget_arm or "") or {}).get("costs") or {}).get(MEASURED_KV)
     if budget is None:
         return None
@@ -184,7 +186,7 @@ def _cache_clause(baseline: dict[str, Any], other: dict[str, Any], base_name: st
 
 
 def _matched_budget_line(results: dict[str, Any], names: list[str]) -> str | None:
-    matched = matched_kv_budget({name: results[name] for name in names})
+    matched = matched_kv_budget({name: results[name] for name in names}, headline_arm(names))
     if matched is None:
         return None
     config = results.get("experiment", {}).get("config")

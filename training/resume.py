@@ -123,12 +123,12 @@ def resume_config(config: ExperimentConfig, previous: dict[str, Any]) -> Experim
     return config.replace(seeds=seeds, arms=arms)
 
 
-def finished_runs(previous: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
-    """The previous results' runs that need no training again: completed, or failed by a non-finite loss
-    (deterministic, so it would fail again). Crashed, interrupted and running runs are trained again."""
-    config = previous["experiment"]["config"]
+def finished_runs(previous: dict[str, Any], names: list[str]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The previous results' runs of the entries `names` (the arms, or a study's points) that need no training
+    again: completed, or failed by a non-finite loss (deterministic, so it would fail again). Crashed, interrupted
+    and running runs are trained again."""
     kept: dict[tuple[str, int], dict[str, Any]] = {}
-    for arm in config.get("arms", []):
+    for arm in names:
         for record in (previous.get(arm) or {}).get("runs", []):
             if record.get("status") == "completed" or (record.get("status") == "failed" and "failed_at_step" in record):
                 kept[(arm, record["seed"])] = record

@@ -49,7 +49,8 @@ class Runs:
     def jobs(self) -> list[Job]:
         """Every (arm, seed) run not kept from earlier results, in the sequential order; under seed-parallel seed
         i belongs to rank i mod world size."""
-        jobs = [job for job in comparison_jobs(self.config, self.dist) if (job.name, job.seed) not in self.ledger.kept]
+        jobs = comparison_jobs(self.config, self.dist, self.ledger.lineup.run_order)
+        jobs = [job for job in jobs if (job.name, job.seed) not in self.ledger.kept]
         return [dataclasses.replace(job, index=index) for index, job in enumerate(jobs)]
 
     def tune_learning_rates(self, previous: dict[str, Any] | None) -> None:
@@ -67,14 +68,15 @@ class Runs:
     # --- run_jobs' three steps ---------------------------------------------------------------------------
     def train(self, job: Job) -> Trained:
         """Train one run here; returns its record and the error that stopped it (a crash), or None."""
+        entry = self.ledger.lineup.entry(job.name)
         self.ledger.starting(job)
-        model = self.builders[job.name](self.config, seed=job.seed)
+        model = self.builders[entry.arm](entry.config, seed=job.seed)
         record = self.new_record(job, model)
         self.ledger.add(job, record, model)  # the run in progress is in the JSON too, so a stop keeps its curve
         run_log = self.metrics.run(job.name, job.seed) if self.metrics is not None else None
         try:
-            train_model(model, self.data, self.arm_configs.get(job.name, self.config), job.seed, self.device, record,
-                        self.dist, self.training_state(job), run_log)
+            train_model(model, self.data, self.config_of(job.name), job.seed, self.device, record, self.dist,
+                        self.training_state(job), run_log)
         except NonFiniteLoss as failure:
             record.update(status="failed", failure=str(failure), failed_at_step=failure.step)
         except Exception as error:  # noqa: BLE001 - stops the experiment (run_jobs), but is recorded first
@@ -110,22 +112,27 @@ class Runs:
     def new_record(self, job: Job, model: MoELanguageModel) -> dict[str, Any]:
         """A run's record as it starts: the trainer's fields, the LRs it trains at and where it trains."""
         record = new_run_record(job.name, model, job.seed)
-        arm_config = self.arm_configs.get(job.name, self.config)
+        arm_config = self.config_of(job.name)
         tuned = self.ledger.results["lr_sweep"].get("arms", {}).get(job.name, {})
         record.update(muon_lr=arm_config.muon_lr, adamw_lr=arm_config.adamw_lr,
                       lr_multiplier=tuned["best_multiplier"] if job.name in self.arm_configs else 1.0,
                       **self.dist.placement())
         return record
 
+    def config_of(self, name: str) -> ExperimentConfig:
+        """The config an entry trains with: its own, at its arm's tuned LRs after --lr-sweep."""
+        return self.arm_configs.get(name, self.ledger.lineup.entry(name).config)
+
     def training_state(self, job: Job) -> TrainingState:
         return TrainingState(state_path(Path(self.config.output_dir), job.name, job.seed), resume=self.resumed)
 
 
-def comparison_jobs(config: ExperimentConfig, dist: Distributed) -> list[Job]:
-    """Every (arm, seed) run in the sequential order; under seed-parallel, seed i belongs to rank i mod world size."""
+def comparison_jobs(config: ExperimentConfig, dist: Distributed, names: tuple[str, ...] | None = None) -> list[Job]:
+    """Every (entry, seed) run in the sequential order (entries: config.arms unless `names` gives a study's points);
+    under seed-parallel, seed i belongs to rank i mod world size."""
     jobs: list[Job] = []
     for index, seed in enumerate(config.run_seeds):
-        for name in seed_arm_order(config.arms, index):
+        for name in seed_arm_order(names or config.arms, index):
             jobs.append(Job(index=len(jobs), name=name, seed=seed, owner=index % dist.world_size,
                             label=f"{name} (seed {seed})"))
     return jobs

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import scipy.stats
-
 ALPHA = 0.05  # exactly: 1 - 0.95 is 0.050000000000000044 in floating point, which would call p = 0.05 significant
 CONFIDENCE = 1 - ALPHA  # the interval's level; "CI excludes 0" and "p < ALPHA" agree
 SAME_DIFFERENCE = 1e-12  # relative spread below which the seeds' differences are equal up to float rounding
@@ -25,6 +23,17 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if len(values) < 2:
         return mean, None
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float] | None:
+    """The 95% Student-t interval of the mean of `values` (seeds); None for fewer than two or no spread."""
+    mean, std = mean_std(list(values))
+    if mean is None or std is None or std == 0:
+        return None
+    import scipy.stats
+
+    half = float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)) * std / math.sqrt(len(values))
+    return mean - half, mean + half
 
 
 def _seeds_word(n: int) -> str:
@@ -64,6 +73,8 @@ def paired_difference(first: dict[int, float], second: dict[int, float], lower_i
         out["verdict"] = (f"the seeds gave identical differences ({diffs[0]:+.4f} each, {_seeds_word(n)}{dropped}): "
                           "nothing can be inferred about the spread, so there is no interval and no test")
     else:
+        import scipy.stats  # here, not at the top: half a second of every command's start, for the last step
+
         test = scipy.stats.ttest_1samp(diffs, 0.0)
         interval = test.confidence_interval(CONFIDENCE)
         low, high = float(interval.low), float(interval.high)

@@ -1,0 +1,105 @@
+"""The question behind the question: at an equal KV-cache budget, which attention learns best, and does the answer
+hold as the model grows? `python -m training.study`.
+
+    python -m training.study --preset tiny              # both studies, a few minutes on a 2-core CPU
+    python -m training.study --studies frontier --dry-run   # the plan only: runs, tokens, the time they take
+    python -m training.study --resume                   # continue a stopped study; finished points are kept
+
+Two studies on the experiment's own machinery (training/experiment.py: the same arms, data, seeds, paired
+statistics, ledger, resume and torchrun), each a lineup of points (training/lineup.py states both rules):
+the cache frontier (every attention at one size against its measured KV cache) and the size ladder (arms at
+growing sizes, tokens in proportion to parameters). Before training it prints the plan: every point, its steps
+and tokens, and the time it should take from a step time measured on this machine for each model; --dry-run
+stops there. The answer (training/study_report.py) goes into the results JSON's `study` key and two plots.
+Every study setting is a flag and a TOML key, like the trainer's; a study defaults to three seeds and to
+exp6_study/ for its results.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from arms.registry import ARMS
+from common.hardware import resolve_device, resolve_precision, synchronize
+from config.settings import STUDIES, ExperimentConfig
+from models.transformer import MoELanguageModel
+from training.command import Command, main
+from training.lineup import Entry, lineup_of
+from training.memory_plan import planned_vocab_size
+from training.optim import build_optimizers
+from training.step import training_step
+
+EVALUATION_SHARE = 0.15  # what evaluation, logging and saving add to the steps' time, in the estimate
+TIMED_STEPS, WARMUP_STEPS = 3, 2
+
+
+def plan_lines(config: ExperimentConfig) -> list[str]:
+    """The plan: every point with its steps and tokens, and the time the whole study should take, from a step time
+    measured here for each point's model (random tokens, the run's batch, precision and device)."""
+    lineup = lineup_of(config)
+    device = resolve_device(config.device)
+    seeds = len(config.run_seeds)
+    lines = [f"Plan: {len(lineup.entries)} points x {seeds} seed(s) = {len(lineup.entries) * seeds} runs, on "
+             f"{device.type}; step times measured now, evaluation and saving add about {EVALUATION_SHARE:.0%}:"]
+    total_seconds, total_tokens = 0.0, 0
+    for entry in lineup.entries:
+        seconds = step_seconds(entry, device)
+        steps = entry.config.max_steps
+        tokens = steps * entry.config.batch_size * entry.config.max_seq_len
+        run_seconds = steps * seconds * (1 + EVALUATION_SHARE)
+        total_seconds += run_seconds * seeds
+        total_tokens += tokens * seeds
+        lines.append(f"  {entry.study:>8} {entry.name:>16}: d_model {entry.config.d_model}, {entry.config.n_layers} "
+                     f"layer(s), {steps:,} steps, {tokens:,} tokens, {seconds * 1000:.0f} ms/step: "
+                     f"~{_duration(run_seconds)} per seed")
+    lines.append(f"Plan total: {total_tokens:,} tokens, about {_duration(total_seconds)} on this machine.")
+    return lines
+
+
+def step_seconds(entry: Entry, device: torch.device) -> float:
+    """The median time of one training step of this point's model, measured after a short warm-up."""
+    config = entry.config.replace(vocab_size=planned_vocab_size(entry.config))
+    torch.manual_seed(0)
+    model: MoELanguageModel = ARMS[entry.arm].build(config).to(device).train()
+    precision = resolve_precision(config.precision, device)
+    model.plan_moe_dispatch(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    optimizers = build_optimizers(model, config, device)
+    tokens = torch.randint(0, config.vocab_size or 2, (config.batch_size, config.max_seq_len + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    times = []
+    for index in range(WARMUP_STEPS + TIMED_STEPS):
+        synchronize(device)
+        start = time.perf_counter()
+        training_step(model, optimizers, [], inputs, targets, config, device, precision)
+        synchronize(device)
+        if index >= WARMUP_STEPS:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+STUDY = Command(
+    prog="python -m training.study",
+    description="The equal-KV-cache frontier (MHA, GQA at each K/V head count, MQA, MLA at a ladder of latent ranks) "
+                "and the size ladder (arms at growing sizes, tokens in proportion to parameters), over seeds, with "
+                "paired intervals, Holm, scaling-law fits and a verdict on the gap's trend. Prints its plan first.",
+    epilog="With no arguments: both studies at the machine's preset (--preset tiny: a few minutes on a CPU), three "
+           "seeds, results in exp6_study/. Every setting of the experiment is a flag here too.",
+    defaults={"studies": STUDIES, "seeds": (42, 43, 44), "output_dir": "exp6_study"},
+    plan=plan_lines,
+)
+
+
+if __name__ == "__main__":
+    sys.exit(main(command=STUDY))
