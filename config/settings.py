@@ -138,7 +138,7 @@ class ExperimentConfig:
     studies: tuple[str, ...] = setting((), choices=STUDIES, metavar="STUDY")  # which studies run: frontier (every attention at one size against its measured KV cache) and ladder (arms at growing sizes); empty: the plain comparison of --arms
     frontier_kv_ranks: tuple[int, ...] = setting((), metavar="RANK")  # MLA latent ranks on the frontier (q_lora_rank and head dims held); empty: d_model/16, /8, /4, /2 and d_model
     ladder_arms: tuple[str, ...] = setting(DEFAULT_ARMS, metavar="ARM")  # the arms the ladder trains at every size; baseline always
-    ladder_sizes: int = 4  # model sizes on the ladder (size k: 2k heads of ladder_head_dim, k layers); a law is fitted from 4
+    ladder_sizes: int = 5  # model sizes on the ladder (size k: 2k heads of ladder_head_dim, k layers); a law is fitted from 4
     ladder_head_dim: int = 64  # the head dim every ladder size shares (width = heads x this)
     tokens_per_parameter: float = 20.0  # each ladder size trains on this many tokens per non-embedding parameter of its MHA model
 
@@ -416,6 +416,7 @@ def cpu_preset(base: ExperimentConfig | None = None) -> ExperimentConfig:
         max_seq_len=128, batch_size=16, max_steps=300, eval_every=50,
         q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         num_documents=1000, max_tokens=300_000,
+        ladder_sizes=4, ladder_head_dim=8, tokens_per_parameter=1.5,
     )
 
 
@@ -428,6 +429,7 @@ def tiny_preset(base: ExperimentConfig | None = None) -> ExperimentConfig:
         max_seq_len=64, batch_size=8, max_steps=30, eval_every=10,
         q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
         num_documents=200, max_tokens=40_000, offline_vocab_size=1024, sample_tokens=8,
+        ladder_sizes=4, ladder_head_dim=8, tokens_per_parameter=0.5,
     )
 
 

@@ -183,7 +183,7 @@ class MixtureOfExperts(nn.Module):
     # Under torch.compile the two data-dependent paths run eagerly, on purpose: traced, every new set of expert
     # sizes (a size of 0 or 1 in particular) would recompile, inside the timed loop; here the graph breaks at
     # the call, and the frames around it see only fixed shapes. The grouped path compiles whole.
-    @torch.compiler.disable
+    @torch._disable_dynamo  # torch.compiler.disable, imported at the first call: not a second at every start
     def _sorted_split_dispatch(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """One sort, one split by expert (a single host sync to read the group sizes), one matmul pair per expert."""
         order = expert_ids.flatten().argsort(stable=True)
@@ -201,7 +201,7 @@ class MixtureOfExperts(nn.Module):
         unsorted = expert_out[order.argsort()].view(-1, self.top_k, flat.shape[-1])
         return (unsorted * weights.unsqueeze(-1).to(unsorted.dtype)).sum(dim=1).to(flat.dtype)
 
-    @torch.compiler.disable
+    @torch._disable_dynamo  # torch.compiler.disable, imported at the first call: not a second at every start
     def _loop_dispatch(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """The public version's style: a boolean mask and a gather per expert, syncing on each."""
         out = torch.zeros_like(flat)

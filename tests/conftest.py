@@ -10,9 +10,16 @@ from pathlib import Path
 # session, and a Hub lookup would then wait about 50 s on a machine without network).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Under pytest-xdist each worker (and every process a test starts) computes on one thread: two workers of two
+# threads each on two cores spin against each other, and every test ran two to five times slower.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
 
 from config.settings import ExperimentConfig
 

@@ -81,7 +81,7 @@ def test_the_fit_recovers_known_parameters_from_synthetic_losses():
     assert exact is not None and np.allclose(exact, (e, a, alpha), rtol=1e-4)
     rng = np.random.default_rng(0)
     per_size = [[e + a * n ** -alpha + rng.normal(0, 0.002) for _ in range(8)] for n in sizes]
-    law = scaling_law(sizes, per_size)
+    law = scaling_law(sizes, per_size, resamples=199)  # fewer resamples than the study's 999: a test's time
     assert law["fitted"] and abs(law["alpha"] - alpha) < 0.02 and abs(law["E"] - e) < 0.05
     low, high = law["ci95"]["alpha"]
     assert low < law["alpha"] < high
@@ -90,14 +90,15 @@ def test_the_fit_recovers_known_parameters_from_synthetic_losses():
 def test_a_law_from_too_few_sizes_or_too_wide_an_interval_is_not_drawn():
     sizes = [1e4, 1e5, 1e6]
     assert MIN_SIZES == 4
-    few = scaling_law(sizes, [[3.0, 3.1], [2.5, 2.6], [2.2, 2.3]])
+    few = scaling_law(sizes, [[3.0, 3.1], [2.5, 2.6], [2.2, 2.3]], resamples=99)
     assert not few["fitted"] and "needs at least 4" in few["note"] and "alpha" not in few
     rng = np.random.default_rng(1)  # noise alone: no power of N to find
-    noisy = scaling_law([1e4, 2e4, 4e4, 8e4], [[2.5 + rng.normal(0, 0.3) for _ in range(3)] for _ in range(4)])
+    noisy = scaling_law([1e4, 2e4, 4e4, 8e4], [[2.5 + rng.normal(0, 0.3) for _ in range(3)] for _ in range(4)],
+                        resamples=99)
     assert not noisy["fitted"] and "not drawn" in noisy["note"]
     rng = np.random.default_rng(3)  # a real law under seed noise far larger than what the sizes change
     wide = scaling_law([1e4, 2e4, 4e4, 8e4], [[2.0 + 5 * n ** -0.3 + rng.normal(0, 0.2) for _ in range(3)]
-                                              for n in (1e4, 2e4, 4e4, 8e4)])
+                                              for n in (1e4, 2e4, 4e4, 8e4)], resamples=99)
     assert not wide["fitted"] and "not drawn" in wide["note"]
 
 

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"JSON file to write (default {DEFAULT_OUTPUT})")
     parser.add_argument("--skip-public-style", action="store_true", help="do not time the public-style reference models")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(DEFAULT_ARMS),
-                        help=f"which arms' training steps to time (default: {' '.join(DEFAULT_ARMS)})")
+                        help=f"which arms' training steps and attention modules to time (default: "
+                             f"{' '.join(DEFAULT_ARMS)})")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="precision of the 'ours' models: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32; "
                              "the public style always runs fp32")
@@ -447,7 +448,7 @@ def benchmark_memory(args: argparse.Namespace, config: ExperimentConfig, seq_len
                                 + training_activation_bytes(model, row_config.batch_size, row_config.max_seq_len))
     tokens = ATTENTION_TOKENS["cuda" if device.type == "cuda" else "cpu"]
     attention_config = config.replace(max_seq_len=max(seq_lens))
-    modules = [shape_only(partial(attention_module, arm, attention_config)) for arm in ARMS]
+    modules = [shape_only(partial(attention_module, arm, attention_config)) for arm in args.models]
     attention = max(attention_training_bytes(module, max(1, tokens // seq), seq, config.d_model)
                     for module in modules for seq in seq_lens)
     return MemoryNeed(device={"largest measurement": max(max(steps_needed), attention)},
@@ -614,9 +615,9 @@ def record_speedups(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def time_attention_rows(plan: BenchmarkPlan, results: dict[str, Any], peak: float | None) -> None:
-    """Every arm's attention module alone at every --seq-lens length, each one in results["attention_rows"]."""
+    """Each --models arm's attention module alone at every --seq-lens length, each one in results["attention_rows"]."""
     config = plan.config.replace(max_seq_len=max(plan.seq_lens))
-    for arm in ARMS:
+    for arm in plan.args.models:
         for seq_len in plan.seq_lens:
             print(f"  timing {arm}'s attention at seq {seq_len} ...", flush=True)
             results["attention_rows"].append(guarded(

@@ -1,9 +1,10 @@
 """What the studies compute from their runs: the Pareto frontier of loss against KV cache, a scaling law
 L(N) = E + A * N^-alpha per arm with bootstrap intervals over seeds, and the trend of a gap with model size.
 
-Every interval is over seeds, resampled together (scipy.stats.bootstrap with paired=True: seed s is one unit at
-every size, since it fixes the same initial draws and batches there), so it says how much the answer moves with
-the seeds, not with the text or the sizes chosen. With fewer than MIN_SIZES sizes no law is fitted, and a fit or a
+Every interval is over seeds, so it says how much the answer moves with the seeds, not with the text or the sizes
+chosen: the law's parameters by a bootstrap that resamples the seeds together (scipy.stats.bootstrap, paired: seed
+s is one unit at every size, since it fixes the same initial draws and batches there; with few seeds it has few
+distinct resamples and understates the spread), the gap's trend by a t interval over the seeds' own slopes. With fewer than MIN_SIZES sizes no law is fitted, and a fit or a
 trend whose interval is wider than its own estimate is reported as undetermined rather than drawn.
 """
 
@@ -15,6 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from training.stats import mean_interval
 
 MIN_SIZES = 4  # a three-parameter law through fewer points is not a fit
 ALPHA_BOUNDS = (1e-3, 3.0)  # the exponents the fit may take; one at a bound is no power law (a flat line, a cliff)
@@ -59,8 +62,8 @@ def fit_power_law(sizes: Sequence[float], losses: Sequence[float]) -> tuple[floa
     return e, a * scale ** alpha, alpha  # A back in units of N
 
 
-def seed_bootstrap(per_size: Sequence[Sequence[float]], statistic: Callable[..., Any],
-                   seed: int = 0) -> list[tuple[float, float] | None] | None:
+def seed_bootstrap(per_size: Sequence[Sequence[float]], statistic: Callable[..., Any], seed: int = 0,
+                   resamples: int = RESAMPLES) -> list[tuple[float, float] | None] | None:
     """The 95% percentile interval of each value `statistic(*per_size)` returns (a number or a sequence of them)
     when the seeds are resampled together (the same resampled seeds at every size); None with fewer than two seeds,
     and None for a value whose interval cannot be computed (e.g. a fit that fails on some resamples)."""
@@ -70,7 +73,7 @@ def seed_bootstrap(per_size: Sequence[Sequence[float]], statistic: Callable[...,
     if len(samples[0]) < 2 or any(len(s) != len(samples[0]) for s in samples):
         return None
     try:
-        result = bootstrap(samples, statistic, paired=True, vectorized=False, n_resamples=RESAMPLES,
+        result = bootstrap(samples, statistic, paired=True, vectorized=False, n_resamples=resamples,
                            confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed))
     except ValueError:
         return None
@@ -79,7 +82,7 @@ def seed_bootstrap(per_size: Sequence[Sequence[float]], statistic: Callable[...,
             for low, high in zip(lows, highs)]
 
 
-def scaling_law(sizes: Sequence[float], per_size: Sequence[Sequence[float]]) -> dict[str, Any]:
+def scaling_law(sizes: Sequence[float], per_size: Sequence[Sequence[float]], resamples: int = RESAMPLES) -> dict[str, Any]:
     """L(N) = E + A * N^-alpha fitted to the mean loss over seeds at each size (`per_size[i]`: every seed's loss at
     sizes[i], seeds in the same order at every size), with a bootstrap interval over seeds for each parameter; a
     law that cannot be fitted, or whose alpha interval is wider than alpha itself, says so and is not drawn."""
@@ -93,8 +96,10 @@ def scaling_law(sizes: Sequence[float], per_size: Sequence[Sequence[float]]) -> 
         out["note"] = "the least-squares fit did not converge; not fitted"
         return out
     out.update(E=fit[0], A=fit[1], alpha=fit[2])
-    intervals = seed_bootstrap(per_size, lambda *samples: _fitted(sizes, samples)) or [None, None, None]
+    intervals = seed_bootstrap(per_size, lambda *samples: _fitted(sizes, samples), resamples=resamples) or [None] * 3
     out["ci95"] = {name: list(interval) if interval else None for name, interval in zip(("E", "A", "alpha"), intervals)}
+    if fit[0] <= 1e-9:
+        out["E_note"] = "E fell on its bound 0: no irreducible loss shows at these sizes; the law is a pure power of N"
     problem = undetermined(fit[2], intervals[2], len(per_size[0]))
     out["fitted"] = problem is None or problem.startswith("one seed")
     if problem:
@@ -126,30 +131,34 @@ def _fitted(sizes: Sequence[float], samples: Sequence[np.ndarray]) -> list[float
 
 
 def gap_trend(sizes: Sequence[float], gaps: Sequence[Sequence[float]], names: tuple[str, str]) -> dict[str, Any]:
-    """How the paired gap first - second (per seed, at each size) moves with log10 N: the least-squares slope of the
-    mean gap against log10 N (change per tenfold N) with a bootstrap interval over seeds, and the verdict: the gap
-    grows (the slope has the gap's sign), shrinks (the opposite sign), or there is no evidence (0 in the interval)."""
+    """How the paired gap first - second (per seed, at each size) moves with log10 N: each seed's least-squares
+    slope of its gap against log10 N (change per tenfold N), their mean with the 95% Student-t interval over seeds
+    (the experiment's paired rule; a bootstrap over three seeds has ten distinct resamples and would look far
+    surer than it is), and the verdict: the gap grows (the slope has the gap's sign), shrinks (the opposite
+    sign), or there is no evidence (0 in the interval)."""
     x = np.log10(np.asarray(sizes, dtype=float))
     means = [float(np.mean(values)) for values in gaps]
-    out: dict[str, Any] = {"per_tenfold_N": None, "ci95": None, "mean_gaps": means}
+    out: dict[str, Any] = {"per_tenfold_N": None, "ci95": None, "mean_gaps": means,
+                           "method": "each seed's slope of its gap on log10 N; mean and 95% t interval over seeds"}
     if len(sizes) < 2:
         out["verdict"] = "one size: no trend can be measured"
         return out
-    slope = _slope(x, means)
-    interval = (seed_bootstrap(gaps, lambda *samples: _slope(x, [float(np.mean(s)) for s in samples])) or [None])[0]
-    out.update(per_tenfold_N=slope, ci95=list(interval) if interval else None)
+    per_seed = [_slope(x, [float(gaps[size][seed]) for size in range(len(sizes))]) for seed in range(len(gaps[0]))]
+    slope = float(np.mean(per_seed))
+    interval = mean_interval(per_seed)
+    out.update(per_tenfold_N=slope, ci95=list(interval) if interval else None, per_seed_slopes=per_seed)
     first, second = names
     overall = float(np.mean(means))
     if interval is None:
-        out["verdict"] = f"{'one seed' if len(gaps[0]) < 2 else 'no interval'}: no verdict on the trend"
+        out["verdict"] = f"{'one seed' if len(per_seed) < 2 else 'no spread between seeds'}: no verdict on the trend"
     elif interval[0] <= 0 <= interval[1]:
         out["verdict"] = (f"no evidence that the gap {first} - {second} changes with size (slope {slope:+.4f} per "
-                          f"tenfold N, 95% CI [{interval[0]:+.4f}, {interval[1]:+.4f}] contains 0)")
+                          f"tenfold N, 95% CI [{interval[0]:+.4f}, {interval[1]:+.4f}] contains 0, {len(per_seed)} seeds)")
     else:
         grows = (slope < 0) == (overall < 0)
         out["verdict"] = (f"the gap {first} - {second} {'grows' if grows else 'shrinks'} with size (slope "
-                          f"{slope:+.4f} per tenfold N, 95% CI [{interval[0]:+.4f}, {interval[1]:+.4f}] excludes 0; "
-                          f"mean gap {overall:+.4f})")
+                          f"{slope:+.4f} per tenfold N, 95% CI [{interval[0]:+.4f}, {interval[1]:+.4f}] excludes 0, "
+                          f"{len(per_seed)} seeds; mean gap {overall:+.4f})")
     return out
 
 

@@ -11,8 +11,8 @@ the cache frontier (every attention at one size against its measured KV cache) a
 growing sizes, tokens in proportion to parameters). Before training it prints the plan: every point, its steps
 and tokens, and the time it should take from a step time measured on this machine for each model; --dry-run
 stops there. The answer (training/study_report.py) goes into the results JSON's `study` key and two plots.
-Every study setting is a flag and a TOML key, like the trainer's; a study defaults to three seeds and to
-exp6_study/ for its results.
+Every study setting is a flag and a TOML key, like the trainer's; a study defaults to three seeds, to exp6_study/
+for its results, and to no saved models or greedy samples (--save, --sample-tokens N bring them back).
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ STUDY = Command(
                 "paired intervals, Holm, scaling-law fits and a verdict on the gap's trend. Prints its plan first.",
     epilog="With no arguments: both studies at the machine's preset (--preset tiny: a few minutes on a CPU), three "
            "seeds, results in exp6_study/. Every setting of the experiment is a flag here too.",
-    defaults={"studies": STUDIES, "seeds": (42, 43, 44), "output_dir": "exp6_study"},
+    defaults={"studies": STUDIES, "seeds": (42, 43, 44), "output_dir": "exp6_study", "save_checkpoints": False,
+              "sample_tokens": 0},
     plan=plan_lines,
 )
 

@@ -172,8 +172,8 @@ def study_lines(study: dict[str, Any]) -> list[str]:
     if LADDER in study:
         for arm, law in study[LADDER]["laws"].items():
             fitted = (f"L(N) = {law['E']:.3f} + {law['A']:.3g} N^-{law['alpha']:.3f}" if "alpha" in law else "no law")
-            lines.append(f"Ladder, {arm}: {fitted}{'' if law['fitted'] else ' (not drawn)'}"
-                         + (f"; {law['note']}" if law.get("note") else ""))
+            notes = "".join(f"; {law[key]}" for key in ("note", "E_note") if law.get(key))
+            lines.append(f"Ladder, {arm}: {fitted}{'' if law['fitted'] else ' (not drawn)'}{notes}")
         for arm, gaps in study[LADDER]["gaps"].items():
             lines.append(f"Ladder, {arm} - {BASELINE}: {gaps['trend']['verdict']}")
     return lines
