@@ -8,6 +8,7 @@ narrow: results on it say that the pipeline works, not how the models compare on
 from __future__ import annotations
 
 import ast
+import os
 import sysconfig
 from pathlib import Path
 
@@ -27,11 +28,8 @@ def _module_docstrings(path: Path) -> str:
 def stdlib_documents(num_documents: int, max_chars: int) -> list[str]:
     """Standard-library docstrings (modules sorted by path), in documents of at most max_chars (0: a module's
     docstrings whole), the first num_documents of them (0: all)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     documents: list[str] = []
-    for path in sorted(root.rglob("*.py")):
-        if SKIPPED_PACKAGES.intersection(path.relative_to(root).parts):
-            continue
+    for path in stdlib_sources():
         text = _module_docstrings(path)
         size = max_chars or len(text) or 1  # 0: each module's docstrings whole
         for start in range(0, len(text), size):
@@ -41,6 +39,17 @@ def stdlib_documents(num_documents: int, max_chars: int) -> list[str]:
             if len(documents) == num_documents:
                 return documents
     return documents
+
+
+def stdlib_sources() -> list[Path]:
+    """The standard library's .py files outside SKIPPED_PACKAGES, sorted by path (as pathlib sorts them). The
+    skipped folders are never walked: site-packages alone can hold ten thousand files."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in SKIPPED_PACKAGES]
+        found += [Path(folder, name) for name in files if name.endswith(".py")]
+    return sorted(found)
 
 
 def describe() -> str:

@@ -58,7 +58,16 @@ from common.hardware import (
     resolve_precision,
     synchronize,
 )
-from common.reporting import check_output_file, fmt, guarded, release, render_table, times_fewer, write_json_atomic
+from common.reporting import (
+    check_output_file,
+    fmt,
+    guarded,
+    older_objects_frozen,
+    release,
+    render_table,
+    times_fewer,
+    write_json_atomic,
+)
 from config.settings import BASELINE, MAX_SEED, PRECISIONS, ExperimentConfig, cpu_preset
 from config.values import check_parsed_values, parse_and_plan
 from inference.transformers_mla import TRANSFORMERS_MODE, with_transformers_attention
@@ -557,7 +566,9 @@ def plan_benchmark(args: argparse.Namespace) -> DecodePlan:
 
 def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     """Parse and check the arguments, run every row, print the table, write the JSON and the PNG; return the results."""
-    return measure(parse_and_plan(build_parser(), args_list, plan_benchmark))
+    plan = parse_and_plan(build_parser(), args_list, plan_benchmark)
+    with older_objects_frozen():  # the collection between measurements scans only what they made
+        return measure(plan)
 
 
 def measure(plan: DecodePlan) -> dict[str, Any]:

@@ -48,7 +48,15 @@ from common.hardware import (
     resolve_precision,
     synchronize,
 )
-from common.reporting import check_output_file, fmt, guarded, release, render_table, write_json_atomic
+from common.reporting import (
+    check_output_file,
+    fmt,
+    guarded,
+    older_objects_frozen,
+    release,
+    render_table,
+    write_json_atomic,
+)
 from config.settings import DEFAULT_ARMS, MOE_DISPATCHES, PRECISIONS, ExperimentConfig, cpu_preset
 from config.values import check_parsed_values, parse_and_plan
 from models.attention import CausalSelfAttention
@@ -491,7 +499,9 @@ def plan_benchmark(args: argparse.Namespace) -> BenchmarkPlan:
 
 def run_benchmark(args_list: list[str] | None = None) -> dict[str, Any]:
     """Parse and check the arguments, run every measurement, print the table, write the JSON; return the results."""
-    return measure(parse_and_plan(build_parser(), args_list, plan_benchmark))
+    plan = parse_and_plan(build_parser(), args_list, plan_benchmark)
+    with older_objects_frozen():  # the collection between measurements scans only what they made
+        return measure(plan)
 
 
 def measure(plan: BenchmarkPlan) -> dict[str, Any]:
