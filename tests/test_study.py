@@ -24,7 +24,7 @@ from training.experiment import run_experiment
 from training.lineup import FRONTIER, LADDER, frontier_ranks, ladder_config, lineup_of
 from training.results import RESULTS_FILE
 from training.scaling import MIN_SIZES, fit_power_law, gap_trend, pareto_front, scaling_law
-from training.study import STUDY
+from training.study import REFERENCE_MFU, STUDY, reference_gpu_line
 
 MEASURED = "kv_cache_bytes_per_token_per_layer_bf16_measured"
 
@@ -186,7 +186,18 @@ def test_the_plan_comes_first_and_dry_run_stops_there(config, capsys):
     assert [line.split(":")[0].split()[-1] for line in out[1:5]] == ["baseline-s1", "deepseek-s1", "baseline-s2",
                                                                      "deepseek-s2"]
     assert all("ms/step" in line and "tokens" in line for line in out[1:5]) and out[5].startswith("Plan total: ")
+    assert out[6].startswith("On a GPU (estimated from FLOPs") and "RTX 4090 ~" in out[6] and "H200 ~" in out[6]
+    assert len(out) == 7  # 40,000 tokens of data: no point repeats them
     assert not (Path(config.output_dir) / RESULTS_FILE).exists()
+    assert main([*args, "--max-tokens", "2000"], command=STUDY) == 0
+    data_line = capsys.readouterr().out.splitlines()[-1]
+    assert data_line.startswith("Data: at most 1,800 training tokens (--max-tokens 2,000)") and "raise --max-tokens" in data_line
+
+
+def test_the_reference_gpu_estimate_is_flops_over_a_share_of_the_peak():
+    two_hours_at_the_low_share = 165.2e12 * REFERENCE_MFU[0] * 7200  # an RTX 4090's dense bf16 peak
+    line = reference_gpu_line(two_hours_at_the_low_share)
+    assert "RTX 4090 ~60.0 min-2.0 h" in line and "not measured" in line
 
 
 def test_every_study_setting_is_a_flag_and_a_toml_key(tmp_path, capsys):

@@ -9,7 +9,8 @@ Two studies on the experiment's own machinery (training/experiment.py: the same 
 statistics, ledger, resume and torchrun), each a lineup of points (training/lineup.py states both rules):
 the cache frontier (every attention at one size against its measured KV cache) and the size ladder (arms at
 growing sizes, tokens in proportion to parameters). Before training it prints the plan: every point, its steps
-and tokens, and the time it should take from a step time measured on this machine for each model; --dry-run
+and tokens, the time it should take from a step time measured on this machine for each model, what it would take
+on an RTX 4090 and an H200 (from FLOPs: an estimate), and whether the data is too small not to repeat; --dry-run
 stops there. The answer (training/study_report.py) goes into the results JSON's `study` key and two plots.
 Every study setting is a flag and a TOML key, like the trainer's; a study defaults to three seeds, to exp6_study/
 for its results, and to no saved models or greedy samples (--save, --sample-tokens N bring them back).
@@ -26,6 +27,7 @@ import torch
 from arms.registry import ARMS
 from common.hardware import resolve_device, resolve_precision, synchronize
 from config.settings import STUDIES, ExperimentConfig
+from models.costs import cost_report
 from models.transformer import MoELanguageModel
 from training.command import Command, main
 from training.lineup import Entry, lineup_of
@@ -35,36 +37,64 @@ from training.step import training_step
 
 EVALUATION_SHARE = 0.15  # what evaluation, logging and saving add to the steps' time, in the estimate
 TIMED_STEPS, WARMUP_STEPS = 3, 2
+REFERENCE_GPUS = (("RTX 4090", 165.2), ("H200", 989.4))  # dense bf16 TFLOP/s, datasheets (training/benchmark.py)
+REFERENCE_MFU = (0.2, 0.4)  # the share of that peak the estimate assumes, low and high
 
 
 def plan_lines(config: ExperimentConfig) -> list[str]:
     """The plan: every point with its steps and tokens, and the time the whole study should take, from a step time
-    measured here for each point's model (random tokens, the run's batch, precision and device)."""
+    measured here for each point's model (random tokens, the run's batch, precision and device); then what it would
+    take on the reference GPUs (from FLOPs, an estimate) and whether the data is large enough not to repeat."""
     lineup = lineup_of(config)
     device = resolve_device(config.device)
     seeds = len(config.run_seeds)
     lines = [f"Plan: {len(lineup.entries)} points x {seeds} seed(s) = {len(lineup.entries) * seeds} runs, on "
-             f"{device.type}; step times measured now, evaluation and saving add about {EVALUATION_SHARE:.0%}:"]
-    total_seconds, total_tokens = 0.0, 0
+             f"{device.type}, vocabulary {planned_vocab_size(config):,}{_vocab_note(config)}; step times measured "
+             f"now, evaluation and saving add about {EVALUATION_SHARE:.0%}:"]
+    total_seconds, total_tokens, total_flops, most_tokens = 0.0, 0, 0.0, 0
     for entry in lineup.entries:
-        seconds = step_seconds(entry, device)
+        model = _point_model(entry, device)
+        seconds = step_seconds(model, device)
         steps = entry.config.max_steps
         tokens = steps * entry.config.batch_size * entry.config.max_seq_len
         run_seconds = steps * seconds * (1 + EVALUATION_SHARE)
         total_seconds += run_seconds * seeds
         total_tokens += tokens * seeds
+        total_flops += cost_report(model)["training_flops_per_token"] * tokens * seeds
+        most_tokens = max(most_tokens, tokens)
         lines.append(f"  {entry.study:>8} {entry.name:>16}: d_model {entry.config.d_model}, {entry.config.n_layers} "
                      f"layer(s), {steps:,} steps, {tokens:,} tokens, {seconds * 1000:.0f} ms/step: "
                      f"~{_duration(run_seconds)} per seed")
-    lines.append(f"Plan total: {total_tokens:,} tokens, about {_duration(total_seconds)} on this machine.")
+    lines.append(f"Plan total: {total_tokens:,} tokens, {total_flops:.3g} training FLOPs, about "
+                 f"{_duration(total_seconds)} on this machine.")
+    lines.append(reference_gpu_line(total_flops))
+    training_tokens = int(config.max_tokens * (1 - config.val_fraction))  # a study has no LR sweep
+    if config.max_tokens and most_tokens > training_tokens:
+        lines.append(f"Data: at most {training_tokens:,} training tokens (--max-tokens {config.max_tokens:,}); the "
+                     f"largest point trains on {most_tokens:,}, so it sees them ~{most_tokens / training_tokens:.0f} "
+                     "times: raise --max-tokens (or --data a larger corpus) for a scaling law without repetition.")
     return lines
 
 
-def step_seconds(entry: Entry, device: torch.device) -> float:
-    """The median time of one training step of this point's model, measured after a short warm-up."""
+def reference_gpu_line(flops: float) -> str:
+    """What `flops` of training would take on the reference cards at REFERENCE_MFU of their dense bf16 datasheet
+    peak: an estimate from FLOPs, not a measurement (small models are launch-bound and reach less)."""
+    low, high = REFERENCE_MFU
+    times = [f"{name} ~{_duration(flops / (peak * 1e12 * high))}-{_duration(flops / (peak * 1e12 * low))}"
+             for name, peak in REFERENCE_GPUS]
+    return (f"On a GPU (estimated from FLOPs at {low:.0%}-{high:.0%} of the dense bf16 peak, not measured): "
+            f"{'; '.join(times)}.")
+
+
+def _point_model(entry: Entry, device: torch.device) -> MoELanguageModel:
     config = entry.config.replace(vocab_size=planned_vocab_size(entry.config))
     torch.manual_seed(0)
-    model: MoELanguageModel = ARMS[entry.arm].build(config).to(device).train()
+    return ARMS[entry.arm].build(config).to(device).train()
+
+
+def step_seconds(model: MoELanguageModel, device: torch.device) -> float:
+    """The median time of one training step of `model` at its config's batch, measured after a short warm-up."""
+    config = model.config
     precision = resolve_precision(config.precision, device)
     model.plan_moe_dispatch(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     optimizers = build_optimizers(model, config, device)
@@ -79,6 +109,14 @@ def step_seconds(entry: Entry, device: torch.device) -> float:
         if index >= WARMUP_STEPS:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _vocab_note(config: ExperimentConfig) -> str:
+    """Why the plan's vocabulary may be larger than the run's: before the tokenizer loads, a run that may reach
+    the Hub plans for the Hub tokenizer; without a network it falls back to the offline BPE, and steps are faster."""
+    if config.vocab_size is not None or config.offline:
+        return ""
+    return f" (the Hub tokenizer's; a run that falls back offline has {config.offline_vocab_size:,}: --offline plans for that)"
 
 
 def _duration(seconds: float) -> str:
