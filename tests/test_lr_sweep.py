@@ -292,3 +292,18 @@ def test_the_plot_names_a_winner_at_the_grids_edge(tmp_path, monkeypatch):
     training.plots.plot_lr_sweep(results, tmp_path)
     (labels,) = legends
     assert labels[0].endswith(f"; {EDGE_NOTE}") and EDGE_NOTE not in labels[1]
+
+
+def test_when_every_multiplier_diverges_the_sweep_is_saved_and_nothing_trains_at_a_diverged_lr(config, monkeypatch):
+    cfg = config.replace(lr_sweep=True, lr_sweep_multipliers=(1e4, 2e4), lr_sweep_steps=3, sample_tokens=0)
+    built = _capture_optimizer_lrs(monkeypatch)
+    with pytest.raises(ConfigError, match=r"every multiplier \(10000 20000\) diverged for .*try smaller multipliers"):
+        run_experiment(cfg, log=lambda line: None)
+    written = _read(cfg)
+    assert written["experiment"]["status"] == "failed"
+    for name in cfg.arms:
+        entry = written["lr_sweep"]["arms"][name]
+        assert [run["status"] for run in entry["runs"]] == ["failed", "failed"]
+        assert entry["note"] == "every sweep run diverged: no multiplier chosen" and entry["best_multiplier"] is None
+        assert written[name]["runs"] == [] or all(run["status"] != "completed" for run in written[name]["runs"])
+    assert all(steps == 3 for _, steps, _, _ in built)  # only sweep runs: the comparison never trained
