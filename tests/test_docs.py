@@ -92,9 +92,11 @@ def project_parsers() -> dict[str, argparse.ArgumentParser]:
     """The parser of every command line the docs describe (scripts/gpu_check.py takes only OUTDIR)."""
     import exp6_trainer
     from inference import decode_benchmark, generate
-    from training import benchmark
+    from training import benchmark, study
+    from training.command import build_parser
 
     return {"python exp6_trainer.py": exp6_trainer.build_parser(),
+            "python -m training.study": build_parser(study.STUDY),
             "python -m inference.generate": generate.build_parser(),
             "python -m inference.decode_benchmark": decode_benchmark.build_parser(),
             "python -m training.benchmark": benchmark.build_parser()}
