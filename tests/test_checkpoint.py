@@ -40,6 +40,7 @@ from models.checkpoint import (
 )
 from models.transformer import MoELanguageModel
 from training.experiment import run_experiment
+from training.model_card import CARD_FILE
 from training.results import RESULTS_FILE
 from training.run_guard import ExperimentFailed
 
@@ -327,7 +328,8 @@ def test_every_completed_run_saves_a_loadable_model(config):
         assert record["checkpoint"]["directory"] == str(directory) and directory.is_dir()
         assert written[arm]["runs"][0]["checkpoint"] == record["checkpoint"]  # in the JSON as well
         files = {path.name: path.stat().st_size for path in directory.iterdir()}
-        assert files == record["checkpoint"]["files"] and set(files) == {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE}
+        assert files == record["checkpoint"]["files"]
+        assert set(files) == {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, CARD_FILE}
         assert record["checkpoint"]["bytes"] == sum(files.values())
         directories.append(str(directory))
 

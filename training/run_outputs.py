@@ -1,4 +1,5 @@
-"""What a completed run leaves besides its record: a short greedy sample for the JSON and its saved model.
+"""What a completed run leaves besides its record: a short greedy sample for the JSON and its saved model, with
+its model card (README.md, training/model_card.py).
 
 Both come after the run's record is saved, and a failure in either is recorded in the run (`sample_error`,
 `checkpoint_error`), never fatal: the run's results matter more than its sample or its weights.
@@ -11,14 +12,16 @@ from typing import Any
 
 import torch
 
-from common.atomic_files import atomic_directory
+from common.atomic_files import atomic_directory, write_atomic
 from common.hardware import resolve_precision
 from config.settings import ExperimentConfig
-from data.dataset import TokenData
+from data.dataset import TokenData, validation_windows
 from data.tokenizer import TOKENIZER_FILE, save_tokenizer
 from inference.generate import cache_mode_for, generate_text
-from models.checkpoint import run_checkpoint_dir, save_checkpoint
+from models.checkpoint import read_config, run_checkpoint_dir, save_checkpoint
 from models.transformer import MoELanguageModel
+from training.model_card import CARD_FILE, CardFacts, model_card
+from training.provenance import git_commit, validation_line
 
 SAVED_METRICS = ("val_loss", "val_accuracy", "val_perplexity", "tokens_seen", "precision")  # into config.json's extra
 
@@ -59,15 +62,30 @@ def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: d
             # a Hub tokenizer that is not in the local cache is saved as its name alone
             tokenizer = save_tokenizer(data.tokenizer or config.tokenizer_name, staging)
             extra = {"seed": seed, "tokenizer": tokenizer, "data": data.info.get("corpus_description"),
-                     **{key: record.get(key) for key in SAVED_METRICS}}
+                     "data_offline": data.info.get("offline"), **{key: record.get(key) for key in SAVED_METRICS}}
             saved = save_checkpoint(model, name, staging, extra)
             files = dict(saved["files"])
             if "file" in tokenizer:
                 files[TOKENIZER_FILE] = (staging / TOKENIZER_FILE).stat().st_size
+            files[CARD_FILE] = write_card(model, name, seed, record, data, directory, staging)
     except Exception as error:  # noqa: BLE001 - disk full, permissions, ...: keep the results, say so, go on
         record.update(checkpoint_error=f"{type(error).__name__}: {error}", checkpoint_directory=str(directory))
         return
     record["checkpoint"] = {"directory": str(directory), "bytes": sum(files.values()), "files": files}
+
+
+def write_card(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
+               directory: Path, staging: Path) -> int:
+    """Write the model card (training/model_card.py) beside the config.json just saved in `staging`, from the
+    run's record and data; returns its size in bytes."""
+    config, saved = model.config, read_config(staging)
+    windows = len(validation_windows(data.val, config.max_seq_len)[0])
+    facts = CardFacts(name=name, arm=str(saved.get("arm", name)), seed=seed, folder=str(directory), config=config,
+                      record=record, data=data.info, validation=validation_line(config, data, windows),
+                      git_commit=git_commit(), loads_with_transformers="auto_map" in saved)
+    text = model_card(facts).encode("utf-8")
+    write_atomic(staging / CARD_FILE, lambda file: file.write(text))
+    return len(text)
 
 
 def decoding_words(mode: str) -> str:
