@@ -27,7 +27,7 @@ ARMS = ("baseline", "deepseek")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, dict[str, Any], list[str]]:
     """A tiny two-arm experiment that saved its models: its config, results and log."""
-    config = tiny_config(tmp_path_factory.mktemp("card"), max_steps=3, eval_every=3)
+    config = tiny_config(tmp_path_factory.mktemp("card"), max_steps=3, eval_every=3, sample_tokens=0)
     lines: list[str] = []
     results = run_experiment(config, log=lines.append)
     return config, results, lines

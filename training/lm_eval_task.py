@@ -47,7 +47,8 @@ from training.results import RESULTS_FILE
 
 DEFAULT_TASK = "exp6_validation"
 TEXT_FIELD = "text"
-METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+METRICS = {"word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
+           "bits_per_byte": "bits_per_byte"}  # lm-eval's metrics of a rolling loglikelihood, with their aggregations
 RELATION = (
     "lm-eval's loglikelihood of a document is the sum of log p(token | context) over its `tokens` tokens (natural "
     "log), in windows of max_length = the model's max_seq_len: the first window predicts the first token from the "
@@ -178,7 +179,8 @@ def as_document(tokens: list[int], tokenizer: TextTokenizer) -> Document:
 def task_yaml(task: str, data_file: Path) -> str:
     """lm-eval's task config: a rolling loglikelihood over the documents' text, read from the local JSON lines file
     (an absolute path: lm-eval reads it relative to where it runs)."""
-    metrics = "\n".join(f"  - metric: {metric}" for metric in METRICS)
+    metrics = "\n".join(f"  - metric: {metric}\n    aggregation: {aggregation}\n    higher_is_better: false"
+                        for metric, aggregation in METRICS.items())
     return (f"# Written by python -m training.lm_eval_task: the run's validation text, scored as wikitext is.\n"
             f"task: {task}\n"
             f"dataset_path: json\n"
@@ -255,7 +257,7 @@ def export_task(source: Path, out: Path, task: str = DEFAULT_TASK, stream: bool 
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.lm_eval_task", description=(
         "Export a run's validation text as a local lm-evaluation-harness task (rolling loglikelihood: word and byte "
         "perplexity, bits per byte), so that lm_eval evaluates a saved model offline."))
@@ -267,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true", help="one document: exactly the tokens the run's "
                         "validation windows predict; lm_eval then needs the printed prefix_token_id and gives the "
                         "run's val_loss per token")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export the task, print what was written and the lm_eval command; errors in one `error:` line (exit 2)."""
+    args = build_parser().parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", args.task):
         print(f"error: --task {args.task!r}: use letters, digits, - and _", file=sys.stderr)
         return 2
