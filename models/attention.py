@@ -42,6 +42,15 @@ class KVCache:
         self.length = end
         return {name: stored[:, :end] for name, stored in self._storage.items()}
 
+    def batch_size(self) -> int:
+        """Sequences held (0 before the first update)."""
+        return next(iter(self._storage.values())).shape[0] if self._storage else 0
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the sequences of the batch that `index` names, in its order (repeats allowed): what beam search
+        and batch filtering do to a cache (models/hf_model.py)."""
+        self._storage = {name: stored.index_select(0, index.to(stored.device)) for name, stored in self._storage.items()}
+
     def bytes_per_token(self) -> float:
         """Bytes held per cached token of one sequence, measured from the stored tensors (not a formula)."""
         if self.length == 0:

@@ -148,7 +148,10 @@ def _grouped_cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def flash_attn_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """flash_attn.flash_attn_func(causal=True); it wants (batch, seq, heads, d) and equal head dims."""
-    from flash_attn import flash_attn_func  # optional dependency, imported only when used
+    try:  # optional, imported only when used; inside try, transformers' check of a saved model's code skips it too
+        from flash_attn import flash_attn_func
+    except ImportError as error:
+        raise RuntimeError(f"{FLASH_ATTN_NOT_INSTALLED} ({FLASH_ATTN_INSTALL}); use --attention-backend sdpa") from error
 
     d_v = v.shape[-1]
     out = flash_attn_func(

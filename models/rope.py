@@ -20,11 +20,22 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, max_seq_len: int, base: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.dim, self.base = dim, base
+        self.register_buffer("inv_freq", torch.empty(dim // 2, dtype=torch.float32), persistent=False)
+        self.register_buffer("cos", torch.empty(max_seq_len, dim // 2, dtype=torch.float32), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, dim // 2, dtype=torch.float32), persistent=False)
+        self.reset_tables()
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """Compute the tables (in float32 on the CPU, then copied to the buffers' device) in place: at construction,
+        and again when a loader that builds modules on the meta device (transformers' from_pretrained) leaves these
+        non-persistent buffers unset."""
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+        angles = torch.outer(torch.arange(len(self.cos), dtype=torch.float32), inv_freq)
+        self.inv_freq.copy_(inv_freq)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
 
     def forward(self, seq_len: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for positions start .. start + seq_len - 1."""

@@ -8,7 +8,7 @@ the seed, so the parts the arms share start from identical values.
 from __future__ import annotations
 
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ class MoELanguageModel(nn.Module):
         if config.vocab_size is None:
             raise ConfigError("vocab_size is unset; it comes from the tokenizer (set config.vocab_size)")
         self.config = config
+        self.attention_factory = attention_factory  # kept: a saved model's modeling file is generated from it
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
