@@ -13,6 +13,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -24,9 +25,49 @@ BF16, FP32 = "bf16", "fp32"
 T = TypeVar("T")
 
 NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")  # present whenever the NVIDIA kernel driver is loaded
-# What to install when the default wheel (torch==2.13.0 from PyPI: the CUDA 13.0 build, which needs an
-# R580+ driver) cannot use the card: PyTorch's own build for CUDA 12.8, which older drivers run.
-TORCH_CUDA12_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# What to install when PyPI's wheel (torch 2.13.0 there is the CUDA 13.0 build, which needs an R580+ driver)
+# cannot use the card: PyTorch's own CUDA 12.6 build, which older drivers run (2.13 publishes cu126, cu130 and
+# cu132; no cu128). It has no kernels for Blackwell GPUs (compute capability 10.x and 12.x): those need the
+# driver update instead.
+TORCH_CUDA12_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+TORCH_FLOOR = (2, 9)  # the first release with torch.optim.Muon, which training's optimiser is built on
+
+
+def torch_release(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a torch version string (default: the one imported); "2.9.1+cu128" -> (2, 9)."""
+    version = str(torch.__version__) if version is None else version
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"not a torch version: {version!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def torch_too_old_error(version: str | None = None) -> str | None:
+    """The one-line error for a torch older than TORCH_FLOOR (default: the one imported), else None.
+
+    Asked before anything else runs, so an old torch is one line, not an ImportError deep in training."""
+    version = str(torch.__version__) if version is None else version
+    if torch_release(version) >= TORCH_FLOOR:
+        return None
+    floor = ".".join(map(str, TORCH_FLOOR))
+    return (f"PyTorch {version} is too old: this experiment needs torch {floor} or newer (its optimiser is built on "
+            f"torch.optim.Muon, new in {floor}); `pip install -r requirements.txt` installs a supported one")
+
+
+def check_torch_version() -> None:
+    """Raise ConfigError when the installed torch is older than TORCH_FLOOR."""
+    error = torch_too_old_error()
+    if error:
+        raise ConfigError(error)
+
+
+def exit_if_torch_too_old() -> None:
+    """The error line and exit 2, as argparse stops, for a module that an older torch cannot even import
+    (training/optim.py); entry points whose imports succeed raise check_torch_version's ConfigError instead."""
+    error = torch_too_old_error()
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def nvidia_driver_version() -> str | None:
@@ -63,8 +104,9 @@ def unusable_gpu_error(device_setting: str) -> str | None:
     built_for = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
     needs = " (CUDA 13 builds need an R580 or newer driver)" if (torch.version.cuda or "").startswith("13") else ""
     return (f"this machine has an NVIDIA GPU (driver {driver}) but PyTorch {torch.__version__}, built for {built_for}, "
-            f"cannot use it{needs}; install PyTorch's CUDA 12.8 build: `{TORCH_CUDA12_INSTALL}` "
-            "(README: Install), update the driver, or run on the CPU on purpose with --device cpu")
+            f"cannot use it{needs}; install PyTorch's CUDA 12.6 build: `{TORCH_CUDA12_INSTALL}` "
+            "(README: Install; a Blackwell GPU needs the driver update instead), update the driver, or run on the CPU "
+            "on purpose with --device cpu")
 
 
 def check_gpu_usable(device_setting: str) -> None:
@@ -81,6 +123,7 @@ def resolve_device(setting: str, local_rank: int | None = None) -> torch.device:
     `local_rank` (a process started by torchrun): auto and cuda mean this rank's own GPU,
     cuda:LOCAL_RANK, and a fixed cuda:N is refused, since it would put every rank on one card.
     """
+    check_torch_version()
     check_gpu_usable(setting)
     wants_cuda = setting.startswith("cuda") or setting == "auto" and torch.cuda.is_available()
     if setting.startswith("cuda") and not torch.cuda.is_available():

@@ -94,6 +94,9 @@ def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, name: str = "NVIDIA GeFor
         "empty_cache": lambda: setattr(calls, "empty_cache", calls.empty_cache + 1),
         "get_rng_state": get_rng_state,
         "set_rng_state": lambda state, device="cuda": calls.rng_writes.append((state, device)),
+        # Adam/AdamW's graph-capture health check asks this on a CUDA build of torch <= 2.12 (2.13 asks
+        # torch.accelerator); unpatched it reaches the CUDA runtime, which a machine without a GPU lacks
+        "is_current_stream_capturing": lambda: False,
     }
     for attribute, replacement in replacements.items():
         assert hasattr(torch.cuda, attribute), f"torch.cuda.{attribute} does not exist"
@@ -117,6 +120,7 @@ class FakeCUDAGraph(TorchDispatchMode):
         super().__init__()
         self.recorded: list[tuple[Any, tuple[Any, ...], dict[str, Any], Any]] = []
         self.replays = 0
+        self.capturing = False
         self._no_sync = HostSyncDetector()  # a read-back during capture fails, as CUDA fails it
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
@@ -128,10 +132,12 @@ class FakeCUDAGraph(TorchDispatchMode):
 
     def __enter__(self) -> FakeCUDAGraph:
         self._no_sync.__enter__()
+        self.capturing = True
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
+        self.capturing = False
         self._no_sync.__exit__(*exc)
 
     def replay(self) -> None:
@@ -172,6 +178,7 @@ def install_fake_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list[FakeCUDAGr
         "Stream": lambda device=None, **kwargs: _FakeStream(),
         "stream": lambda stream: contextlib.nullcontext(),
         "current_stream": lambda device=None: _FakeStream(),
+        "is_current_stream_capturing": lambda: any(graph.capturing for graph in graphs),  # as a real capture answers
     }
     for attribute, replacement in replacements.items():
         assert hasattr(torch.cuda, attribute), f"torch.cuda.{attribute} does not exist"

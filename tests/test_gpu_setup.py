@@ -5,6 +5,7 @@ are all monkeypatched here, so every branch runs on the CPU."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,71 @@ def test_a_gpu_pytorch_cannot_use_stops_the_run_with_the_fix(monkeypatch, capsys
 def test_the_install_command_in_the_error_is_the_readme_s():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     assert hardware.TORCH_CUDA12_INSTALL in readme
+
+
+def test_the_cuda12_fix_names_an_index_torch_2_13_publishes():
+    """torch 2.13 ships cu126, cu130 and cu132 builds, no cu128; Blackwell has no kernels in cu126."""
+    assert hardware.TORCH_CUDA12_INSTALL.endswith("/whl/cu126") and "cu128" not in hardware.TORCH_CUDA12_INSTALL
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert "whl/cu128" not in readme and "CUDA 12.8" not in readme
+
+
+def test_the_cuda12_fix_says_blackwell_needs_the_driver(monkeypatch):
+    _machine(monkeypatch, driver="550.54.15", torch_sees_gpu=False)
+    message = hardware.unusable_gpu_error("auto")
+    assert message is not None and "CUDA 12.6 build" in message and "Blackwell GPU needs the driver update" in message
+
+
+@pytest.mark.parametrize("version", ["2.8.0+cu128", "2.5.1", "1.13.1"])
+def test_a_torch_without_muon_is_refused_in_one_line_before_anything(monkeypatch, capsys, started, tmp_path, version):
+    monkeypatch.setattr(torch, "__version__", version)
+    code = exp6_trainer.main(["--output-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 2 and started == [] and out == ""
+    assert err.splitlines() == [f"error: {hardware.torch_too_old_error(version)}"]
+    assert f"PyTorch {version} is too old" in err and "torch 2.9 or newer" in err
+    with pytest.raises(ConfigError, match="too old"):  # the benchmarks and generation, through their device
+        hardware.resolve_device("cpu")
+
+
+def test_the_floor_is_the_one_requirements_and_ci_test():
+    """requirements.txt admits torch from TORCH_FLOOR, constraints.txt pins what CI's main run used, and .ci/run
+    tests the floor release: one number in three files."""
+    repo = Path(__file__).resolve().parent.parent
+    floor = ".".join(map(str, hardware.TORCH_FLOOR))
+    requirements = (repo / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    assert [line.split()[0] for line in requirements if line.startswith("torch")] == [f"torch>={floor},<2.14"]
+    assert "torch==2.13.0" in (repo / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    ci = (repo / ".ci" / "run").read_text(encoding="utf-8")
+    assert f"FLOOR_TORCH={floor}." in ci and "-c constraints.txt" in ci
+
+
+@pytest.mark.parametrize("version", ["2.9.0", "2.9.1+cu128", "2.10.0", "2.13.0+cpu", "2.9.0a0+git1234", "3.0.0"])
+def test_torch_2_9_and_newer_pass(version):
+    assert hardware.torch_too_old_error(version) is None
+
+
+OLD_TORCH = ("import runpy, sys, torch\n"
+             "sys.modules['torch.optim._muon'] = None  # as on torch 2.8: no Muon to import\n"
+             "del torch.optim.Muon\n"
+             "torch.__version__ = '2.8.0'\n"
+             "sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
+             "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
+@pytest.mark.parametrize("module,output", [("exp6_trainer", "--output-dir"), ("training.study", "--output-dir"),
+                                           ("training.benchmark", "--output"), ("inference.decode_benchmark", "--output")])
+def test_an_entry_point_on_a_torch_without_muon_says_so_in_one_line(module, output, tmp_path):
+    """The whole entry point, imports included, on a torch that has no torch.optim.Muon: nothing imports it
+    before the check, so the user reads one error line (the benchmarks: after their usage line), never an
+    ImportError."""
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", OLD_TORCH, module, "--device", "cpu", output, str(tmp_path / "out")],
+                            cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "PyTorch 2.8.0 is too old" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def test_a_cpu_only_torch_on_a_gpu_machine_is_named_too(monkeypatch):

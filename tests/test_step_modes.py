@@ -5,6 +5,7 @@ that cannot work are refused before training."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -68,23 +69,20 @@ def recompile_reasons(monkeypatch):
 
 
 @pytest.mark.parametrize("dispatch,path", [("grouped_mm", GROUPED_CPU), ("sorted", SORTED_SPLIT), ("loop", MASK_LOOP)])
-def test_compiled_training_compiles_nothing_after_warm_up(config, recompile_reasons, dispatch, path):
+def test_compiled_training_compiles_nothing_after_warm_up(config, recompile_reasons, monkeypatch, dispatch, path):
     """--precision bf16 --compile: every compilation happens before the clock (warm-up and the first
     evaluation), none in the training loop, on every MoE path. The sorted split and the mask loop run their
     data-dependent part eagerly, so no recompile is ever caused by expert sizes (one token per expert group
     and top-1 routing make sizes of 0 and 1 common): the only recompiles are for evaluation (no grad). Those two
     paths' property is dynamo's (graph breaks and guards), so they compile with the eager backend, which skips
     inductor's code generation; grouped_mm compiles with inductor. (The compiled optimizer: the next test.)"""
-    if dispatch != "grouped_mm":
-        torch.compiler.set_default_backend("eager")
+    if dispatch != "grouped_mm":  # torch.compiler.set_default_backend would do, but is new in torch 2.13
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     cfg = config.replace(vocab_size=64, precision="bf16", compile=True, moe_dispatch=dispatch, batch_size=1,
                          max_seq_len=8, num_experts=8, expert_top_k=1, max_steps=4, eval_every=2)
     data = TokenData(train=_tokens(64, 400, 1), val=_tokens(64, 40, 2), vocab_size=64)
     model = arm_builders()["baseline"](cfg)
-    try:
-        record = train_model(model, data, cfg, cfg.seed, CPU, new_run_record("baseline", model, cfg.seed))
-    finally:
-        torch.compiler.set_default_backend(None)
+    record = train_model(model, data, cfg, cfg.seed, CPU, new_run_record("baseline", model, cfg.seed))
     assert record["status"] == "completed" and math.isfinite(record["val_loss"])
     assert record["moe_dispatch"] == [path] and record["step_operators"]["total"] > 0
     assert record["step_mode"] == "blocks compiled" and record["muon_lr_scales"]["blocks.*.attention.o_proj.weight"] == 1
@@ -132,6 +130,18 @@ def _graph_config(config: ExperimentConfig) -> ExperimentConfig:
     return config.replace(vocab_size=50, n_heads=4, max_steps=5, device="cuda", cuda_graph=True)
 
 
+def test_the_stand_in_answers_whether_a_capture_is_running(monkeypatch):
+    """Adam/AdamW ask torch.cuda.is_current_stream_capturing() on a CUDA build of torch <= 2.12: the stand-ins
+    answer as CUDA would (False, and True inside a capture) without reaching a CUDA runtime this machine lacks."""
+    install_fake_cuda(monkeypatch, "NVIDIA H200", (9, 0))
+    assert torch.cuda.is_current_stream_capturing() is False
+    install_fake_cuda_graphs(monkeypatch)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert torch.cuda.is_current_stream_capturing() is True
+    assert torch.cuda.is_current_stream_capturing() is False
+
+
 def test_a_graph_with_a_frozen_lr_or_a_host_sync_is_caught(monkeypatch, config):
     """The stand-in graph can fail the test above: with LRs as Python numbers (frozen at capture) training drifts
     from the eager step, and a step that reads expert sizes back to the host (the sorted split) fails to capture."""
@@ -151,6 +161,8 @@ def test_a_graph_with_a_frozen_lr_or_a_host_sync_is_caught(monkeypatch, config):
             model = arm_builders()["baseline"](cfg, seed=3).to(CUDA).train()
             model.plan_moe_dispatch(CUDA, torch.bfloat16)
             optimizers = build_optimizers(model, c, CUDA)
+            for group in (g for o in optimizers if isinstance(o, torch.optim.AdamW) for g in o.param_groups):
+                group["capturable"] = True  # else AdamW itself refuses the capture; the frozen LRs are what's shown
             step = GraphedStep(model, optimizers, build_schedulers(optimizers, c), x, x, cfg, CUDA, "bf16")
             torch.manual_seed(7)
             for _ in range(cfg.max_steps):

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from arms.registry import ARM_NAMES, ARMS, BUILT_IN, arm_builders
+from common.hardware import torch_release
 from config.settings import ExperimentConfig
 from training.optim import build_optimizers
 from training.step import STEP_PARTS
@@ -27,6 +28,10 @@ CPU = torch.device("cpu")
 # The bounds are what this code dispatches, in bf16 autocast as on a GPU. Before batching (torch.optim.Muon per
 # block and an unfused AdamW on the CPU) the optimizer part was 1,920 (baseline, gqa, mqa) and 2,256 (deepseek).
 OPTIMIZER_TARGET = 300  # issue 16's target for every arm
+# The arms' bounds are counted on torch 2.13. Older torch (CI's floor run: 2.9.1) stores each new gradient in
+# .grad as a detach() of it where 2.13 takes the tensor over (AccumulateGrad's stealing test changed): one
+# aten.detach more per parameter in backward_and_clip, the only difference (the other parts count the same).
+GRADIENTS_TAKEN_OVER_FROM = (2, 13)
 
 
 class SkipMatmuls(TorchDispatchMode):
@@ -58,11 +63,20 @@ def test_every_built_in_arm_has_bounds_on_every_step_part():
         assert set(ARMS[name].tests.step_operators or {}) == set(STEP_PARTS), name
 
 
+def version_allowance(arm: str, config: ExperimentConfig) -> dict[str, int]:
+    """Operators this torch adds per step part over the 2.13 count the bounds hold (GRADIENTS_TAKEN_OVER_FROM)."""
+    if torch_release() >= GRADIENTS_TAKEN_OVER_FROM:
+        return {}
+    return {"backward_and_clip": sum(p.requires_grad for p in arm_builders()[arm](config).parameters())}
+
+
 @pytest.mark.parametrize("arm", ARM_NAMES)
 def test_operators_per_step_stay_within_bounds_at_full_size(arm):
-    counts = step_operators(arm, ExperimentConfig(vocab_size=2048), batch=1, seq=16)
+    config = ExperimentConfig(vocab_size=2048)
+    counts = step_operators(arm, config, batch=1, seq=16)
     assert counts["total"] == sum(counts[part] for part in STEP_PARTS)
-    bounds = ARMS[arm].tests.step_operators or {}
+    allowance = version_allowance(arm, config)
+    bounds = {part: bound + allowance.get(part, 0) for part, bound in (ARMS[arm].tests.step_operators or {}).items()}
     assert set(bounds) <= set(counts), f"{arm}: bounds on unknown step parts {sorted(set(bounds) - set(counts))}"
     over = {part: (counts[part], bound) for part, bound in bounds.items() if counts[part] > bound}
     assert not over, f"{arm}: more operators per step than allowed (count, bound): {over}"

@@ -20,7 +20,7 @@ import torch
 
 from arms.registry import ARM_NAMES, check_arm_names
 from common.errors import ConfigError
-from common.hardware import check_gpu_usable
+from common.hardware import check_gpu_usable, check_torch_version
 from config.cli import add_config_flags, config_from_args, config_toml
 from config.settings import ExperimentConfig
 from models.transformer import ModelBuilder
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None, builders: Mapping[str, ModelBuilder] | N
 
     rank = 0
     try:
+        check_torch_version()  # before the process group and any training: an old torch is one line
         rank = launch_from_env().rank  # under torchrun, rank 0 speaks for the job
         run(args, builders, command, rank)
     except ConfigError as error:  # every rank stops; one that alone hit its error says so itself

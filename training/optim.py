@@ -35,11 +35,12 @@ from typing import Any, Callable, Sequence, overload
 
 import torch
 from torch import nn
-from torch.optim._muon import _adjust_lr
 
-from common.hardware import FP32, resolve_precision
+from common.hardware import FP32, exit_if_torch_too_old, resolve_precision
 from config.settings import ExperimentConfig
 from models.attention import CausalSelfAttention
+
+exit_if_torch_too_old()  # BlockMuon subclasses torch.optim.Muon (torch 2.9+): below, an older torch could not import
 
 # BlockMuon's plans for subsets of its matrices (a step where some have no gradient: the mask-loop MoE's unreached
 # experts) kept for reuse; each holds buffers the size of its matrices, so only the most recently used few.
@@ -134,6 +135,8 @@ def matrix_blocks(model: nn.Module) -> list[MatrixBlock]:
 
 def lr_scale(shape: torch.Size, adjust_lr_fn: str | None) -> float:
     """The factor torch.optim.Muon multiplies a matrix's LR by (its own `_adjust_lr`, so both rules are Muon's)."""
+    from torch.optim._muon import _adjust_lr  # here: at the top, a torch without Muon would fail before the check
+
     return _adjust_lr(1.0, adjust_lr_fn, shape)
 
 
