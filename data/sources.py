@@ -80,6 +80,18 @@ def check_local_path(path: str) -> None:
         raise ConfigError(f"--data {path}: unknown format {p.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
     if not os.access(p, os.R_OK):
         raise ConfigError(f"--data {path}: permission denied; make the file readable")
+    if p.suffix.lower() == ".parquet":
+        _import_pyarrow(path)
+
+
+def _import_pyarrow(path: str) -> None:
+    """pyarrow reads .parquet; it comes with datasets, but a user may have neither: one line, not a traceback."""
+    try:
+        import pyarrow.parquet  # noqa: F401 - only whether it imports
+    except ImportError as error:
+        raise ConfigError(f"--data {path}: reading a .parquet file needs pyarrow, which does not import here "
+                          f"({type(error).__name__}: {str(error)[:80]}); `pip install pyarrow`, or give the text as "
+                          ".jsonl or .txt") from None
 
 
 def local_documents(path: str, config: ExperimentConfig) -> list[str]:
@@ -157,6 +169,7 @@ def _jsonl_texts(path: str, field: str = "text") -> list[str]:
 
 def _parquet_texts(path: str, field: str = "text") -> list[str]:
     """The non-null values of the `field` column; a corrupt file or a non-string column is a ConfigError."""
+    _import_pyarrow(path)
     import pyarrow as pa  # installed with datasets
     import pyarrow.parquet as pq
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -81,6 +82,18 @@ def test_a_broken_data_file_on_the_command_line_exits_2_with_one_error_line(tmp_
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: --data {path}: ") and re.search(message, err[0]), err[0]
     assert not (out / "exp6_attention_comparison.json").exists()  # stopped before training
+
+
+def test_a_parquet_file_without_pyarrow_is_one_error_line_with_the_fix(tmp_path, capsys, monkeypatch):
+    """pyarrow comes with datasets, but a user may have neither: the fix, not an ImportError traceback."""
+    path = _write(tmp_path, "corpus.parquet", b"PAR1 refused before it is read, so written without pyarrow PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed: `import pyarrow` raises ImportError
+    out = tmp_path / "out"
+    code = main(["--offline", "--data", str(path), "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: --data {path}: reading a .parquet file needs pyarrow") and "`pip install pyarrow`" in err[0]
+    assert not out.exists() or not (out / "exp6_attention_comparison.json").exists()
 
 
 def test_a_broken_file_is_not_blamed_on_the_hub(config, tmp_path, monkeypatch):
