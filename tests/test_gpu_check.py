@@ -4,7 +4,9 @@ CUDA, a NaN run, a float32 or non-flash run, a slower auto MoE path and a failed
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib
 import json
 import subprocess
 import sys
@@ -37,6 +39,45 @@ def test_without_cuda_the_check_stops_at_stage_0_and_fails(tmp_path):
     assert {"torch", "cuda", "driver", "card", "capability"} <= set(summary["stages"][0]["figures"])
 
 
+def test_stage_0_names_each_missing_package_the_stages_import(monkeypatch):
+    """A package a later stage imports, missing: stage 0 fails with one line per package, before minutes of GPU
+    time end in an ImportError."""
+    for name in ("scipy", "yaml"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: find_spec answers None
+    info = gpu_check.probe_environment()
+    assert info["missing_packages"] == ["scipy", "pyyaml"]
+    verdict = gpu_check.environment_verdict({**info, "cuda_available": True})
+    assert not verdict.ok and len(verdict.notes) == 2
+    assert verdict.notes[0].startswith("scipy is not installed") and "pip install pyyaml" in verdict.notes[1]
+
+
+STAGE_MODULES = ("exp6_trainer", "training.experiment", "training.benchmark", "inference.decode_benchmark",
+                 "inference.generate", "tests.test_gpu", "scripts.gpu_check")
+
+
+def test_stage_0_asks_for_every_package_the_stages_import():
+    """Every import (module level or inside a function) in the project files the stages load names the standard
+    library, the project, torch, a package stage 0 checks, or one it leaves out on purpose."""
+    for module in STAGE_MODULES:
+        importlib.import_module(module)
+    files = {Path(str(m.__file__)) for m in list(sys.modules.values())
+             if str(getattr(m, "__file__", None)).startswith(str(REPO)) and ".venv" not in str(m.__file__)}
+    project = {path.relative_to(REPO).parts[0].removesuffix(".py") for path in files}
+    imported: dict[str, str] = {}
+    for path in sorted(files):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                imported.setdefault(name.split(".")[0], str(path.relative_to(REPO)))
+    third_party = {name: path for name, path in imported.items()
+                   if name not in sys.stdlib_module_names and name not in project and name != "torch"}
+    assert {"numpy", "transformers", "pytest"} <= set(third_party)  # the scan sees them
+    unchecked = {name: path for name, path in third_party.items()
+                 if name not in gpu_check.STAGE_PACKAGES and name not in gpu_check.OPTIONAL_PACKAGES}
+    assert not unchecked, f"imported by the stages but not checked in stage 0: {unchecked}"
+
+
 def test_environment_verdict_names_the_card_when_cuda_works():
     verdict = gpu_check.environment_verdict({"cuda_available": True, "card": "NVIDIA H200", "capability": "sm90",
                                              "driver": "580.65.06", "torch": "2.11.0", "cuda": "13.0"})
@@ -64,6 +105,8 @@ def _junit(*cases: str) -> str:
 
 PASS_CUDA = "<testcase classname='tests.test_gpu' name='test_x[cuda]'/>"
 PASS_CPU = "<testcase classname='tests.test_gpu' name='test_x[cpu]'/>"
+GRAPH_CPU_TWIN = "<testcase classname='tests.test_gpu' name='test_cuda_graph_step_equals_the_eager_step[cpu-deepseek]'/>"
+GRAPH_CUDA = "<testcase classname='tests.test_gpu' name='test_cuda_graph_step_equals_the_eager_step[cuda-deepseek]'/>"
 FLASH_SKIP = ("<testcase name='test_y[cuda-flash-attn]'><skipped type='pytest.skip' "
               "message='flash-attn is not importable (pip install flash-attn --no-build-isolation)'/></testcase>")
 CUDA_SKIP = "<testcase name='test_z[cuda]'><skipped type='pytest.skip' message='needs a CUDA GPU'/></testcase>"
@@ -76,11 +119,18 @@ FAILURE = "<testcase name='test_w[cuda]'><failure message='AssertionError: expec
     ((PASS_CUDA, CUDA_SKIP), False, "test_z[cuda] skipped for lack of CUDA"),
     ((PASS_CUDA, FAILURE), False, "test_w[cuda] failed: AssertionError"),
     ((PASS_CPU,), False, "no CUDA test ran"),
+    ((GRAPH_CPU_TWIN,), False, "no CUDA test ran"),  # "cuda" in its name, but it ran on the CPU
+    ((GRAPH_CUDA,), True, None),
 ])
 def test_gpu_tests_verdict(cases, ok, note):
     verdict = gpu_check.gpu_tests_verdict(_junit(*cases))
     assert verdict.ok is ok
     assert note is None or any(note in line for line in verdict.notes), verdict.notes
+
+
+def test_only_tests_that_ran_on_cuda_count_as_cuda_passed():
+    verdict = gpu_check.gpu_tests_verdict(_junit(PASS_CUDA, PASS_CPU, GRAPH_CPU_TWIN, GRAPH_CUDA))
+    assert verdict.figures["passed"] == 4 and verdict.figures["cuda passed"] == 2
 
 
 def test_an_unreadable_test_report_fails():
@@ -254,6 +304,21 @@ def test_generate_verdict_wants_text_from_both_arms():
     log = "== baseline (x; greedy, cache kv, seed 0) ==\nThe\n== deepseek (y; greedy, cache latent, seed 0) ==\nThe\n"
     assert gpu_check.generate_verdict(log).ok
     assert not gpu_check.generate_verdict(log.split("== deepseek")[0]).ok
+
+
+def test_on_one_gpu_the_two_gpu_stages_are_listed_as_skipped_with_the_reason(monkeypatch, tmp_path):
+    """Stage 7 is not dropped from the summary on a one-GPU machine: it says it did not run, and why."""
+    monkeypatch.setattr(gpu_check, "probe_environment", lambda: {"cuda_available": True, "card": "NVIDIA H100",
+                                                                 "capability": "sm90", "gpus": 1, "missing_packages": []})
+    quick = gpu_check.Stage("quick", 30, lambda out, py: [py, "-c", "pass"], lambda out: gpu_check.Verdict(True))
+    monkeypatch.setattr(gpu_check, "STAGES", [quick, *[stage for stage in gpu_check.STAGES if stage.multi_gpu]])
+    assert gpu_check.main([str(tmp_path)]) == 0  # a skipped stage fails nothing
+    stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
+    assert [stage["name"] for stage in stages] == ["environment", "quick", "2-GPU seeds", "2-GPU data"]
+    for stage in stages[2:]:
+        assert stage["skipped"] == "needs 2 GPUs; this machine has 1" and stage["exit_code"] is None
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.count("SKIPPED") == 2 and "skipped: needs 2 GPUs; this machine has 1" in summary
 
 
 def test_a_timed_out_stage_is_exit_124_and_its_process_group_is_killed(tmp_path):
