@@ -24,7 +24,10 @@ TORCHRUN_FLAGS = frozenset({"--standalone", "--nnodes", "--nproc_per_node", "--n
                             "--rdzv_id"})
 PIP_FLAGS = frozenset({"--index-url", "--no-build-isolation"})  # pip install
 TENSORBOARD_FLAGS = frozenset({"--logdir"})  # tensorboard --logdir DIR
-OTHER_TOOLS_FLAGS = TORCHRUN_FLAGS | PIP_FLAGS | TENSORBOARD_FLAGS
+# lm_eval's (docs/evaluation.md), checked against lm_eval's own parser below when it is installed
+LM_EVAL_FLAGS = frozenset({"--model", "--model_args", "--include_path", "--tasks", "--batch_size", "--log_samples",
+                           "--output_path", "--device"})
+OTHER_TOOLS_FLAGS = TORCHRUN_FLAGS | PIP_FLAGS | TENSORBOARD_FLAGS | LM_EVAL_FLAGS
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # an inline Markdown link: [text](target)
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")  # --flag, not part of a longer word or a Markdown rule
@@ -92,14 +95,15 @@ def project_parsers() -> dict[str, argparse.ArgumentParser]:
     """The parser of every command line the docs describe (scripts/gpu_check.py takes only OUTDIR)."""
     import exp6_trainer
     from inference import decode_benchmark, generate
-    from training import benchmark, study
+    from training import benchmark, lm_eval_task, study
     from training.command import build_parser
 
     return {"python exp6_trainer.py": exp6_trainer.build_parser(),
             "python -m training.study": build_parser(study.STUDY),
             "python -m inference.generate": generate.build_parser(),
             "python -m inference.decode_benchmark": decode_benchmark.build_parser(),
-            "python -m training.benchmark": benchmark.build_parser()}
+            "python -m training.benchmark": benchmark.build_parser(),
+            "python -m training.lm_eval_task": lm_eval_task.build_parser()}
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +149,14 @@ def test_the_torchrun_flags_allowed_are_torchruns():
     from torch.distributed.run import get_args_parser
 
     assert TORCHRUN_FLAGS <= option_strings(get_args_parser())
+
+
+def test_the_lm_eval_flags_allowed_are_lm_evals():
+    pytest.importorskip("lm_eval")
+    from lm_eval._cli import HarnessCLI
+
+    run = HarnessCLI()._subparsers.choices["run"]
+    assert LM_EVAL_FLAGS <= option_strings(run)
 
 
 def test_a_flag_no_parser_has_and_a_broken_link_are_reported(known_flags: set[str], tmp_path: Path):

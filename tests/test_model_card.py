@@ -71,6 +71,7 @@ def test_the_card_front_matter_is_yaml_with_the_run_records_numbers(trained, arm
     assert f"| `kv_lora_rank` | {config.kv_lora_rank} |" in body if arm == "deepseek" else "kv_lora_rank" not in body
     saved = json.loads((folder / "config.json").read_text())
     assert saved["extra"]["data_offline"] is True
+    assert ("auto_map" in saved) == ("AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)" in body)
 
 
 def test_the_cards_command_trains_the_same_model_again(trained, capsys):
