@@ -7,9 +7,15 @@ A checkpoint folder holds
   one to one through `NAME_TABLE`; only the attention tensors differ between the arms (the MLA
   modules already carry DeepSeek's own names; MHA, GQA and MQA keep `qkv_proj`/`o_proj`). The LM head
   is tied to the embedding, so it is stored once, as `model.embed_tokens.weight`, and tied again on load.
+- `modeling_exp6_moe.py` (format version 2): the model's code for transformers, generated from ours at the save
+  (models/huggingface.py), so that `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it.
 - `config.json`: the arm, the whole ExperimentConfig, the format version, the parameter count,
   `tie_word_embeddings: true`, the weights file's size, and the caller's `extra` (seed, tokenizer spec,
-  metrics). It is written last, so a folder without it holds no finished save.
+  metrics); from version 2 also transformers' `model_type`, `auto_map` and `architectures`. It is written last,
+  so a folder without it holds no finished save.
+
+Version 1 folders (before transformers could load them) hold the same weights and project keys, so this loader
+reads them too; any other version is refused in one line.
 
 Loading is strict: a missing, unexpected or mis-shaped tensor, a missing or damaged file or an unknown
 arm raises CheckpointError with one line naming it and what to do.
@@ -31,10 +37,12 @@ from common.errors import ConfigError
 from common.safe_json import JSONInputError, read_json_file
 from config.settings import ExperimentConfig
 from models.costs import parameter_count
+from models.huggingface import MODELING_FILE, GenerationError, modeling_source, transformers_keys
 from models.transformer import ModelBuilder, MoELanguageModel
 
 FORMAT = "exp6-moe-lm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds transformers' keys and the generated modeling file to version 1
+READABLE_VERSIONS = (1, 2)  # what load_checkpoint reads: the weights and the project's keys are the same in both
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"  # a results folder keeps each run's model in checkpoints/<arm>-seed<seed>/
@@ -131,14 +139,21 @@ def checkpoint_state_dict(model: MoELanguageModel) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: MoELanguageModel, arm: str, directory: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write model.safetensors, then config.json, into `directory`, each atomically.
+    """Write model.safetensors, the generated modeling file, then config.json, into `directory`, each atomically.
 
-    Tensors are written contiguous, on the CPU, in the model's dtype. Returns
+    Tensors are written contiguous, on the CPU, in the model's dtype. An arm whose attention has no source to copy
+    (a lambda) raises CheckpointError before anything is written. Returns
     {"directory": str, "files": {file name: bytes}, "bytes": total}.
     """
     tensors = {key: tensor.to("cpu").contiguous() for key, tensor in checkpoint_state_dict(model).items()}
     dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in tensors.values()})
     weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    try:
+        modeling = modeling_source(model.attention_factory, arm).encode("utf-8")
+    except GenerationError as error:
+        raise CheckpointError(f"{arm}: the saved model's code for transformers cannot be generated: {error}") from None
+    tokenizer = extra.get("tokenizer")
+    eos_token_id = tokenizer.get("eos_token_id") if isinstance(tokenizer, dict) else None
     config_text = json.dumps({
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -150,11 +165,13 @@ def save_checkpoint(model: MoELanguageModel, arm: str, directory: Path, extra: d
         "weights": {"file": WEIGHTS_FILE, "bytes": len(weights), "tensors": len(tensors)},
         "config": model.config.to_dict(),
         "extra": extra,
+        **transformers_keys(eos_token_id if isinstance(eos_token_id, int) else None),
     }, indent=2, allow_nan=False) + "\n"  # serialised before anything is written: a bad `extra` writes nothing
     config_bytes = config_text.encode("utf-8")
     write_atomic(directory / WEIGHTS_FILE, lambda file: file.write(weights))
+    write_atomic(directory / MODELING_FILE, lambda file: file.write(modeling))
     write_atomic(directory / CONFIG_FILE, lambda file: file.write(config_bytes))
-    files = {WEIGHTS_FILE: len(weights), CONFIG_FILE: len(config_bytes)}
+    files = {WEIGHTS_FILE: len(weights), MODELING_FILE: len(modeling), CONFIG_FILE: len(config_bytes)}
     return {"directory": str(directory), "files": files, "bytes": sum(files.values())}
 
 
@@ -175,9 +192,9 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not readable JSON ({error}); the file is damaged: save the model again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not the config of a saved {FORMAT} model (no \"format\": \"{FORMAT}\")")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {meta.get('format_version')!r}; this code reads version "
-                              f"{FORMAT_VERSION}: use the matching version of the code")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path} has format version {meta.get('format_version')!r}; this code reads versions "
+                              f"{' and '.join(map(str, READABLE_VERSIONS))}: use the matching version of the code")
     return meta
 
 

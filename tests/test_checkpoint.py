@@ -38,6 +38,7 @@ from models.checkpoint import (
     run_checkpoint_dir,
     save_checkpoint,
 )
+from models.huggingface import MODELING_FILE
 from models.transformer import MoELanguageModel
 from training.experiment import run_experiment
 from training.model_card import CARD_FILE
@@ -70,7 +71,8 @@ def test_save_then_load_gives_identical_weights_and_logits(config, tmp_path, arm
     cfg = config.replace(vocab_size=64, q_lora_rank=q_lora_rank, n_heads=4)  # 4 query heads: GQA has 2 K/V heads
     model = _trained_looking(cfg, arm)
     saved = save_checkpoint(model, arm, tmp_path / "ckpt", {"seed": 7, "note": "test"})
-    assert saved["files"] == {name: (tmp_path / "ckpt" / name).stat().st_size for name in (WEIGHTS_FILE, CONFIG_FILE)}
+    assert saved["files"] == {name: (tmp_path / "ckpt" / name).stat().st_size
+                              for name in (WEIGHTS_FILE, MODELING_FILE, CONFIG_FILE)}
     assert saved["bytes"] == sum(saved["files"].values())
 
     loaded = load_checkpoint(tmp_path / "ckpt", arm_builders())
@@ -102,7 +104,7 @@ def test_save_then_load_gives_identical_weights_and_logits(config, tmp_path, arm
                                      "o_proj.weight"}
 
     written = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
-    assert written["arm"] == arm and written["tie_word_embeddings"] is True and written["format_version"] == 1
+    assert written["arm"] == arm and written["tie_word_embeddings"] is True and written["format_version"] == 2
     assert written["parameter_count"] == sum(p.numel() for p in model.parameters())
     assert written["dtype"] == "float32" and written["config"]["q_lora_rank"] == q_lora_rank
 
@@ -244,7 +246,7 @@ def test_the_offline_tokenizer_round_trips_through_its_json(tmp_path):
     assert tokenizer.decode([tokenizer.eos_token_id]) == "<|endoftext|>"  # special tokens stay visible
 
 
-def test_a_hub_tokenizer_is_saved_as_its_name_and_loaded_again(tmp_path):
+def test_a_hub_tokenizer_is_saved_as_its_name_and_files_and_loaded_again(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -260,10 +262,12 @@ def test_a_hub_tokenizer_is_saved_as_its_name_and_loaded_again(tmp_path):
     checkpoint.mkdir()
     (checkpoint / TOKENIZER_FILE).write_text("stale")
     assert save_tokenizer(str(hub_dir), checkpoint) == {"kind": "hub", "name": str(hub_dir)}
-    assert not (checkpoint / TOKENIZER_FILE).exists()  # a hub tokenizer is its name; no stale file is left
+    assert not (checkpoint / TOKENIZER_FILE).exists()  # a name alone (not loadable here): no stale file is left
     tokenizer = load_tokenizer({"kind": "hub", "name": str(hub_dir)})
     assert tokenizer.encode(TEXT) == raw.encode(TEXT).ids and tokenizer.decode(tokenizer.encode(TEXT)) == TEXT
-    assert save_tokenizer(tokenizer, checkpoint) == {"kind": "hub", "name": str(hub_dir)}
+    spec = save_tokenizer(tokenizer, checkpoint)  # loaded: its name, and its files for transformers
+    assert spec == {"kind": "hub", "name": str(hub_dir), "eos_token_id": raw.token_to_id("<|endoftext|>")}
+    assert {TOKENIZER_FILE, "tokenizer_config.json"} <= {path.name for path in checkpoint.iterdir()}
 
 
 def test_a_tokenizer_that_cannot_be_loaded_is_a_clear_error(tmp_path):
@@ -329,7 +333,7 @@ def test_every_completed_run_saves_a_loadable_model(config):
         assert written[arm]["runs"][0]["checkpoint"] == record["checkpoint"]  # in the JSON as well
         files = {path.name: path.stat().st_size for path in directory.iterdir()}
         assert files == record["checkpoint"]["files"]
-        assert set(files) == {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, CARD_FILE}
+        assert set(files) == {WEIGHTS_FILE, MODELING_FILE, CONFIG_FILE, TOKENIZER_FILE, "tokenizer_config.json", CARD_FILE}
         assert record["checkpoint"]["bytes"] == sum(files.values())
         directories.append(str(directory))
 

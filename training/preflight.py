@@ -21,6 +21,7 @@ from data.dataset import TokenData
 from data.sources import check_local_path
 from models.attention import interface_problem
 from models.attention_ops import FLASH_ATTN_INSTALL, flash_attn_import_error, flash_attn_unusable
+from models.huggingface import GenerationError, modeling_source
 from models.memory import check_fits, shape_only_model
 from models.transformer import ModelBuilder
 from training.distributed import DATA, SINGLE, Distributed
@@ -70,14 +71,23 @@ def preflight(config: ExperimentConfig, builders: Mapping[str, ModelBuilder] | N
 
 def check_attention_interfaces(config: ExperimentConfig, builders: Mapping[str, ModelBuilder]) -> None:
     """ConfigError naming the arm whose attention does not declare what the costs need (score_dims, and the size
-    of each cache mode it offers), found on a shape-only model before anything trains."""
+    of each cache mode it offers), found on a shape-only model before anything trains; and, when models are saved,
+    the arm whose attention has no source for the saved model's code (models/huggingface.py: a lambda, say)."""
     vocab_size = planned_vocab_size(config)
+    generated: set[str] = set()
     for entry in lineup_of(config).entries:
         model = shape_only_model(builders[entry.arm], entry.config.replace(vocab_size=vocab_size))
         problem = interface_problem(model.attention_modules()[0])
         if problem is not None:
             raise ConfigError(f"arm {entry.arm}: {problem}; an attention module declares it for the cost accounting "
                               "(README: Add your own attention)")
+        if config.save_checkpoints and entry.arm not in generated:
+            try:
+                modeling_source(model.attention_factory, entry.arm)
+            except GenerationError as error:
+                raise ConfigError(f"arm {entry.arm}: a saved model carries its code, which cannot be generated: {error} "
+                                  "(or train with --no-save)") from None
+            generated.add(entry.arm)
 
 
 def check_memory(config: ExperimentConfig, builders: Mapping[str, ModelBuilder], device: torch.device,

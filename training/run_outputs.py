@@ -16,7 +16,7 @@ from common.atomic_files import atomic_directory, write_atomic
 from common.hardware import resolve_precision
 from config.settings import ExperimentConfig
 from data.dataset import TokenData, validation_windows
-from data.tokenizer import TOKENIZER_FILE, save_tokenizer
+from data.tokenizer import save_tokenizer
 from inference.generate import cache_mode_for, generate_text
 from models.checkpoint import read_config, run_checkpoint_dir, save_checkpoint
 from models.transformer import MoELanguageModel
@@ -63,10 +63,8 @@ def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: d
             tokenizer = save_tokenizer(data.tokenizer or config.tokenizer_name, staging)
             extra = {"seed": seed, "tokenizer": tokenizer, "data": data.info.get("corpus_description"),
                      "data_offline": data.info.get("offline"), **{key: record.get(key) for key in SAVED_METRICS}}
-            saved = save_checkpoint(model, name, staging, extra)
-            files = dict(saved["files"])
-            if "file" in tokenizer:
-                files[TOKENIZER_FILE] = (staging / TOKENIZER_FILE).stat().st_size
+            save_checkpoint(model, name, staging, extra)
+            files = {path.name: path.stat().st_size for path in sorted(staging.iterdir())}  # model, code, tokenizer
             files[CARD_FILE] = write_card(model, name, seed, record, data, directory, staging)
     except Exception as error:  # noqa: BLE001 - disk full, permissions, ...: keep the results, say so, go on
         record.update(checkpoint_error=f"{type(error).__name__}: {error}", checkpoint_directory=str(directory))
