@@ -8,8 +8,11 @@ implementations cache MLA; MLA "latent", DeepSeek's absorbed decoding from a cac
 the rotary key; and MLA "transformers", transformers' own DeepseekV3Attention with its own DynamicCache, loaded
 strictly with the same weights (inference/transformers_mla.py): with the pinned transformers 5.24 it caches the
 same latent and rotary key as "latent" but re-expands per-head K and V for every cached token at every step,
-without absorption. An arm whose attention has no cached decode path (cache_modes ()) gets no rows: the JSON's
-list of models records it and one line of the summary says so. For each context length and each batch size, it
+without absorption. And "generate": each arm's model driven through transformers' `generate` (models/hf_model.py,
+the wrapper a saved folder's modeling file carries) with the arm's own cache behind transformers' Cache API, so
+the row against the arm's own one is what transformers' generation loop adds per step. An arm whose attention has
+no cached decode path (cache_modes ()) gets no rows: the JSON's list of models records it and one line of the
+summary says so. For each context length and each batch size, it
 builds the model at the default shapes with seeded random weights (or loads `--checkpoint`), prefills the context
 in one forward pass (timed), then decodes `--new-tokens` tokens one at a time, greedily feeding each argmax back
 (every step timed between device syncs). Everything runs under the experiment's autocast and `torch.inference_mode`.
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from arms.registry import ARMS, arm_builders, arm_color
 from common.atomic_files import write_atomic
@@ -71,6 +75,7 @@ from common.reporting import (
 from config.settings import BASELINE, MAX_SEED, PRECISIONS, ExperimentConfig, cpu_preset
 from config.values import check_parsed_values, parse_and_plan
 from inference.transformers_mla import TRANSFORMERS_MODE, with_transformers_attention
+from models.hf_model import ArmCache, Exp6MoEForCausalLM, as_transformers_model
 from models.attention import KVCache
 from models.attention_ops import CACHED_ATTENTION_BACKENDS
 from models.checkpoint import load_checkpoint
@@ -92,6 +97,7 @@ MAX_BUDGET_GB = 1e6  # a petabyte: far above any machine, far below where GiB ->
 WARMUP_CONTEXT, WARMUP_TOKENS = 8, 2  # the untimed warm-up decode before each row
 # MHA; MLA with per-head K/V, with DeepSeek's absorbed latent cache, and through transformers' own module
 MODE_ORDER = ("kv", "expanded", "latent", TRANSFORMERS_MODE)
+GENERATE_MODE = "generate"  # the arm's own default cache, decoded by transformers' generate (models/hf_model.py)
 NO_CACHE = "no cached decode path; not benchmarked"  # an arm whose attention declares no cache_modes
 BUDGET_NOTE = ("largest batch whose KV cache alone fits the budget at this context: "
                "floor(budget bytes / (measured bytes per token per layer * layers * context)); "
@@ -106,9 +112,14 @@ class BenchModel:
     model: MoELanguageModel
     source: str  # "random weights (seed N)" or "checkpoint DIR"
     tag: str = ""  # tells apart several saved models of one arm in labels (their folder names)
+    generate: Exp6MoEForCausalLM | None = None  # set: `model` decoded by transformers' generate (GENERATE_MODE)
 
     def label(self, mode: str) -> str:
         return attention_label(self.arm, mode) + (f" [{self.tag}]" if self.tag else "")
+
+    def modes(self) -> list[str]:
+        """The rows' cache modes: every cache of its attention, or GENERATE_MODE alone for a model driven by generate."""
+        return [GENERATE_MODE] if self.generate is not None else ordered_modes(self.model)
 
 
 @dataclass
@@ -128,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m inference.decode_benchmark",
         description="Prefill a context, then time greedy decoding with each KV cache of every arm in arms/ (MHA kv, "
                     "MLA expanded, MLA latent, MLA transformers (transformers' own DeepseekV3Attention and cache, same "
-                    "weights), GQA kv, MQA kv; an arm with no cached decode path is listed, not timed); report "
+                    "weights), GQA kv, MQA kv, and each arm through transformers' generate with its own cache (MHA "
+                    "generate, ...); an arm with no cached decode path is listed, not timed); report "
                     "measured cache bytes, decode speed and the largest batch a memory budget holds. Prints a table, "
                     "writes JSON and a PNG beside it.",
     )
@@ -160,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def attention_label(arm: str, mode: str) -> str:
-    """'MHA kv', 'MLA expanded', 'MLA latent', 'MLA transformers', 'GQA kv', 'MQA kv': the arm's attention
-    (arms.ARMS) and the cache."""
+    """'MHA kv', 'MLA expanded', 'MLA latent', 'MLA transformers', 'GQA kv', 'MQA kv', 'MHA generate': the arm's
+    attention (arms.ARMS) and the cache (or, for generate, how it is driven)."""
     return f"{(ARMS[arm].short if arm in ARMS else '') or arm} {mode}"
 
 
@@ -213,6 +225,18 @@ def with_transformers_twins(models: list[BenchModel], precision: str) -> list[Be
     return out
 
 
+def with_generate_twins(models: list[BenchModel]) -> list[BenchModel]:
+    """`models`, each one with a cached decode path followed by the same model (the same weights and modules) under
+    the transformers wrapper, to be decoded by generate with its own default cache."""
+    out = []
+    for bench in models:
+        out.append(bench)
+        if bench.model.cache_modes() and TRANSFORMERS_MODE not in bench.model.cache_modes():
+            out.append(BenchModel(bench.arm, bench.model, f"{bench.source}, driven through transformers' generate",
+                                  bench.tag, generate=as_transformers_model(bench.model)))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- decode
 
 def greedy_decode(model: MoELanguageModel, prompt: torch.Tensor, new_tokens: int, mode: str, device: torch.device,
@@ -243,6 +267,57 @@ def greedy_decode(model: MoELanguageModel, prompt: torch.Tensor, new_tokens: int
     return DecodeRun(prefill_s, steps, torch.cat(fed, dim=1), caches)
 
 
+class StepClock(LogitsProcessor):
+    """Times generate's steps from inside it: called once per step with that step's logits, after the forward pass
+    (here after a device sync), so the gaps between calls are whole decode steps, generate's own work included."""
+
+    def __init__(self, device: torch.device, after_prefill: Callable[[], None] | None) -> None:
+        self.device, self.after_prefill = device, after_prefill
+        self.prefill_end = 0.0
+        self.marks: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        synchronize(self.device)
+        if not self.marks:
+            self.prefill_end = time.perf_counter()
+            if self.after_prefill is not None:
+                self.after_prefill()
+        self.marks.append(time.perf_counter())
+        return scores
+
+
+def generate_decode(model: Exp6MoEForCausalLM, prompt: torch.Tensor, new_tokens: int, mode: str, device: torch.device,
+                    precision: str, after_prefill: Callable[[], None] | None = None) -> DecodeRun:
+    """greedy_decode through transformers' generate: the prompt prefilled, then `new_tokens` decode steps each fed
+    the previous argmax, with the arm's own cache in `mode`, preallocated as greedy_decode's (an ArmCache behind
+    transformers' Cache API). Timed by StepClock; the prefill time includes generate's setup."""
+    context = prompt.shape[1]
+    cache = ArmCache(model.lm.new_caches(mode, capacity=context + new_tokens))
+    clock = StepClock(device, after_prefill)
+    with torch.inference_mode(), autocast(device, precision):
+        synchronize(device)
+        start = time.perf_counter()
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens + 1,
+                             do_sample=False, use_cache=True, cache=cache, logits_processor=LogitsProcessorList([clock]),
+                             return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    steps = [after - before for before, after in zip(clock.marks, clock.marks[1:])]
+    return DecodeRun(clock.prefill_end - start, steps, out.sequences[:, context : context + new_tokens], cache.caches)
+
+
+def kv_cache_mode(bench: BenchModel, mode: str) -> str:
+    """The KVCache mode a row decodes with: its own, or for a generate row the arm's default (MLA: latent)."""
+    return bench.model.cache_modes()[0] if mode == GENERATE_MODE else mode
+
+
+def decode_run(bench: BenchModel, prompt: torch.Tensor, new_tokens: int, mode: str, device: torch.device,
+               precision: str, after_prefill: Callable[[], None] | None = None) -> DecodeRun:
+    """One prefill and greedy decode of a row: our own loop, or transformers' generate for a generate row."""
+    if bench.generate is not None:
+        return generate_decode(bench.generate, prompt, new_tokens, kv_cache_mode(bench, mode), device, precision,
+                               after_prefill)
+    return greedy_decode(bench.model, prompt, new_tokens, mode, device, precision, after_prefill)
+
+
 def element_bytes(precision: str, model: MoELanguageModel) -> int:
     """Bytes per cached value the analytic count assumes: bf16 under bf16 autocast, else the weights' dtype."""
     return 2 if precision == BF16 else next(model.parameters()).element_size()
@@ -261,7 +336,8 @@ def benchmark_row(bench: BenchModel, mode: str, context: int, batch: int, new_to
     assert vocab is not None  # a built model always has one
     generator = torch.Generator().manual_seed((seed * 1_000_003 + context * 1_009 + batch) % 2**64)
     prompt = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
-    greedy_decode(model, prompt[:, : min(context, WARMUP_CONTEXT)], WARMUP_TOKENS, mode, device, precision)
+    cache_mode = kv_cache_mode(bench, mode)
+    decode_run(bench, prompt[:, : min(context, WARMUP_CONTEXT)], WARMUP_TOKENS, mode, device, precision)
 
     peaks: dict[str, float | None] = {}
 
@@ -271,13 +347,13 @@ def benchmark_row(bench: BenchModel, mode: str, context: int, batch: int, new_to
 
     release(device)
     reset_peak_memory(device)
-    run = greedy_decode(model, prompt, new_tokens, mode, device, precision, after_prefill)
+    run = decode_run(bench, prompt, new_tokens, mode, device, precision, after_prefill)
     peaks["decode"] = peak_memory_mb(device)
 
     per_layer = [cache.bytes_per_token() for cache in run.caches]
     measured = per_layer[0]
     n_layers = len(run.caches)
-    values = model.attention_modules()[0].kv_cache_values_per_token(mode)
+    values = model.attention_modules()[0].kv_cache_values_per_token(cache_mode)
     analytic = values * element_bytes(precision, model)
     cache_bytes = sum(b * batch * cache.length for b, cache in zip(per_layer, run.caches))
     decode_s = sum(run.step_s)
@@ -287,6 +363,7 @@ def benchmark_row(bench: BenchModel, mode: str, context: int, batch: int, new_to
         "attention": bench.label(mode),
         "arm": bench.arm,
         "cache_mode": mode,
+        "kv_cache_mode": cache_mode,  # what the cache holds: the mode itself, or for generate the arm's own default
         "source": bench.source,
         "context": context,
         "batch_size": batch,
@@ -355,6 +432,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             vs_latent = f"; MLA's latent cache holds {latent:g} B" if latent else ""
             lines.append(f"{attention_label(arm.name, modes[0])} holds {own:g} B per token per layer: "
                          f"{times_fewer(mha / own, 'bytes')} MHA's K/V{vs_latent}.")
+    lines += generate_lines(results)
     ok = _ok_rows(results)
     if ok:
         agree = all(r["measured_equals_analytic"] and r["cache_layers_agree"] for r in ok)
@@ -385,6 +463,26 @@ def absorption_lines(results: dict[str, Any]) -> list[str]:
         if mode == TRANSFORMERS_MODE and ours:
             lines.append(f"  context {context:,}, batch {batch}: {ours:.2f} vs {hf_ms:.2f} ms "
                          f"(absorption saves {hf_ms - ours:+.2f} ms, {1 - ours / hf_ms:+.0%} of a step)")
+    return lines
+
+
+def generate_lines(results: dict[str, Any]) -> list[str]:
+    """Per model driven through transformers' generate: its median decode step against our own loop's with the same
+    cache, over the (context, batch) rows both have; the difference is what generate adds per step."""
+    generated = [r for r in _ok_rows(results) if r["cache_mode"] == GENERATE_MODE]
+    steps = {(r["attention"], r["context"], r["batch_size"]): r["decode_ms_per_token_median"]
+             for r in _ok_rows(results) if generated}
+    pairs: dict[str, list[tuple[float, float]]] = {}
+    for r in generated:
+        own = steps.get((r["attention"].replace(f" {GENERATE_MODE}", f" {r['kv_cache_mode']}", 1), r["context"],
+                         r["batch_size"]))
+        if own is not None:
+            pairs.setdefault(r["attention"], []).append((r["decode_ms_per_token_median"], own))
+    lines = []
+    for label, measured in pairs.items():
+        through, own = (statistics.median(times) for times in zip(*measured))
+        lines.append(f"{label}: the arm's own cache through transformers' generate, median decode step {through:.2f} "
+                     f"vs {own:.2f} ms in our own loop ({through - own:+.2f} ms per step, {len(measured)} rows)")
     return lines
 
 
@@ -583,8 +681,9 @@ def measure(plan: DecodePlan) -> dict[str, Any]:
 
 
 def prepared_models(plan: DecodePlan) -> tuple[list[BenchModel], str]:
-    """(the models, on the device and in eval mode, MLA's followed by its transformers twin; their shapes in
-    words): the --checkpoint models, else every arm's with seeded random weights."""
+    """(the models, on the device and in eval mode, MLA's followed by its transformers twin and each with a cache by
+    itself driven through generate; their shapes in words): the --checkpoint models, else every arm's with seeded
+    random weights."""
     if plan.checkpoints:
         models, shapes = plan.checkpoints, "checkpoint (as saved)"
     else:
@@ -595,13 +694,13 @@ def prepared_models(plan: DecodePlan) -> tuple[list[BenchModel], str]:
     for bench in models:
         bench.model.to(plan.device).eval()
         bench.model.plan_moe_dispatch(plan.device, compute_dtype)
-    return with_transformers_twins(models, plan.precision), shapes
+    return with_generate_twins(with_transformers_twins(models, plan.precision)), shapes
 
 
 def model_entry(bench: BenchModel) -> dict[str, Any]:
     """One model in the JSON's list: its arm, weights and caches; one with no cached decode path gets no rows,
     and its entry says so."""
-    entry = {"arm": bench.arm, "source": bench.source, "cache_modes": ordered_modes(bench.model),
+    entry = {"arm": bench.arm, "source": bench.source, "cache_modes": bench.modes(),
              "config": bench.model.config.to_dict(), "parameters": parameter_count(bench.model)}
     if not entry["cache_modes"]:
         entry["note"] = NO_CACHE
@@ -646,7 +745,7 @@ def results_header(plan: DecodePlan, models: list[BenchModel], shapes: str) -> d
 def run_rows(plan: DecodePlan, bench: BenchModel, results: dict[str, Any]) -> None:
     """Every (cache, context, batch) row of one model, in order (none for a model with no cached decode path);
     the JSON is rewritten after each, so a run cut short keeps what it measured."""
-    for mode in ordered_modes(bench.model):
+    for mode in bench.modes():
         for context in plan.contexts:
             for batch in plan.batch_sizes:
                 row = run_row(plan, bench, mode, context, batch)

@@ -78,10 +78,11 @@ def _cache_modes(arm: str) -> tuple[str, ...]:
 
 
 def _labels_of(arm: str) -> list[str]:
-    """The rows' attention labels of one arm: its short name (or its name) and each cache its module declares, and
-    transformers' own module for an attention with a latent cache (MLA)."""
+    """The rows' attention labels of one arm: its short name (or its name) and each cache its module declares,
+    transformers' own module for an attention with a latent cache (MLA), and generate for one with any cache."""
     modes = _cache_modes(arm)
     modes += (TRANSFORMERS_MODE,) if "latent" in modes else ()
+    modes += (decode_benchmark.GENERATE_MODE,) if modes else ()
     return [f"{registry.ARMS[arm].short or arm} {mode}" for mode in modes]
 
 
@@ -92,7 +93,7 @@ LABELS = tuple(label for arm in registry.ARMS for label in _labels_of(arm))
 def _analytic_values(config: ExperimentConfig) -> dict[str, int]:
     """Values per token per layer of the built-in attentions from the shapes, written out independently of the
     modules (an arm added later is held to its own declaration, row by row)."""
-    return {
+    own = {
         "MHA kv": 2 * config.d_model,
         "MLA expanded": config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim),
         "MLA latent": config.kv_lora_rank + config.qk_rope_head_dim,
@@ -100,6 +101,10 @@ def _analytic_values(config: ExperimentConfig) -> dict[str, int]:
         "GQA kv": 2 * config.gqa_kv_heads * config.head_dim,
         "MQA kv": 2 * config.head_dim,
     }
+    # through generate, each arm decodes with its own default cache (MLA: latent)
+    generated = {"MHA generate": own["MHA kv"], "MLA generate": own["MLA latent"], "GQA generate": own["GQA kv"],
+                 "MQA generate": own["MQA kv"]}
+    return own | generated
 
 
 # ------------------------------------------------------------------------------------ the --small run
@@ -161,6 +166,7 @@ def test_cli_prints_the_table_and_exits_0(tmp_path: Path, capsys: pytest.Capture
                  "MLA's latent cache holds 320 B per token per layer, 3.2x fewer bytes than MHA's 1024 B",
                  "transformers' DeepseekV3Attention caches the same latent and rotary key (320 B)",
                  "context 6, batch 1: ",
+                 "MLA generate: the arm's own cache through transformers' generate, median decode step ",
                  "Measured cache bytes equal the analytic counts"):
         assert text in out, text
 
@@ -260,6 +266,24 @@ def test_cached_greedy_decode_equals_recomputing_the_full_prefix(config: Experim
     assert len(run.step_s) == new_tokens and run.prefill_s > 0
 
 
+@pytest.mark.parametrize("arm", [arm for arm in registry.ARMS if _cache_modes(arm)])
+def test_decoding_through_generate_feeds_our_tokens_with_the_arms_own_cache(config: ExperimentConfig, arm: str) -> None:
+    """The generate row decodes what our own loop decodes: the same greedy tokens fed back, the same number of timed
+    steps, the arm's own cache (its default mode) filled to context + new tokens."""
+    model = _sharp_model(config, registry.ARMS[arm].build)
+    context, new_tokens = 12, 8
+    prompt = torch.randint(0, 61, (2, context), generator=torch.Generator().manual_seed(1))
+    cpu, mode = torch.device("cpu"), _cache_modes(arm)[0]
+    ours = decode_benchmark.greedy_decode(model, prompt, new_tokens, mode, cpu, "fp32")
+    bench = decode_benchmark.with_generate_twins([decode_benchmark.BenchModel(arm, model, "test")])
+    assert [b.modes() for b in bench] == [list(decode_benchmark.ordered_modes(model)), ["generate"]]
+    assert bench[1].generate is not None and bench[1].generate.lm is model  # the same modules and weights
+    run = decode_benchmark.decode_run(bench[1], prompt, new_tokens, "generate", cpu, "fp32")
+    assert torch.equal(run.tokens, ours.tokens) and len(run.step_s) == new_tokens and run.prefill_s > 0
+    assert all(c.mode == mode and c.length == context + new_tokens for c in run.caches)
+    assert [c.bytes_per_token() for c in run.caches] == [c.bytes_per_token() for c in ours.caches]
+
+
 def test_every_row_decoded_context_plus_new_tokens(fp32_run: tuple[dict[str, Any], Path]) -> None:
     for row in fp32_run[0]["rows"]:
         assert row["cache_lengths_by_layer"] == [row["context"] + NEW_TOKENS] * row["n_layers"]
@@ -333,7 +357,9 @@ def test_an_arm_without_a_cached_decode_path_is_one_line_and_no_rows(tmp_path: P
     assert notes == ["nocache: no cached decode path; not benchmarked"]
     assert notes[0] in saved["summary"]
     assert {r["arm"] for r in saved["rows"]} == {BASELINE} and all("error" not in r for r in saved["rows"])
-    entries = {m["arm"]: m for m in saved["models"]}
+    entries: dict[str, dict[str, Any]] = {}
+    for entry in saved["models"]:
+        entries.setdefault(entry["arm"], entry)  # the arm's own model (its generate twin follows it)
     assert entries["nocache"]["cache_modes"] == [] and "no cached decode path" in entries["nocache"]["note"]
     assert entries[BASELINE]["cache_modes"] == list(_cache_modes(BASELINE)) and "note" not in entries[BASELINE]
 
@@ -416,15 +442,17 @@ def test_decode_benchmark_cuda_branches(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert saved["device"] == "cuda" and saved["device_name"] == "NVIDIA H200 (sm90)"
     assert saved["precision"] == "bf16 autocast"
     rows = saved["rows"]
-    assert len(rows) == len(LABELS)  # one row per arm and cache
+    assert len(rows) == len(LABELS)  # one row per arm and cache, and per arm through generate
     fake_mb = FAKE_PEAK_MEMORY_BYTES / 2**20
     for row in rows:
         assert "error" not in row, row.get("error")
         assert row["peak_memory_mb"] == row["prefill_peak_memory_mb"] == row["decode_peak_memory_mb"] == fake_mb
         assert row["precision"] == "bf16 autocast" and row["cache_lengths_by_layer"][0] == 6 + new_tokens
-    # per row: 2 syncs around the prefill and 2 around each decode step, in the warm-up and the timed run
-    per_row = 2 * (1 + decode_benchmark.WARMUP_TOKENS) + 2 * (1 + new_tokens)
-    assert len(calls.synchronize) >= len(rows) * per_row
+    # per row: 2 syncs around the prefill and 2 around each decode step, in the warm-up and the timed run; through
+    # generate, 1 before it and 1 at each step's logits (the prefill's and each decode step's)
+    own = 2 * (1 + decode_benchmark.WARMUP_TOKENS) + 2 * (1 + new_tokens)
+    generated = (2 + decode_benchmark.WARMUP_TOKENS) + (2 + new_tokens)
+    assert len(calls.synchronize) >= sum(generated if r["cache_mode"] == "generate" else own for r in rows)
     assert all(device == torch.device("cuda") for device in calls.synchronize)
     assert len(calls.reset_peak) == 2 * len(rows) and len(calls.peak_reads) == 2 * len(rows)  # prefill and decode
     assert calls.empty_cache >= 2 * len(rows)  # before each timed run and after each row
