@@ -167,6 +167,15 @@ def test_a_version_1_folder_still_loads_with_our_loader_and_an_unknown_version_i
     tokens = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(loaded.model(tokens)[0], saved["deepseek"][1](tokens)[0])
+
+    # saved again with our code (docs/inference.md), it is version 2: transformers loads it
+    spec = save_tokenizer(load_tokenizer(loaded.tokenizer_spec(), loaded.directory), loaded.directory)
+    save_checkpoint(loaded.model, loaded.arm, loaded.directory, {**loaded.extra, "tokenizer": spec})
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, saved["deepseek"][1](tokens)[0], atol=1e-5, rtol=0)
+    assert AutoTokenizer.from_pretrained(folder).encode(PROMPT, add_special_tokens=False) == tokenizer().encode(PROMPT)
+
     (folder / CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 3}))
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(folder, registry.arm_builders())
