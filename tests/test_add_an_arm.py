@@ -153,7 +153,7 @@ def test_a_latent_rank_is_varied_through_the_config_alone(config):
 def test_the_readme_example_is_one_new_file_that_trains_against_the_baseline(tmp_path):
     """The block is copied as it stands into a fresh copy of the project, as its one new file, and the new arm
     trains against the baseline through the command line, with its own line in the JSON, the headline and a
-    saved model."""
+    saved model that transformers loads."""
     path, arm, code = readme_example()
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO, checkout, ignore=NOT_COPIED)
@@ -172,6 +172,19 @@ def test_the_readme_example_is_one_new_file_that_trains_against_the_baseline(tmp
     assert written[arm]["costs"]["parameters_total"] > written["baseline"]["costs"]["parameters_total"]  # its norms
     assert (out / "checkpoints" / f"{arm}-seed42" / "config.json").is_file()
     assert f"{arm} (seed 42): val loss " in done.stdout
+
+    # its saved folder is a transformers model too, computing what our loader's model computes
+    check = ("import torch\nfrom transformers import AutoModelForCausalLM\nfrom arms.registry import arm_builders\n"
+             "from models.checkpoint import load_checkpoint\n"
+             f"folder = {str(out / 'checkpoints' / f'{arm}-seed42')!r}\n"
+             "theirs = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)\n"
+             "ours = load_checkpoint(folder, arm_builders()).model\n"
+             "ids = torch.tensor([[1, 2, 3, 4, 5]])\n"
+             "with torch.no_grad():\n"
+             "    assert torch.allclose(theirs(ids).logits, ours(ids)[0], atol=1e-5, rtol=0)\n")
+    loaded = subprocess.run([sys.executable, "-c", check], cwd=checkout, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
 
 
 def test_the_readme_varies_mla_through_settings_alone():

@@ -259,6 +259,16 @@ def test_generate_with_the_arms_own_cache_equals_no_cache(saved, arm: str, mode:
     assert all(c.bytes_per_token() == per_token for c in kv)
 
 
+@pytest.mark.parametrize("arm", sorted({name for name, _ in cached_arm_modes()}))
+def test_beam_search_reorders_the_arms_own_cache(saved, arm: str) -> None:
+    """Beam search reorders the cached sequences at every step (ArmCacheLayer.reorder_cache -> KVCache.select)."""
+    model = from_pretrained(saved[arm][0])
+    ids = prompt_ids(model)
+    beams = {use_cache: model.generate(ids, max_new_tokens=8, do_sample=False, num_beams=3,
+                                       num_return_sequences=2, use_cache=use_cache) for use_cache in (True, False)}
+    assert torch.equal(beams[True], beams[False]) and beams[True].shape[0] == 2
+
+
 def test_an_arm_without_a_cached_decode_path_generates_and_says_so(tmp_path: Path, caplog) -> None:
     arm = Arm("nocache", "MHA, no cache", NoCacheAttention)
     folder = tmp_path / "nocache"
