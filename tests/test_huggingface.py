@@ -29,6 +29,7 @@ from data.tokenizer import TextTokenizer, load_tokenizer, save_tokenizer, train_
 from exp6_baseline_attention_model import MultiHeadAttention
 from inference.generate import generate_ids
 from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from models import huggingface
 from models.huggingface import (
     ALLOWED_PACKAGES,
     MODEL_TYPE,
@@ -323,6 +324,52 @@ def test_the_modeling_file_is_the_current_code_copied_verbatim(saved, arm: str) 
         assert any(own in definition for definition in copied), own[:200]
     assert ast.unparse(body[-1]) == f"ATTENTION = {registry.ARMS[arm].attention.__name__}"
     assert not list(REPO.glob(f"**/{MODELING_FILE}")), "no committed or stray copy of a generated file"
+
+
+def test_the_generator_follows_names_across_modules_and_refuses_what_it_cannot_copy(tmp_path: Path, monkeypatch) -> None:
+    """On a made-up project: a name passed on by a module that defines nothing still orders its source first; a
+    constant defined the same way in two modules is copied once, and the copy runs; a name two modules define
+    differently, an import outside torch, transformers and the standard library, and one name imported two ways
+    are refused in one line."""
+    package = tmp_path / "userpkg"
+    package.mkdir()
+    files = {
+        "__init__.py": "",
+        "base.py": "import torch\n\nEPS = 1e-6\n\n\nclass Base(torch.nn.Module):\n    eps = EPS\n",
+        "relay.py": "from userpkg.base import Base\n",  # passes Base on, defines nothing the arm needs
+        "arm.py": "from userpkg.relay import Base\n\nEPS = 1e-6\n\n\nclass Mine(Base):\n    also = EPS\n",
+        "other_eps.py": "from userpkg.base import Base\n\nEPS = 1e-5\n\n\nclass Mine(Base):\n    also = EPS\n",
+        "numpy_arm.py": "import numpy\n\n\nclass Mine:\n    table = numpy.zeros(3)\n",
+        "twice.py": ("from collections.abc import Callable\nfrom userpkg.other import Hook\n\n\n"
+                     "class Mine:\n    run: Callable\n    hook = Hook\n"),
+        "other.py": "from typing import Callable\n\nHook = Callable[[int], int]\n",
+    }
+    for name, text in files.items():
+        (package / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(huggingface, "REPO", tmp_path)
+    huggingface.is_project_module.cache_clear()
+    try:
+        closure = huggingface.Closure()
+        closure.add("userpkg.arm", "Mine")
+        assert huggingface.module_order(closure) == ["userpkg.base", "userpkg.arm"]  # relay only passed Base on
+        assert {i.line() for i in closure.external} == {"import torch"}
+        code = "\n\n".join(huggingface.definition_blocks(closure))
+        assert code.count("EPS = 1e-6") == 1  # the same in both modules: copied once
+        namespace: dict[str, Any] = {}
+        exec(compile("import torch\n" + code, "generated", "exec"), namespace)
+        assert namespace["Mine"].also == namespace["Mine"].eps == 1e-6
+        differing = huggingface.Closure()
+        differing.add("userpkg.other_eps", "Mine")
+        with pytest.raises(huggingface.GenerationError, match=r"other_eps.py:3 defines EPS differently"):
+            huggingface.definition_blocks(differing)
+        with pytest.raises(huggingface.GenerationError, match="numpy_arm.py imports numpy for the model; "):
+            huggingface.Closure().add("userpkg.numpy_arm", "Mine")
+        with pytest.raises(huggingface.GenerationError, match="Callable is imported as from collections.abc import "
+                                                              "Callable and as from typing import Callable"):
+            huggingface.Closure().add("userpkg.twice", "Mine")
+    finally:
+        huggingface.is_project_module.cache_clear()
 
 
 def test_an_attention_with_no_source_to_copy_is_refused_before_training_and_when_saved(config, monkeypatch) -> None:
