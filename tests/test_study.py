@@ -17,6 +17,7 @@ import torch
 from arms.registry import ARMS, arm_builders
 from config.settings import BASELINE, ExperimentConfig, mla_sizes
 from models.costs import cost_report, non_embedding_parameters
+from models.checkpoint import load_checkpoint, run_checkpoint_dir
 from models.memory import shape_only_model
 from models.transformer import MoELanguageModel
 from training.command import main
@@ -212,3 +213,13 @@ def test_every_study_setting_is_a_flag_and_a_toml_key(tmp_path, capsys):
     for line in ('studies = [\n    "frontier",\n]', "frontier_kv_ranks = [\n    8,\n    16,\n]", "ladder_sizes = 5",
                  "ladder_head_dim = 6", "tokens_per_parameter = 4.0", 'output_dir = "exp6_study"'):
         assert line in printed
+
+
+def test_a_saved_study_point_records_its_arm_and_loads_again(config):
+    """A point's saved model is named for the point (deepseek-r4-seed1) but records its arm, so our loader and
+    its card know what it is."""
+    study = _study(config, FRONTIER, seeds=(1,), frontier_kv_ranks=(4,), save_checkpoints=True)
+    run_experiment(study, log=lambda line: None)
+    folder = run_checkpoint_dir(Path(study.output_dir), "deepseek-r4", 1)
+    loaded = load_checkpoint(folder, arm_builders())
+    assert loaded.arm == "deepseek" and loaded.config.kv_lora_rank == 4

@@ -26,18 +26,19 @@ from training.provenance import git_commit, validation_line
 SAVED_METRICS = ("val_loss", "val_accuracy", "val_perplexity", "tokens_seen", "precision")  # into config.json's extra
 
 
-def add_extras(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
+def add_extras(model: MoELanguageModel, name: str, arm: str, seed: int, record: dict[str, Any], data: TokenData,
                config: ExperimentConfig, device: torch.device) -> None:
-    """The greedy sample and the saved model of a completed run, after its record is saved: a failure in
-    either is recorded in the run (`sample_error`, `checkpoint_error`) and never drops the run or stops
-    the experiment."""
+    """The greedy sample and the saved model of a completed run (`name`: its name in the results, a study's
+    point such as "deepseek-r32"; `arm`: its arm in the registry, which the saved model records so that it
+    loads again), after its record is saved: a failure in either is recorded in the run (`sample_error`,
+    `checkpoint_error`) and never drops the run or stops the experiment."""
     if config.sample_tokens > 0:
         try:
             record["sample"] = greedy_sample(model, data, config, device)
         except Exception as error:  # noqa: BLE001 - out of memory, a tokenizer problem, ...: the run stands
             record["sample_error"] = f"{type(error).__name__}: {error}"
     if config.save_checkpoints:
-        save_run_checkpoint(model, name, seed, record, data, config)
+        save_run_checkpoint(model, name, arm, seed, record, data, config)
 
 
 def greedy_sample(model: MoELanguageModel, data: TokenData, config: ExperimentConfig,
@@ -51,8 +52,8 @@ def greedy_sample(model: MoELanguageModel, data: TokenData, config: ExperimentCo
             "decoding": decoding_words(cache_mode_for(model, 'auto'))}
 
 
-def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
-                        config: ExperimentConfig) -> None:
+def save_run_checkpoint(model: MoELanguageModel, name: str, arm: str, seed: int, record: dict[str, Any],
+                        data: TokenData, config: ExperimentConfig) -> None:
     """Save a completed run's model, config and tokenizer to OUTPUT_DIR/checkpoints/<name>-seed<seed>/ and
     note it in `record["checkpoint"]`. The folder appears whole or not at all (built beside it, then renamed).
     A failure is recorded (`checkpoint_error`, with `checkpoint_directory`), never raised."""
@@ -63,7 +64,7 @@ def save_run_checkpoint(model: MoELanguageModel, name: str, seed: int, record: d
             tokenizer = save_tokenizer(data.tokenizer or config.tokenizer_name, staging)
             extra = {"seed": seed, "tokenizer": tokenizer, "data": data.info.get("corpus_description"),
                      "data_offline": data.info.get("offline"), **{key: record.get(key) for key in SAVED_METRICS}}
-            save_checkpoint(model, name, staging, extra)
+            save_checkpoint(model, arm, staging, extra)
             files = {path.name: path.stat().st_size for path in sorted(staging.iterdir())}  # model, code, tokenizer
             files[CARD_FILE] = write_card(model, name, seed, record, data, directory, staging)
     except Exception as error:  # noqa: BLE001 - disk full, permissions, ...: keep the results, say so, go on

@@ -87,7 +87,7 @@ class Runs:
                 run_log.close()
         if record["status"] == "completed" and self.dist.saves_models:
             self.ledger.save("running")  # the run is on disk the moment its training ends, before the extras below
-            add_extras(model, job.name, job.seed, record, self.data, self.config, self.device)
+            add_extras(model, job.name, entry.arm, job.seed, record, self.data, self.config, self.device)
         del model
         release_memory(self.device)
         return record, None
