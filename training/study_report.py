@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from arms.registry import arm_color
 from common.atomic_files import write_atomic
 from common.reporting import fmt
 from config.settings import BASELINE
@@ -213,7 +214,7 @@ def _draw_frontier(axis: Axes, front: dict[str, Any]) -> None:
     for name, p in points.items():
         x, y, ci = p["kv_cache_bytes_per_token_per_layer_bf16_measured"], p["val_loss"], p["val_loss_ci95"]
         error = [[y - ci[0]], [ci[1] - y]] if ci else None
-        axis.errorbar([x], [y], yerr=error, fmt="o", capsize=3, color="tab:orange" if p["arm"] == "deepseek" else "tab:blue")
+        axis.errorbar([x], [y], yerr=error, fmt="o", capsize=3, color=arm_color(p["arm"]) or "black")
         axis.annotate(p["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     front_points = sorted((points[name]["kv_cache_bytes_per_token_per_layer_bf16_measured"], points[name]["val_loss"])
                           for name in front["pareto_front"] if name in points)
@@ -228,8 +229,9 @@ def _draw_frontier(axis: Axes, front: dict[str, Any]) -> None:
 
 
 def _draw_ladder(axes: Any, ladder_result: dict[str, Any]) -> None:
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red"]
-    for color, (arm, rows) in zip(colors, ladder_result["arms"].items()):
+    """Each arm in its registry colour in every panel: its losses and law, and its gap against MHA per size."""
+    for arm, rows in ladder_result["arms"].items():
+        color = arm_color(arm) or "black"
         law = ladder_result["laws"][arm]
         for axis, key in ((axes[0], "parameters_non_embedding"), (axes[1], "training_flops")):
             xs = [row[key] for row in rows if row["val_loss"] is not None]
@@ -245,8 +247,9 @@ def _draw_ladder(axes: Any, ladder_result: dict[str, Any]) -> None:
                 continue
             ci = gap["ci95"]
             error = [[gap["mean"] - ci[0]], [ci[1] - gap["mean"]]] if ci else None
-            axes[2].errorbar([row["parameters_non_embedding"]], [gap["mean"]], yerr=error, fmt="o", capsize=3, label=None)
-        axes[2].plot([], [], "o", label=f"{arm} - {BASELINE}")
+            axes[2].errorbar([row["parameters_non_embedding"]], [gap["mean"]], yerr=error, fmt="o", capsize=3,
+                             color=arm_color(arm) or "black")
+        axes[2].plot([], [], "o", color=arm_color(arm) or "black", label=f"{arm} - {BASELINE}")
     axes[2].axhline(0, color="gray", linewidth=0.8)
     for axis, title in zip(axes, ("loss vs non-embedding parameters", "loss vs training FLOPs", "gap vs MHA per size")):
         axis.set_xscale("log")
