@@ -277,6 +277,9 @@ def test_a_second_ctrl_c_during_the_final_save_does_not_cut_it_short(token_cache
 
 
 def test_a_signal_during_a_deferred_save_is_raised_after_it():
+    # Python's own Ctrl-C handler, whatever an earlier test in this worker left installed (a library's import may
+    # put its own): the redelivered signal then raises KeyboardInterrupt, as in the trainer's process
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     done: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         with signals_deferred():
