@@ -29,6 +29,7 @@ from common.hardware import resolve_device, resolve_precision, synchronize
 from config.settings import STUDIES, ExperimentConfig
 from models.costs import cost_report
 from models.transformer import MoELanguageModel
+from training.benchmark import DATASHEET_PEAK_TFLOPS
 from training.command import Command, main
 from training.lineup import Entry, lineup_of
 from training.memory_plan import planned_vocab_size
@@ -37,7 +38,8 @@ from training.step import training_step
 
 EVALUATION_SHARE = 0.15  # what evaluation, logging and saving add to the steps' time, in the estimate
 TIMED_STEPS, WARMUP_STEPS = 3, 2
-REFERENCE_GPUS = (("RTX 4090", 165.2), ("H200", 989.4))  # dense bf16 TFLOP/s, datasheets (training/benchmark.py)
+REFERENCE_GPUS = tuple((name, peak) for name, peak, _ in DATASHEET_PEAK_TFLOPS
+                       if name in ("RTX 4090", "H200"))  # the reference cards' dense bf16 TFLOP/s
 REFERENCE_MFU = (0.2, 0.4)  # the share of that peak the estimate assumes, low and high
 
 
