@@ -175,8 +175,7 @@ class Closure:
             if statement.lineno in self.statements[where]:
                 continue
             self.statements[where][statement.lineno] = statement
-            used = {node.id for node in ast.walk(statement) if isinstance(node, ast.Name)}
-            pending += [(where, used_name) for used_name in sorted(used)
+            pending += [(where, used_name) for used_name in names_used(statement)
                         if used_name in module.definitions or used_name in module.imports]  # not locals, not builtins
 
     def follow_import(self, module: Module, imported: Import) -> list[tuple[str, str]]:
@@ -229,7 +228,14 @@ def import_lines(imports: set[Import]) -> list[str]:
     return groups
 
 
-def foreign_imports(tree: ast.AST) -> list[str]:
+@functools.cache  # statements come from parsed(): one analysis per version of a file, not one per save or preflight
+def names_used(statement: ast.stmt) -> tuple[str, ...]:
+    """Every name `statement` refers to, sorted (locals and builtins included: the caller keeps the module's)."""
+    return tuple(sorted({node.id for node in ast.walk(statement) if isinstance(node, ast.Name)}))
+
+
+@functools.cache  # as names_used
+def foreign_imports(tree: ast.AST) -> tuple[str, ...]:
     """Every import in `tree` of something other than torch, transformers and the standard library, outside a try
     (an optional dependency); transformers requires the rest to be installed before it runs a saved model's code."""
     found: list[str] = []
@@ -238,7 +244,7 @@ def foreign_imports(tree: ast.AST) -> list[str]:
             found += [alias.name for alias in node.names if not Import(alias.name, None, alias.name).allowed()]
         elif not Import(node.module or "", None, "").allowed():
             found.append(f"{'.' * node.level}{node.module or ''}")
-    return found
+    return tuple(found)
 
 
 def imports_outside_try(node: ast.AST) -> list[ast.Import | ast.ImportFrom]:

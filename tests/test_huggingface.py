@@ -296,7 +296,7 @@ def test_the_modeling_file_imports_only_torch_transformers_and_the_standard_libr
     path = saved[arm][0] / MODELING_FILE
     allowed = set(ALLOWED_PACKAGES) | set(sys.stdlib_module_names)
     assert set(get_imports(path)) <= allowed  # what transformers checks before it runs the file
-    assert foreign_imports(ast.parse(path.read_text())) == []
+    assert foreign_imports(ast.parse(path.read_text())) == ()
     optional = {alias.name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "").split(".")[0]
                 for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in node.names} - allowed - {"__future__"}
