@@ -61,7 +61,7 @@ EXPERIMENT_ARMS = ("baseline", "deepseek")
 # code so that none is left out. Not needed, so not asked for: OPTIONAL_PACKAGES.
 STAGE_PACKAGES = {"numpy": "numpy", "scipy": "scipy", "matplotlib": "matplotlib", "tokenizers": "tokenizers",
                   "transformers": "transformers", "safetensors": "safetensors", "tqdm": "tqdm", "yaml": "pyyaml",
-                  "tomli_w": "tomli-w", "pytest": "pytest",
+                  "tomli_w": "tomli-w", "pytest": "pytest", "xdist": "pytest-xdist",  # pyproject's addopts has -n
                   **({"tomli": "tomli"} if sys.version_info < (3, 11) else {})}  # tomllib is 3.11's
 OPTIONAL_PACKAGES = {
     "datasets": "the stages run offline (the offline corpus)",
@@ -358,7 +358,9 @@ def _two_gpu_stage(mode: str) -> Stage:
 
 STAGES: list[Stage] = [
     Stage("gpu tests", 75,
-          lambda out, py: [py, "-m", "pytest", "tests/test_gpu.py", "-v", "-rA", "-p", "no:cacheprovider",
+          # -n 0: one process on the one GPU (pyproject's -n auto would start a worker per CPU core, each with its
+          # own CUDA context, timing the GPU while the others use it)
+          lambda out, py: [py, "-m", "pytest", "tests/test_gpu.py", "-n", "0", "-v", "-rA", "-p", "no:cacheprovider",
                            "--junitxml", str(out / "gpu_tests.xml")],
           lambda out: gpu_tests_verdict(read_text(out / "gpu_tests.xml"))),
     Stage("benchmark", 55,

@@ -92,10 +92,11 @@ def test_environment_verdict_names_the_card_when_cuda_works():
 
 def test_gpu_tests_skipped_for_lack_of_cuda_fail_the_stage(tmp_path):
     """A real report: the GPU tests run on this CPU, where every CUDA variant is skipped."""
-    report = tmp_path / "gpu_tests.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu.py", "-k", "pin_is_binding", "-q", "-p",
-                    "no:cacheprovider", "--junitxml", str(report)], cwd=REPO, capture_output=True, timeout=120)
-    verdict = gpu_check.gpu_tests_verdict(report.read_text())
+    stage = gpu_check.STAGES[0]
+    assert stage.name == "gpu tests"
+    subprocess.run(stage.command(tmp_path, sys.executable) + ["-k", "pin_is_binding"], cwd=REPO, capture_output=True,
+                   timeout=120)  # the stage's own command, on one test
+    verdict = stage.verdict(tmp_path)
     assert not verdict.ok
     assert any("skipped for lack of CUDA" in note for note in verdict.notes)
     assert "no CUDA test ran" in verdict.notes
