@@ -8,13 +8,16 @@ narrow: results on it say that the pipeline works, not how the models compare on
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import sysconfig
 from pathlib import Path
 
 SKIPPED_PACKAGES = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "__pycache__"}
+MIN_DOCUMENT_CHARS = 200  # a shorter piece of docstrings is not kept as a document
 
 
+@functools.cache  # the standard library does not change while we run: each module is parsed once per process
 def _module_docstrings(path: Path) -> str:
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -27,14 +30,16 @@ def _module_docstrings(path: Path) -> str:
 
 def stdlib_documents(num_documents: int, max_chars: int) -> list[str]:
     """Standard-library docstrings (modules sorted by path), in documents of at most max_chars (0: a module's
-    docstrings whole), the first num_documents of them (0: all)."""
+    docstrings whole) and at least MIN_DOCUMENT_CHARS, the first num_documents of them (0: all)."""
     documents: list[str] = []
+    if 0 < max_chars < MIN_DOCUMENT_CHARS:
+        return documents  # every piece would be too short: none, at once rather than after parsing every module
     for path in stdlib_sources():
         text = _module_docstrings(path)
         size = max_chars or len(text) or 1  # 0: each module's docstrings whole
         for start in range(0, len(text), size):
             chunk = text[start : start + size]
-            if len(chunk) >= 200:
+            if len(chunk) >= MIN_DOCUMENT_CHARS:
                 documents.append(chunk)
             if len(documents) == num_documents:
                 return documents
