@@ -66,15 +66,30 @@ def _run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
                           cwd=REPO, capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUT = [
     (["--steps", "0"], "--steps 0"),
     (["--batch-size", "0"], "--batch-size 0"),
     (["--attention-backend", "flash-attn"], "flash-attn needs a CUDA GPU"),
     (["--device", "cuda"], "no CUDA GPU"),
     (["--data", "/nonexistent/corpus.txt"], "no such file"),
     (["--compile", "--device", "cpu"], "--compile needs bf16"),  # fp32 on CPU; --precision bf16 allows it
-])
-def test_bad_input_exits_nonzero_with_one_line_before_training(args, message, tmp_path):
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT)
+def test_bad_input_exits_nonzero_with_one_line_before_training(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--offline", "--cache-dir", str(tmp_path / "c"), *args, "--output-dir", str(out)])
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and message in error_lines[0], error_lines
+    assert not (out / "exp6_attention_comparison.json").exists()
+
+
+def test_the_real_process_exits_2_with_that_one_line(tmp_path):
+    """The table above, run as a user runs it (imports, warnings, interpreter exit), for one case: the rest share
+    its path from main() on."""
+    args, message = BAD_INPUT[3]
     out = tmp_path / "out"
     result = _run_cli(*args, "--output-dir", str(out), tmp_path=tmp_path)
     assert result.returncode == 2
