@@ -10,8 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -363,6 +366,38 @@ def test_an_error_on_one_rank_stops_every_rank_and_rank_0_names_it(monkeypatch):
         context.agree(lambda: "fine here")
     context = _two_ranks_where_rank_1_reports(monkeypatch, None)
     assert context.agree(lambda: "fine here") == "fine here"
+
+
+def _rank_0_with_a_peer(monkeypatch: pytest.MonkeyPatch, gone_after: int | None) -> tuple[Distributed, Any]:
+    """Rank 0 of a 2-rank job on one machine (a real c10d store) whose rank 1 process is gone from the
+    `gone_after`-th look on (None: never)."""
+    looks = iter(range(1, 10**6))
+    monkeypatch.setattr(distributed, "_process_gone",
+                        lambda pid: gone_after is not None and next(looks) >= gone_after)
+    store = torch.distributed.HashStore()
+    host = socket.gethostname()
+    context = Distributed(rank=0, world_size=2, mode=SEEDS, store=store,
+                          devices=[{"rank": 0, "host": host, "pid": os.getpid()}, {"rank": 1, "host": host, "pid": 123}])
+    return context, store
+
+
+def test_a_peer_still_exiting_when_the_collective_broke_is_named_as_lost(monkeypatch):
+    """SIGKILL closes a process's sockets before the process is gone: the rank whose collective broke looks again
+    until it is (it failed under load once, when the first look came too early)."""
+    context, _ = _rank_0_with_a_peer(monkeypatch, gone_after=4)
+    started = time.monotonic()
+    cause = context.failure_cause({1: "deepseek (seed 45)"}, wait_s=5)
+    assert cause is not None and cause.lost_rank == 1
+    assert str(cause).startswith("rank 1 was lost without a word during deepseek (seed 45)")
+    assert time.monotonic() - started < 1  # as soon as it is gone, not after the whole wait
+
+
+def test_a_note_posted_while_this_rank_looks_is_the_cause_and_none_after_the_wait(monkeypatch):
+    context, store = _rank_0_with_a_peer(monkeypatch, gone_after=None)
+    assert context.failure_cause(wait_s=0.3) is None  # nothing said, nobody gone: the caller says it lost contact
+    threading.Timer(0.2, lambda: store.set(distributed.FAILURE_KEY, "rank 1 failed during x: OSError: y")).start()
+    cause = context.failure_cause(wait_s=5)
+    assert cause is not None and str(cause) == "rank 1 failed during x: OSError: y" and cause.lost_rank is None
 
 
 @pytest.mark.parametrize("rank, shared, printed", [

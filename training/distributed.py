@@ -29,6 +29,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,7 +48,8 @@ from training.run_guard import signals_deferred, stop_status
 
 NONE, SEEDS, DATA = "none", "seeds", "data"  # the parallel modes that run (config.parallel "auto" resolves to one)
 FAILURE_KEY = "exp6/failure"  # in the rendezvous store: the first failure, "rank R failed during ...: error"
-FAILURE_NOTE_WAIT_S = 5.0  # how long a rank that lost a peer waits for that peer's failure note
+FAILURE_NOTE_WAIT_S = 5.0  # how long a rank that lost a peer waits for that peer's failure note (or its exit)
+FAILURE_POLL_S = 0.1  # meanwhile, how often it looks
 RANK_SEED_STRIDE = 1_000_003  # data-parallel: rank r draws dropout and router noise from seed + r * this
 
 T = TypeVar("T")
@@ -295,18 +297,13 @@ class Distributed:
         except Exception:  # noqa: BLE001 - the store itself may be gone; our own message is still true
             return message
 
-    def failure_note(self, wait_s: float = 0.0) -> str | None:
-        """The failure another rank posted, waiting up to `wait_s` for it; None when there is none."""
+    def failure_note(self) -> str | None:
+        """The failure a rank posted (the first one); None when there is none."""
         if self.store is None:
             return None
         try:
-            if not self.store.check([FAILURE_KEY]):
-                if wait_s <= 0:
-                    return None
-                self.store.set_timeout(dt.timedelta(seconds=wait_s))
-                self.store.wait([FAILURE_KEY])
-            return bytes(self.store.get(FAILURE_KEY)).decode()
-        except Exception:  # noqa: BLE001 - nothing posted in time, or the store is gone
+            return bytes(self.store.get(FAILURE_KEY)).decode() if self.store.check([FAILURE_KEY]) else None
+        except Exception:  # noqa: BLE001 - the store itself may be gone
             return None
 
     def lost_peers(self) -> list[int]:
@@ -330,15 +327,19 @@ class Distributed:
                       wait_s: float = FAILURE_NOTE_WAIT_S) -> RankFailed | None:
         """Why the job is stopping, as far as this rank can tell, as the RankFailed to raise: the failure note another
         rank posted; else a peer lost without a word (lost_peer; `doing`: rank -> what it was training); else this
-        rank's own note; else a note posted within `wait_s` (a peer that failed first may still be writing it).
-        None when nothing says."""
-        note = self.failure_note()
-        if note and not note.startswith(f"rank {self.rank} "):
-            return RankFailed(note)
-        if vanished := self.lost_peer(doing):
-            return RankFailed(vanished[1], vanished[0])
-        note = note or self.failure_note(wait_s)
-        return RankFailed(note) if note else None
+        rank's own note. With none of these, it looks again for up to `wait_s`: a peer that failed first may still be
+        writing its note, and one that was killed may still be exiting (its sockets close before its process is
+        gone). None when nothing says."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            note = self.failure_note()
+            if note and not note.startswith(f"rank {self.rank} "):
+                return RankFailed(note)
+            if vanished := self.lost_peer(doing):
+                return RankFailed(vanished[1], vanished[0])
+            if note or time.monotonic() >= deadline:
+                return RankFailed(note) if note else None
+            time.sleep(FAILURE_POLL_S)
 
     # --- data-parallel training -------------------------------------------------------------------
     def wrap(self, model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
