@@ -39,6 +39,8 @@ class Arm:
     short: str = ""  # its attention's short name in the decode benchmark ("MHA", "MLA"); "" for the arm's name
     color: str = ""  # one matplotlib colour, the same in every plot; "" for the next free one of PALETTE
     rivals: tuple[str, ...] = ()  # arms compared with this one besides the baseline, reported as "rival - name"
+    hub_tags: tuple[str, ...] = ()  # its saved models' tags on the Hugging Face Hub (model card), e.g. its attention
+    settings: tuple[tuple[str, str], ...] = ()  # (config field, what it is) that size its attention: the card lists them
     tests: ArmTests = field(default_factory=ArmTests)
 
     def build(self, config: ExperimentConfig, seed: int | None = None) -> MoELanguageModel:

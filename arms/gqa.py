@@ -13,4 +13,5 @@ def label(config: Mapping[str, Any]) -> str:
 
 
 ARM = Arm("gqa", label, GroupedQueryAttention, short="GQA", color="tab:green", rivals=("deepseek",),
+          hub_tags=("grouped-query-attention",), settings=(("gqa_kv_heads", "K/V heads"),),
           tests=ArmTests(step_operators={"forward": 399, "backward_and_clip": 605, "optimizer": 120}))

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from config.settings import ExperimentConfig
+from arms.registry import ARMS
+from config.settings import DEFAULT_ARMS, ExperimentConfig
 from exp6_trainer import build_parser, resolve_config
 from models.checkpoint import run_checkpoint_dir
 from tests.conftest import tiny_config
@@ -21,7 +22,6 @@ from training.model_card import CARD_FILE, CardFacts, data_line, model_card, rep
 from training.results import RESULTS_FILE
 from training.study import STUDY
 
-ARMS = ("baseline", "deepseek")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def read_card(path: Path) -> tuple[dict[str, Any], str]:
     return yaml.safe_load(header), body
 
 
-@pytest.mark.parametrize("arm", ARMS)
+@pytest.mark.parametrize("arm", DEFAULT_ARMS)  # the arms the tiny run trains
 def test_the_card_front_matter_is_yaml_with_the_run_records_numbers(trained, arm):
     config, results, lines = trained
     record = results[arm]["runs"][0]
@@ -51,7 +51,7 @@ def test_the_card_front_matter_is_yaml_with_the_run_records_numbers(trained, arm
 
     assert header["library_name"] == "transformers"
     assert {"exp6", arm, "mixture-of-experts"} <= set(header["tags"])
-    assert ("multi-head-latent-attention" if arm == "deepseek" else "multi-head-attention") in header["tags"]
+    assert ARMS[arm].hub_tags and set(ARMS[arm].hub_tags) <= set(header["tags"])  # its attention, by name
     assert "datasets" not in header  # the offline corpus is no Hub dataset
     (result,) = header["model-index"][0]["results"]
     assert header["model-index"][0]["name"] == f"{arm}-seed{config.seed}"
@@ -68,7 +68,10 @@ def test_the_card_front_matter_is_yaml_with_the_run_records_numbers(trained, arm
     assert printed.startswith(data_line(results["experiment"]["data"]) + " (")  # the run's line, less the cache path
     assert data_line(results["experiment"]["data"]) in body
     assert results["experiment"]["validation"] in body
-    assert f"| `kv_lora_rank` | {config.kv_lora_rank} |" in body if arm == "deepseek" else "kv_lora_rank" not in body
+    for name, what in ARMS[arm].settings:  # what sizes its attention, and no other arm's sizes
+        assert f"| `{name}` | {getattr(config, name)} | {what} |" in body
+    others = {name for other in ARMS.values() for name, _ in other.settings} - {name for name, _ in ARMS[arm].settings}
+    assert not any(f"`{name}`" in body for name in others)
     saved = json.loads((folder / "config.json").read_text())
     assert saved["extra"]["data_offline"] is True
     assert ("auto_map" in saved) == ("AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)" in body)
@@ -84,10 +87,10 @@ def test_the_cards_command_trains_the_same_model_again(trained, capsys):
     argv = shlex.split(line)[2:]
 
     resolved, _ = resolve_config(build_parser().parse_args(argv), cuda_available=False)
-    assert resolved.arms == ARMS and resolved.run_seeds == (config.seed,)
+    assert resolved.arms == DEFAULT_ARMS and resolved.run_seeds == (config.seed,)
     assert resolved.output_dir == f"{config.output_dir}-reproduced"
     saved = json.loads((folder / "config.json").read_text())["config"]
-    assert ExperimentConfig.from_dict(saved).replace(arms=ARMS, seeds=(config.seed,),
+    assert ExperimentConfig.from_dict(saved).replace(arms=DEFAULT_ARMS, seeds=(config.seed,),
                                                      output_dir=resolved.output_dir) == resolved
 
     assert command.main(argv) == 0

@@ -19,15 +19,12 @@ from arms.registry import ARMS, arm_label
 from config.settings import BASELINE, ExperimentConfig
 
 CARD_FILE = "README.md"
-ATTENTION_TAGS = {"MHA": "multi-head-attention", "MLA": "multi-head-latent-attention",
-                  "GQA": "grouped-query-attention", "MQA": "multi-query-attention"}  # by Arm.short
 KEY_SETTINGS = (  # (setting, what it is), shown in the card's table; the whole config is in config.json
     ("d_model", "width"), ("n_layers", "blocks"), ("n_heads", "attention heads"), ("num_experts", "MoE experts"),
     ("expert_top_k", "experts per token"), ("d_ff", "expert hidden width"), ("max_seq_len", "context (training window)"),
     ("vocab_size", "vocabulary"), ("max_steps", "optimizer steps"), ("batch_size", "sequences per step"),
     ("optimizer", "optimizer"), ("precision", "precision setting"), ("preset", "preset"),
 )
-MLA_SETTINGS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 @dataclass(frozen=True)
@@ -51,12 +48,6 @@ def model_card(facts: CardFacts) -> str:
     return f"---\n{yaml.safe_dump(front_matter(facts), sort_keys=False, allow_unicode=True)}---\n\n{body(facts)}"
 
 
-def attention_tag(arm: str) -> str | None:
-    """The arm's attention as a Hub tag (multi-head-latent-attention, ...); None for an arm of one's own."""
-    spec = ARMS.get(arm)
-    return ATTENTION_TAGS.get(spec.short) if spec is not None else None
-
-
 def dataset_id(facts: CardFacts) -> str | None:
     """The Hub dataset the model was trained on; None for the offline corpus or a local file."""
     if facts.data.get("offline") or facts.config.data_path:
@@ -66,9 +57,8 @@ def dataset_id(facts: CardFacts) -> str | None:
 
 def front_matter(facts: CardFacts) -> dict[str, Any]:
     """The YAML header: library, tags, dataset and the validation metrics as a model-index."""
-    tags = ["exp6", facts.arm, attention_tag(facts.arm), "mixture-of-experts", "custom_code"]
-    if facts.arm == "deepseek":
-        tags.append("deepseek-v3")
+    arm = ARMS.get(facts.arm)  # None for a model built by builders the registry does not hold
+    tags = ["exp6", facts.arm, *(arm.hub_tags if arm else ()), "mixture-of-experts", "custom_code"]
     hub_dataset = dataset_id(facts)
     dataset: dict[str, Any] = {"name": str(facts.data.get("corpus_description")), "type": hub_dataset or "offline",
                                "split": "validation"}
@@ -80,7 +70,7 @@ def front_matter(facts: CardFacts) -> dict[str, Any]:
                {"type": "accuracy", "value": facts.record.get("val_accuracy"),
                 "name": f"Next-token accuracy (seed {facts.seed})"}]
     header: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
-                              "tags": [tag for tag in tags if tag]}
+                              "tags": tags}
     if hub_dataset:
         header["datasets"] = [hub_dataset]
     header["model-index"] = [{"name": f"{facts.name}-seed{facts.seed}", "results": [{
@@ -116,11 +106,9 @@ def _number(value: Any, digits: int = 4) -> str:
 
 
 def settings_table(config: ExperimentConfig, arm: str) -> list[str]:
-    names = list(KEY_SETTINGS)
-    if attention_tag(arm) == ATTENTION_TAGS["MLA"]:
-        names += [(name, "MLA size") for name in MLA_SETTINGS]
-    elif arm == "gqa":
-        names.append(("gqa_kv_heads", "K/V heads"))
+    """The shared key settings, then those that size the arm's own attention (Arm.settings)."""
+    spec = ARMS.get(arm)
+    names = [*KEY_SETTINGS, *(spec.settings if spec else ())]
     rows = ["| setting | value | what it is |", "| --- | --- | --- |"]
     rows += [f"| `{name}` | {getattr(config, name)} | {what} |" for name, what in names]
     return rows
