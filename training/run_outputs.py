@@ -66,20 +66,20 @@ def save_run_checkpoint(model: MoELanguageModel, name: str, arm: str, seed: int,
                      "data_offline": data.info.get("offline"), **{key: record.get(key) for key in SAVED_METRICS}}
             save_checkpoint(model, arm, staging, extra)
             files = {path.name: path.stat().st_size for path in sorted(staging.iterdir())}  # model, code, tokenizer
-            files[CARD_FILE] = write_card(model, name, seed, record, data, directory, staging)
+            files[CARD_FILE] = write_card(model, name, arm, seed, record, data, directory, staging)
     except Exception as error:  # noqa: BLE001 - disk full, permissions, ...: keep the results, say so, go on
         record.update(checkpoint_error=f"{type(error).__name__}: {error}", checkpoint_directory=str(directory))
         return
     record["checkpoint"] = {"directory": str(directory), "bytes": sum(files.values()), "files": files}
 
 
-def write_card(model: MoELanguageModel, name: str, seed: int, record: dict[str, Any], data: TokenData,
+def write_card(model: MoELanguageModel, name: str, arm: str, seed: int, record: dict[str, Any], data: TokenData,
                directory: Path, staging: Path) -> int:
     """Write the model card (training/model_card.py) beside the config.json just saved in `staging`, from the
     run's record and data; returns its size in bytes."""
     config, saved = model.config, read_config(staging)
     windows = len(validation_windows(data.val, config.max_seq_len)[0])
-    facts = CardFacts(name=name, arm=str(saved.get("arm", name)), seed=seed, folder=str(directory), config=config,
+    facts = CardFacts(name=name, arm=arm, seed=seed, folder=str(directory), config=config,
                       record=record, data=data.info, validation=validation_line(config, data, windows),
                       git_commit=git_commit(), loads_with_transformers="auto_map" in saved)
     text = model_card(facts).encode("utf-8")

@@ -241,15 +241,15 @@ def _draw_ladder(axes: Any, ladder_result: dict[str, Any]) -> None:
             n = np.geomspace(min(r["parameters_non_embedding"] for r in rows), max(r["parameters_non_embedding"] for r in rows), 50)
             axes[0].plot(n, law["E"] + law["A"] * n ** -law["alpha"], "-", color=color, alpha=0.6)
     for arm, gaps in ladder_result["gaps"].items():
-        rows = ladder_result["arms"][BASELINE]
+        color, rows = arm_color(arm) or "black", ladder_result["arms"][BASELINE]
         for row, gap in zip(rows, gaps["per_size"]):
             if gap["mean"] is None:
                 continue
             ci = gap["ci95"]
             error = [[gap["mean"] - ci[0]], [ci[1] - gap["mean"]]] if ci else None
             axes[2].errorbar([row["parameters_non_embedding"]], [gap["mean"]], yerr=error, fmt="o", capsize=3,
-                             color=arm_color(arm) or "black")
-        axes[2].plot([], [], "o", color=arm_color(arm) or "black", label=f"{arm} - {BASELINE}")
+                             color=color)
+        axes[2].plot([], [], "o", color=color, label=f"{arm} - {BASELINE}")
     axes[2].axhline(0, color="gray", linewidth=0.8)
     for axis, title in zip(axes, ("loss vs non-embedding parameters", "loss vs training FLOPs", "gap vs MHA per size")):
         axis.set_xscale("log")
